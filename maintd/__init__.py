@@ -1,0 +1,1 @@
+"""maintd: uploads go live by themselves, in maintenance, atomically."""

@@ -1,0 +1,355 @@
+"""One app's configuration: the TOML file of contract §3, checked key by key.
+
+A deploy daemon that guesses at a mistyped key deploys the wrong way, so every unknown key, wrong type or impossible
+value is an error that names the key and, because TOML parsers do not report where a value stood, the line we find
+it on ourselves.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator: file, line and key first."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    marker: str = ".maintd-ready"
+    require_marker: bool = False
+    quiet_period: float = 5.0
+    manifest: str = ".maintd-manifest"
+    required: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Shared:
+    files: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    file: str = "tmp/maintenance.txt"
+    when: str = "always"
+    keep_on_failure: bool = False
+    template: str = ""
+
+
+@dataclass(frozen=True)
+class Restart:
+    method: str = "passenger"
+    command: tuple[str, ...] = ()
+    health_url: str = ""
+    health_expect: str = ""
+    health_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Memcached:
+    servers: tuple[str, ...] = ("127.0.0.1:11211",)
+    flush: str = "all"
+    namespace_key: str = ""
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    before_swap: tuple[tuple[str, ...], ...] = ()
+    after_swap: tuple[tuple[str, ...], ...] = ()
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Control:
+    socket: str = ""
+    mode: str = "0666"
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class State:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    app: str
+    root: Path
+    keep_releases: int = 5
+    upload: Upload = field(default_factory=Upload)
+    shared: Shared = field(default_factory=Shared)
+    maintenance: Maintenance = field(default_factory=Maintenance)
+    restart: Restart = field(default_factory=Restart)
+    memcached: Memcached = field(default_factory=Memcached)
+    hooks: Hooks = field(default_factory=Hooks)
+    control: Control = field(default_factory=Control)
+    state: State = field(default_factory=State)
+    source: Path | None = None
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.state.dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.control.socket)
+
+    @property
+    def socket_mode(self) -> int:
+        return int(self.control.mode, 8)
+
+
+# --- value checks -------------------------------------------------------------------------------------------------
+
+Check = Callable[[Any], Any]
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not _string(value):
+        raise ValueError("must not be empty")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, not {_kind(value)}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, not {value}")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, not {_kind(value)}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str:
+        if _string(value) not in choices:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, not {value!r}")
+        return value
+
+    return check
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of strings, not {_kind(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"must be a list of strings, but holds {_kind(item)}")
+    return tuple(value)
+
+
+def _relative_paths(value: Any) -> tuple[str, ...]:
+    paths = _strings(value)
+    for path in paths:
+        _relative_path(path)
+    return paths
+
+
+def _relative_path(value: Any) -> str:
+    path = _nonempty(value)
+    parts = Path(path).parts
+    if path.startswith("/") or ".." in parts:
+        raise ValueError(f"must be a path inside the release, not {path!r}")
+    return path
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    argv = _strings(value)
+    if value and not argv[0]:
+        raise ValueError("must name a program first")
+    return argv
+
+
+def _argvs(value: Any) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of commands (each a list of strings), not {_kind(value)}")
+    commands = tuple(_argv(item) for item in value)
+    if any(not argv for argv in commands):
+        raise ValueError("holds an empty command")
+    return commands
+
+
+def _servers(value: Any) -> tuple[str, ...]:
+    servers = _strings(value)
+    for server in servers:
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must list servers as HOST:PORT, not {server!r}")
+    return servers
+
+
+def _mode(value: Any) -> str:
+    if not re.fullmatch(r"0?[0-7]{3}", _string(value)):
+        raise ValueError(f"must be an octal file mode such as \"0660\", not {value!r}")
+    return value
+
+
+def _group(value: Any) -> str:
+    if _string(value):
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"names no group on this machine: {value!r}") from None
+    return value
+
+
+def _absolute(value: Any) -> str:
+    if not _nonempty(value).startswith("/"):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    return value
+
+
+def _app_name(value: Any) -> str:
+    if not RELEASE_NAME.fullmatch(_nonempty(value)):
+        raise ValueError(f"must be a plain name (letters, digits, . _ -), not {value!r}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
+    "upload": (Upload, {"marker": _nonempty, "require_marker": _bool, "quiet_period": _positive,
+                        "manifest": _nonempty, "required": _relative_paths}),
+    "shared": (Shared, {"files": _relative_paths, "dirs": _relative_paths}),
+    "maintenance": (Maintenance, {"file": _relative_path, "when": _one_of("always", "never", "migrations"),
+                                  "keep_on_failure": _bool, "template": _string}),
+    "restart": (Restart, {"method": _one_of("passenger", "command"), "command": _argv, "health_url": _string,
+                          "health_expect": _string, "health_timeout": _positive}),
+    "memcached": (Memcached, {"servers": _servers, "flush": _one_of("all", "namespace", "none"),
+                              "namespace_key": _nonempty, "timeout": _positive}),
+    "hooks": (Hooks, {"before_swap": _argvs, "after_swap": _argvs, "timeout": _positive}),
+    "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
+    "state": (State, {"dir": _absolute}),
+}
+TOP_LEVEL: dict[str, Check] = {"app": _app_name, "root": _absolute, "keep_releases": _count}
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Config:
+    """Read and check one app's config file; raises ConfigError naming the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path | None = None) -> Config:
+    """Check a config file's text; `path` only names it in errors and in the result."""
+    where = str(path) if path else "<config>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+    def fail(table: str | None, key: str, problem: str) -> ConfigError:
+        dotted = f"{table}.{key}" if table else key
+        line = _line_of(text, table, key)
+        at = f"{where}:{line}" if line else where
+        return ConfigError(f"{at}: {dotted} {problem}")
+
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise fail(None, key, f"must be a table ([{key}]), not {_kind(value)}")
+            section_type, checks = SECTIONS[key]
+            values = {}
+            for sub, sub_value in value.items():
+                if sub not in checks:
+                    raise fail(key, sub, f"is not a known key (known: {', '.join(checks)})")
+                try:
+                    values[sub] = checks[sub](sub_value)
+                except ValueError as exc:
+                    raise fail(key, sub, str(exc)) from None
+            sections[key] = values
+        elif key in TOP_LEVEL:
+            try:
+                top[key] = TOP_LEVEL[key](value)
+            except ValueError as exc:
+                raise fail(None, key, str(exc)) from None
+        else:
+            known = ", ".join([*TOP_LEVEL, *(f"[{s}]" for s in SECTIONS)])
+            raise fail(None, key, f"is not a known key (known: {known})")
+    for key in ("app", "root"):
+        if key not in top:
+            raise ConfigError(f"{where}: {key} is required")
+
+    app = top["app"]
+    defaults = {
+        "memcached": {"namespace_key": f"{app}:cache-version"},
+        "control": {"socket": f"/run/maintd/{app}.sock"},
+        "state": {"dir": f"/var/lib/maintd/{app}"},
+    }
+    built = {}
+    for name, (section_type, _checks) in SECTIONS.items():
+        built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
+    if built["restart"].method == "command" and not built["restart"].command:
+        raise fail("restart", "command", 'must be set when restart.method = "command"')
+    return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5),
+                  source=path, **built)
+
+
+def _line_of(text: str, table: str | None, key: str) -> int | None:
+    """The 1-based line where `key` is assigned inside `[table]` (or before any table), if it can be found."""
+    current: str | None = None
+    header = re.compile(r"\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+    assign = re.compile(r"\s*(?:\"([^\"]+)\"|([A-Za-z0-9_-]+))\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := header.match(line):
+            current = match.group(1)
+            if table is None and current == key:
+                return number
+            continue
+        if (match := assign.match(line)) and current == table and (match.group(1) or match.group(2)) == key:
+            return number
+    return None
+

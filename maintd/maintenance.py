@@ -1,0 +1,78 @@
+"""The maintenance flag the web server checks, and the page it serves while the flag exists.
+
+The flag is a file inside a release (`maintenance.file`, seen by the web server through `current`). Writing it into
+both the live and the incoming release before the swap keeps maintenance on across the swap with no gap. Both files
+are written under a temporary name and renamed, so the web server never reads half a page.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+PAGE_NAME = "maintenance.html"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Why the site is down: the flag's body and the page's text."""
+
+    reason: str
+    since: str
+    by: str
+    until: str = ""
+
+    def body(self) -> str:
+        lines = [f"reason: {self.reason}", f"since: {self.since}", f"by: {self.by}"]
+        if self.until:
+            lines.append(f"until: {self.until}")
+        return "\n".join(lines) + "\n"
+
+
+def default_template() -> str:
+    return resources.files("maintd").joinpath(PAGE_NAME).read_text(encoding="utf-8")
+
+
+def render(template: str, notice: Notice) -> str:
+    """Fill the page's `{{reason}}` and `{{until}}`, escaped: the reason comes from an operator's command line."""
+    until = f"Expected back by {notice.until}." if notice.until else ""
+    return template.replace("{{reason}}", html.escape(notice.reason)).replace("{{until}}", html.escape(until))
+
+
+class Flags:
+    """Puts the flag and its page into release directories and takes them away again."""
+
+    def __init__(self, flag: str, template: str) -> None:
+        self.flag = flag
+        self.template = template
+
+    def paths(self, release: Path) -> tuple[Path, Path]:
+        flag = release / self.flag
+        return flag, flag.parent / PAGE_NAME
+
+    def raise_in(self, release: Path, notice: Notice) -> None:
+        """Write the page first, then the flag, so the flag never points the web server at a missing page."""
+        flag, page = self.paths(release)
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(page, render(self.template, notice))
+        _write_atomically(flag, notice.body())
+
+    def lower_in(self, release: Path) -> None:
+        """Remove the flag first: from that instant the site is back, and the page may follow."""
+        for path in self.paths(release):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def is_up(self, release: Path) -> bool:
+        return self.paths(release)[0].exists()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)

@@ -1,0 +1,70 @@
+"""Making the app serve the release `current` points at, and proving that it does.
+
+Passenger looks at `tmp/restart.txt` only when a request reaches the app, and at most every
+PassengerStatThrottleRate seconds; during maintenance no request does, so the touch alone would let the first users
+after maintenance see the old code. Where `passenger-config` is installed it is asked to restart the app at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import proc
+
+RESTART_FILE = "tmp/restart.txt"
+HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a moment, not a busy loop
+
+
+class RestartError(Exception):
+    """The app could not be restarted or did not come up; carries the command's output when there is one."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def passenger(root: Path, release: Path, timeout: float) -> str:
+    """Touch `tmp/restart.txt` in the release and ask Passenger to restart now; returns what was done."""
+    restart_file = release / RESTART_FILE
+    restart_file.parent.mkdir(parents=True, exist_ok=True)
+    restart_file.touch()  # Passenger restarts on any change of its mtime
+    tool = shutil.which("passenger-config")
+    if not tool:
+        return f"touched {RESTART_FILE}"
+    ran = proc.run((tool, "restart-app", str(root), "--ignore-app-not-running"), cwd=root, timeout=timeout)
+    if not ran.ok:
+        raise RestartError(f"passenger-config restart-app: {ran.describe()}", ran.output)
+    return f"touched {RESTART_FILE} and ran passenger-config restart-app"
+
+
+def command(argv: tuple[str, ...], root: Path, timeout: float, release: str) -> str:
+    """Run the configured restart command in `<root>/current`."""
+    ran = proc.run(argv, cwd=root / "current", timeout=timeout, env={"MAINTD_RELEASE": release})
+    if not ran.ok:
+        raise RestartError(f"restart command {ran.describe()}", ran.output)
+    return f"ran {' '.join(argv)}"
+
+
+def wait_healthy(url: str, expect: str, timeout: float) -> str:
+    """GET `url` until it answers 2xx/3xx with `expect` in the body; raises RestartError at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=max(0.1, min(remaining, 5.0))) as answer:
+                body = answer.read(1 << 20).decode("utf-8", "replace")
+                if expect in body:
+                    return f"{url} answered {answer.status}"
+                last = f"answered {answer.status} without {expect!r}"
+        except urllib.error.HTTPError as exc:
+            last = f"answered {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = f"{getattr(exc, 'reason', exc)}"
+        if time.monotonic() + HEALTH_INTERVAL > deadline:
+            raise RestartError(f"health check {url} failed within {timeout:g}s: {last}")
+        time.sleep(HEALTH_INTERVAL)

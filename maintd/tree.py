@@ -1,0 +1,273 @@
+"""The deploy tree on disk: release names, the `current` link, shared links, manifests and upload probes.
+
+Pure file-system logic with no threads and no clock of its own, so every rule here is testable by making files.
+The one promise that matters most lives here: `current` is only ever replaced by rename(2) of a fresh symlink,
+so at no instant does it not exist or point anywhere but the old or the new release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RELEASE_NAME
+
+TEMP_LINK_PREFIX = ".current.tmp-"
+# rsync's temporary file: "." + name + "." + six characters of mkstemp. A suffix of six lower-case letters is far
+# more often a real dotfile (".env.sample") than mkstemp's draw, which is all lower-case once in 200.
+_RSYNC_TEMP = re.compile(r"\.(?P<final>.+)\.(?P<suffix>[A-Za-z0-9]{6})")
+_DELAY_UPDATES_DIR = ".~tmp~"
+
+
+class ReleaseError(Exception):
+    """A release that cannot be used, with the reason an operator reads."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` can never be a release (None when it can)."""
+    if name.startswith("."):
+        return "hidden names are staging areas, never releases"
+    if not RELEASE_NAME.fullmatch(name):
+        return "release names are 1-128 of letters, digits, '.', '_' and '-', starting with a letter or digit"
+    return None
+
+
+def name_key(name: str) -> tuple:
+    """Sort key that orders release names as people read them: v9 before v10, timestamps by time."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def is_rsync_temp(name: str) -> bool:
+    """Whether a file name is one rsync writes to before renaming it into place."""
+    if name == _DELAY_UPDATES_DIR:
+        return True
+    match = _RSYNC_TEMP.fullmatch(name)
+    return bool(match) and not match.group("suffix").islower()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one walk of a release found: the last change anywhere under it and what is still being written."""
+
+    last_change: float  # newest ctime under the release, seconds since the epoch; ctime cannot be set by uploaders
+    temp_files: tuple[str, ...]  # rsync temporary files, relative to the release
+    files: int
+    size: int
+
+
+class Tree:
+    """One app's `<root>`: `releases/`, `current`, `shared/` and `revisions.log`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.releases = root / "releases"
+        self.current = root / "current"
+        self.shared = root / "shared"
+        self.revisions = root / "revisions.log"
+
+    # --- names and paths ------------------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        """The directory of release `name`; refuses names that could leave `releases/`."""
+        if problem := name_problem(name):
+            raise ReleaseError(f"bad release name {name!r}: {problem}")
+        return self.releases / name
+
+    def release_dir(self, name: str) -> Path:
+        """The directory of an existing release, refusing anything that is not a real directory."""
+        path = self.path(name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise ReleaseError(f"no release {name!r} in {self.releases}") from None
+        if stat.S_ISLNK(mode):
+            raise ReleaseError(f"release {name!r} is a symlink; releases must be real directories")
+        if not stat.S_ISDIR(mode):
+            raise ReleaseError(f"release {name!r} is not a directory")
+        return path
+
+    def entries(self) -> list[str]:
+        """Every entry of `releases/` (valid or not), for the watcher's rescans."""
+        try:
+            return sorted(os.listdir(self.releases))
+        except FileNotFoundError:
+            return []
+
+    def live(self) -> str | None:
+        """The release `current` points at, or None when it is missing or points outside `releases/`."""
+        try:
+            target = os.readlink(self.current)
+        except (FileNotFoundError, OSError):
+            return None
+        head, _, name = target.rstrip("/").rpartition("/")
+        if Path(head) not in (Path("releases"), self.releases) or name_problem(name):
+            return None
+        return name
+
+    # --- the swap -------------------------------------------------------------------------------------------------
+
+    def swap(self, name: str) -> None:
+        """Point `current` at release `name` atomically and durably.
+
+        A fresh relative symlink under a temporary name is renamed over `current` (rename(2) replaces a symlink
+        atomically), then the root directory is fsynced so the new link survives a power cut.
+        """
+        self.release_dir(name)
+        temp = self.root / f"{TEMP_LINK_PREFIX}{os.getpid()}"
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        os.symlink(f"releases/{name}", temp)
+        try:
+            os.replace(temp, self.current)
+        except OSError:
+            os.unlink(temp)
+            raise
+        fsync_dir(self.root)
+
+    def remove_stale_links(self) -> list[str]:
+        """Temporary links a crash left between symlink() and rename(); they are never `current` itself."""
+        removed = []
+        for entry in os.listdir(self.root):
+            if entry.startswith(TEMP_LINK_PREFIX):
+                os.unlink(self.root / entry)
+                removed.append(entry)
+        return removed
+
+    # --- shared files ---------------------------------------------------------------------------------------------
+
+    def link_shared(self, name: str, files: tuple[str, ...], dirs: tuple[str, ...]) -> list[str]:
+        """Link each shared path into the release, replacing what the upload put there (as Capistrano does).
+
+        Links are relative, so the tree can be moved or mounted elsewhere. A shared path missing from `shared/`
+        is an error: a release linked to nothing would start without its database.yml.
+        """
+        release = self.release_dir(name)
+        linked = []
+        for rel in (*dirs, *files):
+            source = self.shared / rel
+            if not source.exists():
+                raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
+            target = release / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            wanted = os.path.relpath(source, target.parent)
+            if target.is_symlink() and os.readlink(target) == wanted:
+                continue
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.symlink(wanted, target)
+            linked.append(rel)
+        return linked
+
+    # --- what is in a release -------------------------------------------------------------------------------------
+
+    def probe(self, name: str) -> Probe:
+        """Walk a release once: newest ctime, rsync temporaries left, file count and size."""
+        root = self.release_dir(name)
+        newest = os.lstat(root).st_ctime
+        temps: list[str] = []
+        files = size = 0
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                newest = max(newest, info.st_ctime)
+                if is_rsync_temp(entry.name):
+                    temps.append(os.path.relpath(entry.path, root))
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append(Path(entry.path))
+                else:
+                    files += 1
+                    size += info.st_size
+        return Probe(last_change=newest, temp_files=tuple(sorted(temps)), files=files, size=size)
+
+    def missing(self, name: str, required: tuple[str, ...]) -> list[str]:
+        """Required paths the release lacks."""
+        release = self.release_dir(name)
+        return [rel for rel in required if not os.path.lexists(release / rel)]
+
+    def verify_manifest(self, name: str, manifest: str, ignore: tuple[str, ...]) -> str | None:
+        """Check a `sha256sum` manifest at the top of a release; None when it verifies, else the first problem.
+
+        Every listed file must match, and no file may stand outside the list except `ignore` (the marker, the
+        manifest itself and what maintd writes into a release), so a cut scp cannot pass as complete.
+        """
+        release = self.release_dir(name)
+        try:
+            text = (release / manifest).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return f"manifest {manifest} is not text"
+        listed: dict[str, str] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
+            if not match:
+                return f"manifest {manifest} line {number} is not sha256sum output"
+            rel = os.path.normpath(match.group(2))
+            if rel.startswith("../") or rel == ".." or os.path.isabs(rel):
+                return f"manifest {manifest} line {number} names a path outside the release"
+            listed[rel] = match.group(1).lower()
+        for rel, digest in listed.items():
+            try:
+                with open(release / rel, "rb") as handle:
+                    actual = hashlib.file_digest(handle, "sha256").hexdigest()
+            except FileNotFoundError:
+                return f"{rel} is listed in the manifest but missing"
+            except IsADirectoryError:
+                return f"{rel} is listed in the manifest but is a directory"
+            if actual != digest:
+                return f"{rel} does not match its sha256 in the manifest"
+        for rel in _files_under(release):
+            if rel not in listed and not any(rel == skip or rel.startswith(skip + "/") for skip in ignore):
+                return f"{rel} is not listed in the manifest"
+        return None
+
+    def size(self, name: str) -> int:
+        return self.probe(name).size
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.release_dir(name))
+
+    # --- revisions.log --------------------------------------------------------------------------------------------
+
+    def append_revision(self, line: str) -> None:
+        with open(self.revisions, "a", encoding="utf-8") as log:
+            log.write(line.rstrip("\n") + "\n")
+
+
+def _files_under(root: Path) -> list[str]:
+    """Paths of every non-directory under `root`, relative to it, without following links."""
+    found = []
+    for directory, dirnames, filenames in os.walk(root):
+        for entry in filenames:
+            found.append(os.path.relpath(os.path.join(directory, entry), root))
+        for entry in dirnames:
+            if os.path.islink(os.path.join(directory, entry)):
+                found.append(os.path.relpath(os.path.join(directory, entry), root))
+    return found
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""inotify through watchdog, narrowed to what the upload rules need and turned into `Change`s for the daemon.
+
+What is watched, and why it stays cheap:
+- `releases/` itself, not recursively: a release appearing, renamed into place, or removed;
+- each release *while it is being uploaded* (or refused and waiting to be written again), recursively only when the
+  quiet-period rule is in force, to see rsync temporaries deleted instead of renamed. With `require_marker` one
+  non-recursive watch per upload is enough to see the marker arrive.
+Events are subscribed by type (`event_filter`, which narrows the kernel mask too): no modify events, which a large
+file would send by the thousand. A handler that raises would kill watchdog's dispatch thread without a word, so
+the handler catches everything; and an inotify queue overflow, which watchdog only logs, is caught from its log
+and delivered as an `overflow` change: "rescan", never "nothing happened".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.observers.api import ObservedWatch
+from watchdog.observers.inotify import InotifyObserver
+
+from .tree import is_rsync_temp
+
+TOP_EVENTS = [DirCreatedEvent, DirMovedEvent, DirDeletedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
+UPLOAD_EVENTS = [*TOP_EVENTS, FileClosedEvent]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What happened, reduced to what the daemon acts on."""
+
+    kind: str  # appeared, gone, activity, marker, temp_deleted, overflow
+    name: str = ""
+
+
+Deliver = Callable[[Change], None]
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, releases: Path, marker: str, deliver: Deliver, on_error: Callable[[Exception], None]):
+        self.releases = str(releases)
+        self.marker = marker
+        self.deliver = deliver
+        self.on_error = on_error
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            for change in self.classify(event):
+                self.deliver(change)
+        except Exception as exc:  # noqa: BLE001 - an escaping exception silently stops all event delivery
+            self.on_error(exc)
+
+    def classify(self, event: FileSystemEvent) -> list[Change]:
+        src = self._parts(event.src_path)
+        dest = self._parts(getattr(event, "dest_path", "") or "")
+        changes = []
+        if event.event_type == "moved":
+            changes += self._side(src, "gone") + self._side(dest, "appeared")
+        elif event.event_type == "created":
+            changes += self._side(src, "appeared")
+        elif event.event_type == "deleted":
+            if len(src) > 1 and is_rsync_temp(src[-1]):
+                changes.append(Change("temp_deleted", src[0]))
+            else:
+                changes += self._side(src, "gone")
+        else:
+            changes += self._side(src, "activity")
+        return changes
+
+    def _side(self, parts: tuple[str, ...], top_kind: str) -> list[Change]:
+        if not parts:
+            return []
+        if len(parts) == 1:
+            return [Change(top_kind, parts[0])]
+        if parts[1:] == (self.marker,) and top_kind == "appeared":
+            return [Change("marker", parts[0])]
+        return [Change("activity", parts[0])]
+
+    def _parts(self, path: str | bytes) -> tuple[str, ...]:
+        path = os.fsdecode(path)
+        if not path.startswith(self.releases + "/"):
+            return ()
+        return tuple(path[len(self.releases) + 1:].split("/"))
+
+
+class _OverflowSpotter(logging.Handler):
+    """watchdog logs an inotify overflow and delivers nothing: hear it in the log."""
+
+    def __init__(self, deliver: Deliver) -> None:
+        super().__init__(logging.WARNING)
+        self.deliver = deliver
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.deliver(Change("overflow"))
+
+
+class ReleaseWatcher:
+    """The observer on `releases/` and the uploads in it."""
+
+    def __init__(self, releases: Path, marker: str, recursive_uploads: bool, deliver: Deliver,
+                 on_error: Callable[[Exception], None]) -> None:
+        self.releases = releases
+        self.recursive_uploads = recursive_uploads
+        self.handler = _Handler(releases, marker, deliver, on_error)
+        self.observer = InotifyObserver()
+        self.uploads: dict[str, ObservedWatch] = {}
+        self.spotter = _OverflowSpotter(deliver)
+
+    def start(self) -> None:
+        logging.getLogger("watchdog").addHandler(self.spotter)
+        self.observer.schedule(self.handler, str(self.releases), recursive=False, event_filter=TOP_EVENTS)
+        self.observer.start()
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog").removeHandler(self.spotter)
+        self.observer.stop()
+        self.observer.join(timeout=5)
+
+    def is_alive(self) -> bool:
+        return self.observer.is_alive()
+
+    def watch(self, name: str) -> None:
+        """Follow an upload into release `name` (idempotent); a release that vanished meanwhile is ignored."""
+        if name in self.uploads:
+            return
+        try:
+            self.uploads[name] = self.observer.schedule(self.handler, str(self.releases / name),
+                                                        recursive=self.recursive_uploads,
+                                                        event_filter=UPLOAD_EVENTS)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
+    def unwatch(self, name: str) -> None:
+        watch = self.uploads.pop(name, None)
+        if watch is not None:
+            try:
+                self.observer.unschedule(watch)
+            except KeyError:
+                pass
