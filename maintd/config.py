@@ -289,9 +289,9 @@ def parse(text: str, path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
-    def fail(table: str | None, key: str, problem: str) -> ConfigError:
+    def fail(table: str | None, key: str, problem: str, line_key: str | None = None) -> ConfigError:
         dotted = f"{table}.{key}" if table else key
-        line = _line_of(text, table, key)
+        line = _line_of(text, table, line_key or key)
         at = f"{where}:{line}" if line else where
         return ConfigError(f"{at}: {dotted} {problem}")
 
@@ -333,7 +333,7 @@ def parse(text: str, path: Path | None = None) -> Config:
     for name, (section_type, _checks) in SECTIONS.items():
         built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
     if built["restart"].method == "command" and not built["restart"].command:
-        raise fail("restart", "command", 'must be set when restart.method = "command"')
+        raise fail("restart", "command", 'must be set when restart.method = "command"', line_key="method")
     return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5),
                   source=path, **built)
 

@@ -1,0 +1,245 @@
+"""Fixtures that start real things: memcached, sshd, and maintd itself, each on free loopback ports, stopped by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+BIN = Path(sys.executable).parent
+Event = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll a condition outside our control (a file, a port) until it holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if result := condition():
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Memcached:
+    """A real memcached on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-u", "root"])
+        wait_until(lambda: port_open(self.port), 10, f"memcached on {self.port}")
+
+    def client(self):  # noqa: ANN201
+        from pymemcache.client.base import Client
+
+        return Client(("127.0.0.1", self.port), connect_timeout=2, timeout=2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[Memcached]:
+    server = Memcached()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_memcached() -> Iterator[Memcached]:
+    """A memcached this test alone may stop or freeze."""
+    server = Memcached()
+    yield server
+    server.stop()
+
+
+class App:
+    """A throw-away deploy tree with its config file."""
+
+    def __init__(self, base: Path, memcached: str) -> None:
+        self.base = base
+        self.root = base / "srv"
+        self.releases = self.root / "releases"
+        self.current = self.root / "current"
+        self.shared = self.root / "shared"
+        self.state = base / "state"
+        self.socket = base / "maintd.sock"
+        self.config = base / "app.toml"
+        self.memcached = memcached
+        for d in (self.releases, self.shared):
+            d.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+
+    def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "") -> Path:
+        self.config.write_text(f"""
+app = "shop"
+root = "{self.root}"
+{top}
+[upload]
+quiet_period = {quiet_period}
+[memcached]
+servers = ["{self.memcached}"]
+timeout = 0.5
+[control]
+socket = "{self.socket}"
+[state]
+dir = "{self.state}"
+{extra}
+""")
+        return self.config
+
+    def live(self) -> str | None:
+        try:
+            return os.readlink(self.current).removeprefix("releases/")
+        except FileNotFoundError:
+            return None
+
+    def make_release(self, name: str, files: int = 3, marker: bool = True, where: Path | None = None) -> Path:
+        """Write a small release straight into `releases/` (or into `where`)."""
+        path = (where or self.releases) / name
+        make_source(path, files, revision=name)
+        if marker:
+            (path / ".maintd-ready").touch()
+        return path
+
+    def history(self) -> list[Event]:
+        try:
+            return [json.loads(line) for line in (self.state / "history.jsonl").read_text().splitlines()]
+        except FileNotFoundError:
+            return []
+
+
+def make_source(path: Path, files: int, revision: str) -> Path:
+    """A release-shaped tree: public/, config.ru, REVISION, and `files` files spread over nested directories."""
+    (path / "public").mkdir(parents=True, exist_ok=True)
+    (path / "REVISION").write_text(revision + "\n")
+    (path / "public" / "index.html").write_text(f"<h1>{revision}</h1>\n")
+    (path / "config.ru").write_text(f'run ->(env) {{ [200, {{"content-type" => "text/plain"}}, ["{revision}\\n"]] }}\n')
+    for i in range(files):
+        sub = path / "app" / f"d{i % 25:02d}" / f"e{i % 7}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:05d}.rb").write_text(f"# {revision} file {i}\n" + "x" * (i % 300))
+    return path
+
+
+@pytest.fixture
+def app(tmp_path: Path, memcached: Memcached) -> App:
+    return App(tmp_path, memcached.address)
+
+
+class Daemon:
+    """`maintd run` as a real subprocess; its JSON log lines are the events tests wait for."""
+
+    def __init__(self, app: App, *args: str, env: dict[str, str] | None = None) -> None:
+        self.app = app
+        self.events: list[Event] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [str(BIN / "maintd"), "run", "--config", str(app.config), "--log-format", "json", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr
+        for raw in self.proc.stderr:
+            try:
+                event = json.loads(raw)
+            except json.JSONDecodeError:
+                event = {"event": raw.decode(errors="replace").rstrip(), "level": "raw"}
+            with self.cond:
+                self.events.append(event)
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_for(self, timeout: float = 30.0, since: int = 0, **fields: Any) -> Event:
+        """The first event (from index `since`) whose fields match; matching values may be callables."""
+        def matches(event: Event) -> bool:
+            return all(v(event.get(k)) if callable(v) else event.get(k) == v for k, v in fields.items())
+
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for event in self.events[since:]:
+                    if matches(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self.reader.is_alive()):
+                    tail = "\n".join(json.dumps(e) for e in self.events[-15:])
+                    raise AssertionError(f"no event with {fields} within {timeout}s; last events:\n{tail}")
+                self.cond.wait(min(remaining, 0.5))
+
+    def mark(self) -> int:
+        """An index into the events: wait_for(since=mark) sees only what came after."""
+        with self.cond:
+            return len(self.events)
+
+    def deployed(self, release: str, timeout: float = 30.0, since: int = 0) -> Event:
+        return self.wait_for(timeout, since, release=release, result=lambda r: r is not None,
+                             event=lambda e: e.startswith("deploy of") or e.startswith("rollback of"))
+
+    def steps(self, deploy_id: str) -> list[Event]:
+        with self.cond:
+            return [e for e in self.events if e.get("deploy_id") == deploy_id and "step" in e]
+
+    def ready(self) -> Daemon:
+        self.wait_for(event=lambda e: str(e).startswith("maintd watching"))
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self.reader.join(5)
+        return code
+
+
+@pytest.fixture
+def start_daemon(app: App) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        daemon = Daemon(app, *args, env=env)
+        started.append(daemon)
+        return daemon.ready() if wait else daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop(signal.SIGKILL)
+
+
+def rsync(src: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["rsync", "-a", *args, f"{src}/", f"{dest}/"], check=True, capture_output=True)
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
