@@ -152,6 +152,9 @@ class Daemon:
             return  # a finished upload, or the live tree changing under the app: not our business
         elif change.kind == "temp_deleted":
             self._resume(name)
+            if not self.tracker.uploads.get(name) or not self.tracker.uploads[name].broken:
+                self.log.warning(f"upload into release {name} broke off (an rsync temporary file was deleted); "
+                                 "waiting for it to resume or for its marker", release=name)
             self.tracker.broke_off(name, now)
         else:
             self._resume(name)
@@ -243,7 +246,11 @@ class Daemon:
         except (ReleaseError, OSError):
             self._forget(name)
             return
+        before = list(self.tracker.uploads[name].reasons) if name in self.tracker else []
         if self.tracker.judge(name, probe, marker.exists(), time.time()) is Verdict.WAIT:
+            reasons = self.tracker.uploads[name].reasons
+            if reasons != before and reasons != ["still changing"]:
+                self.log.info(f"release {name} is not complete: {'; '.join(reasons)}", release=name)
             return
         problem = await asyncio.to_thread(self._vet, name)
         if name not in self.tracker:  # removed or resumed while we looked
