@@ -41,7 +41,6 @@ class Waiting:
     """A release whose upload is complete, waiting for (or passed over by) an automatic deploy."""
 
     completed_at: float
-    size: int
 
 
 class Daemon:
@@ -55,6 +54,7 @@ class Daemon:
         self.tracker = UploadTracker(config.upload.quiet_period, config.upload.require_marker)
         self.complete: dict[str, Waiting] = {}
         self.refused: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}  # bytes per release, measured once
         self.dormant: set[str] = set()  # unmarked releases found at start: maybe cut off while maintd was down
         self.deploy_lock = asyncio.Lock()
         self.current_deploy: Deploy | None = None
@@ -74,11 +74,11 @@ class Daemon:
         self.tree.releases.mkdir(parents=True, exist_ok=True)
         for link in self.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
+        started = [await server(self) for server in servers or []]
         self.watcher = ReleaseWatcher(self.tree.releases, self.config.upload.marker,
                                       not self.config.upload.require_marker, self._deliver, self._watcher_failed)
         self.watcher.start()
         self._startup_scan()
-        started = [await server(self) for server in servers or []]
         self.log.info(f"maintd watching {self.tree.releases}", live=self.tree.live(), paused=self.memory.paused)
         self._kick()
         rescans = self._spawn(self._rescan_periodically())
@@ -187,6 +187,7 @@ class Daemon:
 
     def _forget(self, name: str) -> None:
         self.tracker.forget(name)
+        self.sizes.pop(name, None)
         self.complete.pop(name, None)
         self.refused.pop(name, None)
         self.dormant.discard(name)
@@ -261,7 +262,8 @@ class Daemon:
             return
         assert self.watcher
         self.watcher.unwatch(name)
-        self.complete[name] = Waiting(completed_at=time.time(), size=probe.size)
+        self.complete[name] = Waiting(completed_at=time.time())
+        self.sizes[name] = probe.size
         self.log.info(f"upload of release {name} is complete ({probe.files} files)", release=name,
                       files=probe.files, size=probe.size)
         self._kick()
@@ -338,11 +340,12 @@ class Daemon:
             raise Refused("no earlier release to roll back to")
         return names[0]
 
-    def set_paused(self, paused: bool) -> None:
+    def set_paused(self, paused: bool, actor: str) -> None:
         with self.store.lock:
             self.memory.paused = paused
             self.store.save()
-        self.log.info("automatic deploys paused" if paused else "automatic deploys resumed", paused=paused)
+        self.log.info("automatic deploys paused" if paused else "automatic deploys resumed", paused=paused,
+                      actor=actor)
         if not paused:
             self._kick()
 
@@ -370,6 +373,22 @@ class Daemon:
             if live := self.tree.live():
                 self.ctx.flags.lower_in(self.tree.path(live))
         self.log.info("maintenance off", actor=actor)
+
+    async def measure(self) -> None:
+        """Sizes of releases not yet measured, walked in a thread; a release's files do not change once complete."""
+        names = [n for n in self.tree.entries() if n not in self.sizes and not name_problem(n)
+                 and n not in self.tracker]
+
+        def walk() -> dict[str, int]:
+            sizes = {}
+            for name in names:
+                try:
+                    sizes[name] = self.tree.probe(name).size
+                except (ReleaseError, OSError):
+                    continue
+            return sizes
+
+        self.sizes.update(await asyncio.to_thread(walk))
 
     def release_rows(self) -> list[dict[str, Any]]:
         live, previous = self.tree.live(), self.memory.previous
@@ -401,7 +420,7 @@ class Daemon:
             waiting = self.complete.get(name)
             rows.append({
                 "name": name, "state": state,
-                "size": waiting.size if waiting else None,
+                "size": self.sizes.get(name),
                 "uploaded_at": waiting.completed_at if waiting else uploaded,
                 "went_live": record.went_live if record else None,
                 "reason": self.refused.get(name) or (record.bad if record else "")

@@ -209,10 +209,10 @@ class Deploy:
         return f"current -> releases/{self.release}"
 
     def restart(self) -> str:
-        return self._restart_app(self.release)
+        return restart_app(self.ctx, self.release)
 
     def flush(self) -> str:
-        return self._flush()
+        return flush_cache(self.ctx, self.log)
 
     def health(self) -> str:
         r = self.cfg.restart
@@ -256,24 +256,6 @@ class Deploy:
                 self.log.info(f"hook {argv[0]} said", step=self.step, output=ran.output)
         return f"ran {len(commands)} hook(s)"
 
-    def _restart_app(self, release: str) -> str:
-        r, root = self.cfg.restart, self.cfg.root
-        if r.method == "command":
-            return restart.command(r.command, root, self.cfg.hooks.timeout, release)
-        return restart.passenger(root, self.ctx.tree.path(release), self.cfg.hooks.timeout)
-
-    def _flush(self) -> str:
-        m = self.cfg.memcached
-        if m.flush == "none" or not m.servers:
-            raise Skipped('memcached.flush = "none"')
-        outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
-        down = [o for o in outcomes if o.error]
-        for outcome in down:
-            self.log.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
-                             server=outcome.server)
-        what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
-        return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
-
     def _lower_ours(self) -> None:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
@@ -289,8 +271,8 @@ class Deploy:
             try:
                 self.ctx.tree.swap(self.previous)
                 notes.append(f"current -> releases/{self.previous}")
-                notes.append(self._restart_app(self.previous))
-                notes.append(self._flush())
+                notes.append(restart_app(self.ctx, self.previous))
+                notes.append(flush_cache(self.ctx, self.log))
             except Skipped as skip:
                 notes.append(str(skip))
             except (OSError, ReleaseError, RestartError) as exc:
@@ -361,6 +343,28 @@ class Deploy:
         keep |= {self.ctx.tree.live(), memory.previous, self.previous}
         return [name for _, name in been_live
                 if name not in keep and os.path.isdir(self.ctx.tree.releases / name)]
+
+
+def restart_app(ctx: Context, release: str) -> str:
+    """The `restart` step, also what `maintctl restart` runs on the live release."""
+    r, root = ctx.config.restart, ctx.config.root
+    if r.method == "command":
+        return restart.command(r.command, root, ctx.config.hooks.timeout, release)
+    return restart.passenger(root, ctx.tree.path(release), ctx.config.hooks.timeout)
+
+
+def flush_cache(ctx: Context, logger: Any) -> str:
+    """The `flush` step, also what `maintctl flush` runs; servers that are down are warnings."""
+    m = ctx.config.memcached
+    if m.flush == "none" or not m.servers:
+        raise Skipped('memcached.flush = "none"')
+    outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
+    down = [o for o in outcomes if o.error]
+    for outcome in down:
+        logger.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
+                       server=outcome.server)
+    what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
+    return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
 
 
 def _tree_digest(directory: Path) -> str | None:

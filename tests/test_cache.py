@@ -7,7 +7,7 @@ from maintd.cache import flush
 
 def test_flush_all_empties_the_server(own_memcached):
     client = own_memcached.client()
-    client.set("page:home", b"old html")
+    client.set("page:home", b"old html", noreply=False)  # wait: noreply is the default
     [outcome] = flush((own_memcached.address,), "all", "shop:cache-version", 1.0)
     assert outcome.error is None
     assert client.get("page:home") is None
@@ -15,7 +15,7 @@ def test_flush_all_empties_the_server(own_memcached):
 
 def test_namespace_mode_bumps_only_our_key(own_memcached):
     client = own_memcached.client()
-    client.set("other-app:page", b"keep me")
+    client.set("other-app:page", b"keep me", noreply=False)
     flush((own_memcached.address,), "namespace", "shop:cache-version", 1.0)
     flush((own_memcached.address,), "namespace", "shop:cache-version", 1.0)
     assert client.get("shop:cache-version") == b"2"

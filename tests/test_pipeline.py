@@ -64,7 +64,7 @@ def test_deploy_records_history_and_revisions_log(app):
 
 def test_deploy_flushes_memcached(app, memcached):
     client = memcached.client()
-    client.set("views/home", b"old")
+    client.set("views/home", b"old", noreply=False)
     app.make_release("r1")
     deploy(app, "r1")
     assert client.get("views/home") is None
