@@ -142,6 +142,9 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
         except OSError as exc:
             return {"ok": False, "error": f"{exc.strerror or exc}"}
+        except Exception as exc:  # noqa: BLE001 - a bug in one command must not cost the peer its answer
+            self.log.exception(f"control request failed: {exc!r}", actor=peer.name)
+            return {"ok": False, "error": f"internal error: {exc!r} (see the daemon's log)"}
 
     # --- commands -------------------------------------------------------------------------------------------------
 

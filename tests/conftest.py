@@ -98,7 +98,7 @@ class App:
             d.mkdir(parents=True, exist_ok=True)
         self.write_config()
 
-    def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "") -> Path:
+    def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "", control: str = "") -> Path:
         self.config.write_text(f"""
 app = "shop"
 root = "{self.root}"
@@ -110,6 +110,7 @@ servers = ["{self.memcached}"]
 timeout = 0.5
 [control]
 socket = "{self.socket}"
+{control}
 [state]
 dir = "{self.state}"
 {extra}

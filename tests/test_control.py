@@ -1,0 +1,333 @@
+"""maintctl and the control socket, end to end: the real CLI, the real socket, a real daemon, real users."""
+
+import grp
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN
+
+PROBE_USER, OPERATOR_USER, OPS_GROUP = "maintd-probe", "maintd-operator", "maintd-ops"
+
+
+def maintctl(app, *args, user=None, check_rc=None):
+    cmd = [str(BIN / "maintctl"), "--socket", str(app.socket), *args]
+    if user:
+        entry = pwd.getpwnam(user)
+        cmd = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check_rc is not None:
+        assert done.returncode == check_rc, (done.stdout, done.stderr)
+    return done
+
+
+def ok_json(app, *args):
+    return json.loads(maintctl(app, *args, "--json", check_rc=0).stdout)
+
+
+def raw(app, payload: bytes, read=True):
+    """Send raw bytes; return every line the daemon answered (parsed), or [] when it only closed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(app.socket))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while read and (chunk := sock.recv(65536)):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.fixture
+def live(app, start_daemon):
+    """A daemon with release r1 live."""
+    app.make_release("r1")
+    daemon = start_daemon()
+    daemon.deployed("r1")
+    return daemon
+
+
+def test_status_json_has_the_contract_fields(app, live):
+    status = ok_json(app, "status")
+    assert status["app"] == "shop" and status["current"] == "r1"
+    assert status["maintenance"] == {**status["maintenance"], "on": False, "reason": None, "since": None, "by": None}
+    assert status["paused"] is False and status["deploying"] is None
+    assert {"release", "result", "duration_ms"} <= status["last_deploy"].keys()
+    assert status["last_deploy"]["release"] == "r1" and status["last_deploy"]["result"] == "ok"
+    text = maintctl(app, "status", check_rc=0).stdout
+    assert "current      r1" in text
+
+
+def test_releases_lists_every_release_with_its_state(app, live):
+    app.make_release("r2", marker=False)
+    (app.releases / "r2" / ".maintd-manifest").write_text("nonsense\n")
+    live.wait_for(release="r2", result="refused")
+    rows = {r["name"]: r for r in ok_json(app, "releases")}
+    assert rows["r1"]["state"] == "live" and rows["r1"]["size"] > 0 and rows["r1"]["uploaded_at"]
+    assert rows["r2"]["state"] == "refused" and "manifest" in rows["r2"]["reason"]
+    assert "r2    refused" in maintctl(app, "releases", check_rc=0).stdout
+
+
+def test_deploy_follow_prints_every_step_in_order_and_rollback_goes_back(app, live):
+    maintctl(app, "pause", check_rc=0)
+    app.make_release("r2")
+    live.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
+    done = maintctl(app, "deploy", "--follow", check_rc=0)  # default: newest complete
+    steps = [line.split()[0] for line in done.stdout.splitlines()[:-1]]
+    assert steps == ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush",
+                     "health", "hooks_after", "maintenance_off", "cleanup"]
+    assert done.stdout.splitlines()[-1].startswith("release r2 is live")
+    assert app.live() == "r2"
+    assert [e["actor"] for e in live.steps(live.deployed("r2")["deploy_id"])][0] == "root"
+    maintctl(app, "rollback", check_rc=0)
+    assert app.live() == "r1"
+    history = ok_json(app, "history", "-n", "2")
+    assert [(h["kind"], h["release"]) for h in history] == [("deploy", "r2"), ("rollback", "r1")]
+    assert "rolled back to release r1" in (app.root / "revisions.log").read_text()
+
+
+def test_deploy_refusals_exit_1_with_the_reason(app, live):
+    for name, reason in (("nope", "no release 'nope'"), ("../etc", "bad release name")):
+        done = maintctl(app, "deploy", name, check_rc=1)
+        assert reason in done.stderr
+    done = maintctl(app, "deploy", check_rc=1)
+    assert "no complete release" in done.stderr
+
+
+def test_failed_deploy_exits_1_and_rollback_skips_bad_releases(app, live):
+    app.write_config('[hooks]\nafter_swap = [["sh", "-c", "test \\"$MAINTD_RELEASE\\" != r2"]]\n')
+    live.stop()
+    from conftest import Daemon
+
+    daemon = Daemon(app).ready()
+    try:
+        app.make_release("r2")
+        assert daemon.deployed("r2")["result"] == "rolled_back"
+        app.make_release("r3")
+        daemon.deployed("r3")
+        assert app.live() == "r3"
+        done = maintctl(app, "rollback", check_rc=0)  # r2 is bad: back to r1
+        assert "release r1 is live" in done.stdout
+        done = maintctl(app, "deploy", "r2", check_rc=1)  # an operator may try a bad one; it fails again
+        assert "rolled_back" in done.stderr and "hooks_after" in done.stderr
+    finally:
+        daemon.stop()
+
+
+def test_one_deploy_at_a_time(app, start_daemon):
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "1.5"]]\n')
+    app.make_release("r1")
+    daemon = start_daemon()
+    daemon.wait_for(release="r1", step="maintenance_on")
+    app.make_release("r2")
+    daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
+    busy = maintctl(app, "deploy", "r2", check_rc=1)
+    assert "a deploy of release r1 is running" in busy.stderr
+    maintctl(app, "deploy", "r2", "--wait", check_rc=0)
+    assert app.live() == "r2"
+
+
+def test_operator_maintenance_survives_a_deploy(app, live):
+    done = maintctl(app, "maintenance", "on", "--reason", "db upgrade", "--until", "22:00", check_rc=0)
+    assert "db upgrade" in done.stdout
+    status = ok_json(app, "status")
+    assert status["maintenance"]["on"] and status["maintenance"]["by"] == "root"
+    assert status["maintenance"]["reason"] == "db upgrade" and status["maintenance"]["since"]
+    app.make_release("r2")
+    assert live.deployed("r2")["result"] == "ok"
+    assert (app.current / "tmp" / "maintenance.txt").exists()
+    assert "22:00" in (app.current / "tmp" / "maintenance.html").read_text()
+    maintctl(app, "maintenance", "off", check_rc=0)
+    assert not (app.current / "tmp" / "maintenance.txt").exists()
+    assert ok_json(app, "status")["maintenance"]["on"] is False
+
+
+def test_pause_survives_a_restart_and_resume_deploys_what_waited(app, live):
+    maintctl(app, "pause", check_rc=0)
+    live.stop()
+    from conftest import Daemon
+
+    daemon = Daemon(app).ready()
+    try:
+        app.make_release("r2")
+        daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
+        assert ok_json(app, "status")["paused"] is True
+        assert {r["name"]: r["state"] for r in ok_json(app, "releases")}["r2"] == "complete"
+        assert app.live() == "r1"
+        maintctl(app, "resume", check_rc=0)
+        assert daemon.deployed("r2")["result"] == "ok"
+    finally:
+        daemon.stop()
+
+
+def test_restart_and_flush_run_on_the_live_release(app, live, memcached):
+    client = memcached.client()
+    client.set("k", b"v", noreply=False)
+    restart_file = app.releases / "r1" / "tmp" / "restart.txt"
+    before = restart_file.stat().st_mtime_ns
+    assert "touched tmp/restart.txt" in maintctl(app, "restart", check_rc=0).stdout
+    assert restart_file.stat().st_mtime_ns > before
+    assert "flushed 1 of 1" in maintctl(app, "flush", check_rc=0).stdout
+    assert client.get("k") is None
+
+
+def test_usage_errors_exit_2_and_a_missing_daemon_exits_3(app, tmp_path):
+    assert maintctl(app, "bogus").returncode == 2
+    assert maintctl(app, "deploy", "--nope").returncode == 2
+    done = subprocess.run([str(BIN / "maintctl"), "--socket", str(tmp_path / "none.sock"), "status"],
+                          capture_output=True, text=True)
+    assert done.returncode == 3 and "not reachable" in done.stderr
+
+
+def test_maintctl_imports_none_of_the_daemons_heavy_modules():
+    code = ("import sys, maintd.cli; from maintd.cli import maintctl_parser; maintctl_parser();"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'watchdog', 'structlog', 'systemd',"
+            " 'pymemcache', 'asyncio'}))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+# --- the socket itself ------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_get_errors_and_the_daemon_carries_on(app, live):
+    assert raw(app, b"not json\n") == [{"ok": False, "error": "request is not JSON"}]
+    assert raw(app, b'{"cmd": "launch"}\n') == [{"ok": False, "error": "unknown command 'launch'"}]
+    assert raw(app, b'[1, 2]\n')[0]["ok"] is False
+    assert raw(app, b'{"cmd": "history", "args": {"n": "all"}}\n')[0]["error"] == "args.n must be a whole number"
+    huge = raw(app, b'{"cmd": "status", "pad": "' + b"x" * 70000 + b'"}\n')
+    assert huge == [{"ok": False, "error": "request over 65536 bytes"}]
+    assert raw(app, b'{"cmd": "status"}\n{"cmd": "status"}\n')[1]["result"]["current"] == "r1"
+    assert ok_json(app, "status")["current"] == "r1"
+
+
+def test_a_silent_client_is_dropped_and_others_are_served_meanwhile(app, live):
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(app.socket))
+    silent.sendall(b'{"cmd": "sta')  # and never a newline
+    assert ok_json(app, "status")["current"] == "r1"
+    silent.settimeout(30)
+    answer = silent.recv(4096)
+    assert b"no request within" in answer
+    assert silent.recv(4096) == b""  # then dropped
+    silent.close()
+
+
+def test_two_hundred_clients_at_once(app, live):
+    results: list[bool] = []
+
+    def ask() -> None:
+        [reply] = raw(app, b'{"cmd": "status"}\n')
+        results.append(reply["ok"] and reply["result"]["current"] == "r1")
+
+    threads = [threading.Thread(target=ask) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [True] * 200
+
+
+def test_a_client_gone_mid_stream_does_not_stop_the_deploy(app, start_daemon):
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    app.make_release("r1")
+    daemon = start_daemon()
+    daemon.deployed("r1")
+    maintctl(app, "pause", check_rc=0)
+    app.make_release("r2")
+    daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
+    follower = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "r2", "--follow"],
+                                stdout=subprocess.PIPE, text=True)
+    assert follower.stdout.readline().split()[0] == "validate"
+    follower.kill()
+    follower.wait()
+    assert daemon.deployed("r2")["result"] == "ok"
+    assert ok_json(app, "status")["current"] == "r2"
+
+
+def test_stale_socket_is_replaced_but_a_live_one_is_not_stolen(app, start_daemon, tmp_path):
+    app.make_release("r1")
+    first = start_daemon()
+    first.stop(signal.SIGKILL)  # leaves its socket file behind
+    assert app.socket.is_socket()
+    second = start_daemon()
+    assert ok_json(app, "status")["current"] == "r1"
+    other_state = tmp_path / "state2"
+    text = app.config.read_text().replace(f'dir = "{app.state}"', f'dir = "{other_state}"')
+    (tmp_path / "other.toml").write_text(text)
+    thief = subprocess.run([str(BIN / "maintd"), "run", "--config", str(tmp_path / "other.toml"),
+                            "--log-format", "json"], capture_output=True, text=True, timeout=30)
+    assert thief.returncode == 1 and "another daemon is listening" in thief.stderr
+    assert ok_json(app, "status")["current"] == "r1"
+    second.stop()
+
+
+def test_a_second_daemon_for_the_same_app_refuses_naming_the_holder(app, live):
+    second = subprocess.run([str(BIN / "maintd"), "run", "--config", str(app.config), "--log-format", "json"],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert f"another maintd (pid {live.proc.pid})" in second.stderr
+
+
+# --- who may do what --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def users():
+    """An unprivileged user, and an operator in control.group; created for real (the tests run as root)."""
+    try:
+        grp.getgrnam(OPS_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", OPS_GROUP], check=True)
+    for user, groups in ((PROBE_USER, []), (OPERATOR_USER, [OPS_GROUP])):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            *(["--groups", ",".join(groups)] if groups else []), user], check=True)
+    return PROBE_USER, OPERATOR_USER
+
+
+@pytest.fixture
+def open_app(app):
+    """The app's socket in a directory other users can reach (pytest's own are private to root)."""
+    public = Path(tempfile.mkdtemp(prefix="maintd-sock-"))
+    public.chmod(0o755)
+    app.socket = public / "shop.sock"
+    return app
+
+
+def test_other_users_may_read_but_not_change(open_app, users, start_daemon):
+    app = open_app
+    app.write_config(control=f'group = "{OPS_GROUP}"')
+    app.make_release("r1")
+    daemon = start_daemon()
+    daemon.deployed("r1")
+    probe, operator = users
+    assert json.loads(maintctl(app, "status", "--json", user=probe, check_rc=0).stdout)["current"] == "r1"
+    maintctl(app, "releases", user=probe, check_rc=0)
+    maintctl(app, "history", user=probe, check_rc=0)
+    for args in (("pause",), ("maintenance", "on"), ("deploy", "r1"), ("rollback",), ("restart",), ("flush",)):
+        done = maintctl(app, *args, user=probe, check_rc=1)
+        assert f"{probe} may not" in done.stderr
+    assert ok_json(app, "status")["paused"] is False
+    maintctl(app, "pause", user=operator, check_rc=0)
+    assert daemon.wait_for(event="automatic deploys paused")["actor"] == operator
+    assert ok_json(app, "status")["paused"] is True
+
+
+def test_mode_0660_keeps_other_users_out(open_app, users, start_daemon):
+    app = open_app
+    app.write_config(control='mode = "0660"')
+    start_daemon()
+    assert oct(app.socket.stat().st_mode & 0o777) == "0o660"
+    done = maintctl(app, "status", user=users[0])
+    assert done.returncode == 3 and "Permission denied" in done.stderr
