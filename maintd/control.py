@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from . import log
 from .daemon import Daemon, Refused
-from .pipeline import Skipped, StepRecord, flush_cache, restart_app
+from .pipeline import Outcome, Skipped, StepRecord, flush_cache, restart_app
 from .restart import RestartError
 from .tree import ReleaseError, name_key
 
@@ -161,8 +161,11 @@ class ControlServer:
         return entries[-limit:] if limit > 0 else []
 
     async def cmd_deploy(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
-        name = _str(args, "release") or self._newest_complete()
-        return await self._deploy(name, "deploy", args, peer, send)
+        running = self.daemon.current_deploy
+        name = _str(args, "release")
+        if args.get("follow") and running and name in ("", running.release):
+            return await self._follow(send)  # watch the deploy in progress, an upload's as much as anyone's
+        return await self._deploy(name or self._newest_complete(), "deploy", args, peer, send)
 
     async def cmd_rollback(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
         name = _str(args, "release") or self.daemon.rollback_target()
@@ -205,21 +208,15 @@ class ControlServer:
             raise Refused(f"release {name} is {row['state']}" + (f": {row['reason']}" if row["reason"] else ""))
         if kind == "rollback" and row["state"] == "incomplete":
             raise Refused(f"release {name} is incomplete (found unmarked at start-up)")
-        follow = bool(args.get("follow"))
-        loop = asyncio.get_running_loop()
-
-        def on_step(record: StepRecord) -> None:
-            if follow:
-                loop.create_task(_quietly(send({"event": {"step": record.step, "result": record.result,
-                                                          "duration_ms": record.duration_ms,
-                                                          "message": record.message}})))
-
+        on_step = _streamer(send) if args.get("follow") else None
         outcome = await self.daemon.deploy(name, peer.name, kind, wait=bool(args.get("wait")), on_step=on_step)
-        await asyncio.sleep(0)  # let the last step's event line go out before the reply
-        result = outcome.as_json()
-        if not outcome.went_live:
-            raise Refused(f"{kind} of release {name} {outcome.result}: {outcome.error}")
-        return result
+        return await _reply(outcome)
+
+    async def _follow(self, send: Send) -> Any:
+        outcome = await self.daemon.follow(_streamer(send))
+        if outcome is None:
+            raise Refused("no deploy is running")
+        return await _reply(outcome)
 
     async def _on_live(self, what: str, action: Callable[[str], str], peer: Peer) -> Any:
         live = self.daemon.tree.live()
@@ -238,6 +235,25 @@ class ControlServer:
         if not complete:
             raise Refused("no complete release is waiting; name one: maintctl deploy NAME")
         return max(complete, key=name_key)
+
+
+def _streamer(send: Send) -> Callable[[StepRecord], None]:
+    """A follower that sends each step as an event line; a peer that left is simply not written to."""
+    loop = asyncio.get_running_loop()
+
+    def on_step(record: StepRecord) -> None:
+        loop.create_task(_quietly(send({"event": {"step": record.step, "result": record.result,
+                                                  "duration_ms": record.duration_ms, "message": record.message}})))
+
+    return on_step
+
+
+async def _reply(outcome: Outcome) -> Any:
+    """A deploy's outcome as the final answer: ok only if the release went live."""
+    await asyncio.sleep(0)  # let the last step's event line go out before the reply
+    if not outcome.went_live:
+        raise Refused(f"{outcome.kind} of release {outcome.release} {outcome.result}: {outcome.error}")
+    return outcome.as_json()
 
 
 async def _quietly(coro: Awaitable[None]) -> None:

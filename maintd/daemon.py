@@ -25,6 +25,7 @@ from .tree import ReleaseError, Tree, name_key, name_problem
 from .upload import UploadTracker, Verdict
 from .watcher import Change, ReleaseWatcher
 
+OnStep = Callable[[StepRecord], None]
 RESCAN_INTERVAL = 60.0  # seconds; a safety net under inotify, which can overflow
 
 
@@ -58,6 +59,9 @@ class Daemon:
         self.dormant: set[str] = set()  # unmarked releases found at start: maybe cut off while maintd was down
         self.deploy_lock = asyncio.Lock()
         self.current_deploy: Deploy | None = None
+        self.steps_done: list[StepRecord] = []  # of the deploy in progress, for followers who join late
+        self.followers: set[OnStep] = set()
+        self.outcome: asyncio.Future[Outcome] | None = None
         self.watcher: ReleaseWatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = asyncio.Event()
@@ -300,7 +304,7 @@ class Daemon:
         self._spawn(self.deploy(newest, actor="upload"))
 
     async def deploy(self, name: str, actor: str, kind: str = "deploy", wait: bool = True,
-                     on_step: Callable[[StepRecord], None] | None = None) -> Outcome:
+                     on_step: OnStep | None = None) -> Outcome:
         """Run one deploy; refuses at once when another runs and `wait` is false."""
         self.tree.path(name)  # a bad name is refused before anything else
         if self.deploy_lock.locked() and not wait:
@@ -314,16 +318,36 @@ class Daemon:
                 raise Refused(f"release {name} was refused: {self.refused[name]}")
             assert self.loop
             loop = self.loop
-            forward = (lambda record: loop.call_soon_threadsafe(on_step, record)) if on_step else None
-            deploy = Deploy(self.ctx, name, actor, kind, forward)
-            self.current_deploy = deploy
+            deploy = Deploy(self.ctx, name, actor, kind,
+                            lambda record: loop.call_soon_threadsafe(self._step_done, record))
+            self.current_deploy, self.steps_done = deploy, []
+            self.followers = {on_step} if on_step else set()
+            self.outcome = loop.create_future()
             try:
                 outcome = await asyncio.to_thread(deploy.run)
             finally:
                 self.current_deploy = None
+            self.outcome.set_result(outcome)
             self.complete.pop(name, None)
         self._kick()
         return outcome
+
+    def _step_done(self, record: StepRecord) -> None:
+        self.steps_done.append(record)
+        for follower in list(self.followers):
+            follower(record)
+
+    async def follow(self, on_step: OnStep) -> Outcome | None:
+        """Watch the deploy in progress (whoever started it) from its first step to its outcome; None if idle."""
+        if not self.current_deploy:
+            return None
+        for record in self.steps_done:
+            on_step(record)
+        self.followers.add(on_step)
+        try:
+            return await asyncio.shield(self.outcome)
+        finally:
+            self.followers.discard(on_step)
 
     # --- operator actions (the control socket calls these) --------------------------------------------------------
 

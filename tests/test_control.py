@@ -331,3 +331,29 @@ def test_mode_0660_keeps_other_users_out(open_app, users, start_daemon):
     assert oct(app.socket.stat().st_mode & 0o777) == "0o660"
     done = maintctl(app, "status", user=users[0])
     assert done.returncode == 3 and "Permission denied" in done.stderr
+
+
+def test_follow_attaches_to_a_deploy_an_upload_started(app, start_daemon):
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    daemon = start_daemon()
+    app.make_release("r1")
+    daemon.wait_for(release="r1", step="maintenance_on")
+    done = maintctl(app, "deploy", "--follow", check_rc=0)
+    steps = [line.split()[0] for line in done.stdout.splitlines()[:-1]]
+    assert steps == ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush",
+                     "health", "hooks_after", "maintenance_off", "cleanup"]
+    assert "release r1 is live" in done.stdout
+    assert [e["actor"] for e in daemon.steps(daemon.deployed("r1")["deploy_id"])][0] == "upload"
+
+
+def test_rollback_refuses_a_refused_or_uploading_release(app, live):
+    app.make_release("bad", marker=False)
+    (app.releases / "bad" / ".maintd-manifest").write_text("nonsense\n")
+    live.wait_for(release="bad", result="refused")
+    done = maintctl(app, "rollback", "bad", check_rc=1)
+    assert "release bad is refused" in done.stderr
+    (app.releases / "slow").mkdir()
+    (app.releases / "slow" / ".partial.bin.Ab12Cd").write_text("still coming")
+    live.wait_for(release="slow", event=lambda e: "temporary file left" in e)
+    assert "release slow is uploading" in maintctl(app, "deploy", "slow", check_rc=1).stderr
+    assert app.live() == "r1"
