@@ -20,6 +20,7 @@ from . import log
 from .config import Config
 from .maintenance import Notice, default_template
 from .pipeline import Context, Deploy, Outcome, StepRecord, now_iso
+from .recovery import recover
 from .state import OperatorMaintenance, Store
 from .tree import ReleaseError, Tree, name_key, name_problem
 from .upload import UploadTracker, Verdict
@@ -78,6 +79,8 @@ class Daemon:
         self.tree.releases.mkdir(parents=True, exist_ok=True)
         for link in self.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
+        recover(self.ctx)
+        self._report_current()
         started = [await server(self) for server in servers or []]
         self.watcher = ReleaseWatcher(self.tree.releases, self.config.upload.marker,
                                       not self.config.upload.require_marker, self._deliver, self._watcher_failed)
@@ -94,6 +97,17 @@ class Daemon:
                 server.close()
             self.watcher.stop()
         self.log.info("stopped")
+
+    def _report_current(self) -> None:
+        """A `current` that is missing or dangling is reported, not guessed at: `maintctl deploy NAME` repairs it."""
+        if not self.tree.current.is_symlink():
+            if self.tree.current.exists():
+                self.log.error(f"{self.tree.current} is not a symlink; maintd cannot swap it")
+            elif self.tree.entries():
+                self.log.error(f"{self.tree.current} is missing; `maintctl deploy NAME` repairs it")
+        elif not (live := self.tree.live()) or not (self.tree.releases / live).is_dir():
+            self.log.error(f"{self.tree.current} points at no release ({os.readlink(self.tree.current)}); "
+                           "`maintctl deploy NAME` repairs it")
 
     @property
     def memory(self):  # noqa: ANN201 - the Store's Memory

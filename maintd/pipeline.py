@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from . import cache, log, proc, restart
 from .config import Config
 from .maintenance import Flags, Notice
 from .restart import RestartError
-from .state import Store
+from .state import InFlight, Store
 from .tree import ReleaseError, Tree
 
 
@@ -113,11 +114,14 @@ class Deploy:
         self.swapped = False
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
         self.path = ctx.tree.path(release)
+        self.started = now_iso()
+        # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
+        self.crash_at = os.environ.get("MAINTD_CRASH_AT", "")
 
     # --- the run --------------------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        started, t0 = now_iso(), time.perf_counter()
+        started, t0 = self.started, time.perf_counter()
         self.log.info(f"{self.kind} of release {self.release} started (live: {self.previous or 'none'})",
                       previous=self.previous)
         records: list[StepRecord] = []
@@ -132,10 +136,13 @@ class Deploy:
                 records.append(self._recover(error))
                 break
         self.step = None
+        if self.crash_at == "end":
+            _crash()
         result = "ok" if not error else ("rolled_back" if self.swapped else "failed")
         outcome = Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, started,
                           _ms(t0), error, records)
         self._remember(outcome)
+        self.ctx.store.journal_done()
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else result}"
         (self.log.info if outcome.went_live else self.log.error)(
             summary + (f": {error}" if error else ""), result=result, duration_ms=outcome.duration_ms)
@@ -146,6 +153,9 @@ class Deploy:
         t0 = time.perf_counter()
         output = ""
         try:
+            self.ctx.store.journal(self._in_flight(name), durable=name == "maintenance_on")
+            if name == self.crash_at:
+                _crash()
             message, result = getattr(self, name)(), "ok"
         except Skipped as skip:
             message, result = str(skip), "skipped"
@@ -195,8 +205,8 @@ class Deploy:
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
         self.maintenance_ours = self.flags_raised = True
         self.ctx.flags.raise_in(self.path, notice)
-        if self.previous:
-            self.ctx.flags.raise_in(self.ctx.tree.path(self.previous), notice)
+        if self.previous and (previous := self.ctx.tree.path(self.previous)).is_dir():
+            self.ctx.flags.raise_in(previous, notice)
         return "maintenance on"
 
     def hooks_before(self) -> str:
@@ -242,6 +252,11 @@ class Deploy:
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
 
     # --- helpers --------------------------------------------------------------------------------------------------
+
+    def _in_flight(self, step: str) -> InFlight:
+        carried = "carried" if self.flags_raised else ""
+        return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
+                        "ours" if self.maintenance_ours else carried)
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
         if not commands:
@@ -294,16 +309,13 @@ class Deploy:
         return record
 
     def _remember(self, outcome: Outcome) -> None:
-        store = self.ctx.store
-        with store.lock:
-            if outcome.went_live and self.previous and self.previous != self.release:
-                store.memory.previous = self.previous
-            store.memory.last_deploy = {"release": self.release, "result": outcome.result,
-                                        "duration_ms": outcome.duration_ms, "deploy_id": self.id,
-                                        "kind": self.kind, "error": outcome.error, "finished": now_iso()}
-            store.save()
-        store.append_history(outcome.as_json())
-        self.ctx.tree.append_revision(self._revision_line(outcome))
+        last = {"release": self.release, "result": outcome.result, "duration_ms": outcome.duration_ms,
+                "deploy_id": self.id, "kind": self.kind, "error": outcome.error, "finished": now_iso()}
+        went_on = outcome.went_live and self.previous != self.release
+        problems = [self.ctx.store.finish(last, outcome.as_json(), self.previous if went_on else None),
+                    self.ctx.tree.append_revision(self._revision_line(outcome))]
+        for problem in filter(None, problems):
+            self.log.error(problem)
 
     def _revision_line(self, outcome: Outcome) -> str:
         when = now_iso()
@@ -365,6 +377,10 @@ def flush_cache(ctx: Context, logger: Any) -> str:
                        server=outcome.server)
     what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
     return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
+
+
+def _crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _tree_digest(directory: Path) -> str | None:

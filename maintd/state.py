@@ -54,6 +54,20 @@ class Memory:
         )
 
 
+@dataclass
+class InFlight:
+    """The deploy journal: which deploy is running and the step about to run, for recovery after a crash."""
+
+    deploy_id: str
+    kind: str
+    release: str
+    previous: str | None
+    actor: str
+    started: str
+    step: str
+    maintenance: str = ""  # "ours" or "carried" (an operator's, written into the new release) once flags exist
+
+
 class Store:
     """The state directory: `state.json` (a `Memory`) and `history.jsonl`, safe to use from several threads."""
 
@@ -68,6 +82,35 @@ class Store:
         except FileNotFoundError:
             self.memory = Memory()
 
+    @property
+    def journal_path(self) -> Path:
+        return self.directory / "deploy.json"
+
+    def journal(self, inflight: InFlight, durable: bool) -> None:
+        """Record the step about to run. Atomic always; durable (fsync) where recovery depends on it surviving a
+        power cut: before maintenance flags exist. A kill -9 loses nothing either way: the page cache survives."""
+        text = json.dumps(asdict(inflight), sort_keys=True)
+        if durable:
+            write_durably(self.journal_path, text)
+        else:
+            temp = self.journal_path.with_name(".deploy.json.tmp")
+            temp.write_text(text, encoding="utf-8")
+            os.replace(temp, self.journal_path)
+
+    def in_flight(self) -> InFlight | None:
+        try:
+            return InFlight(**json.loads(self.journal_path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, TypeError):  # a torn journal: no deploy can be known to be in flight
+            return None
+
+    def journal_done(self) -> None:
+        try:
+            self.journal_path.unlink()
+        except FileNotFoundError:
+            pass
+
     def record(self, name: str) -> ReleaseRecord:
         with self.lock:
             return self.memory.releases.setdefault(name, ReleaseRecord())
@@ -75,6 +118,22 @@ class Store:
     def save(self) -> None:
         with self.lock:
             write_durably(self.path, json.dumps(asdict(self.memory), indent=1, sort_keys=True))
+
+    def finish(self, last_deploy: dict[str, Any], entry: dict[str, Any], previous: str | None) -> str | None:
+        """Record a finished deploy (state, then history); returns why it could not be, e.g. a full disk.
+
+        The site is already consistent when this runs, so failing to write the record must not fail the deploy.
+        """
+        try:
+            with self.lock:
+                if previous:
+                    self.memory.previous = previous
+                self.memory.last_deploy = last_deploy
+                self.save()
+            self.append_history(entry)
+        except OSError as exc:
+            return f"could not record the outcome in {self.directory}: {exc.strerror}"
+        return None
 
     def append_history(self, entry: dict[str, Any]) -> None:
         with self.lock, open(self.history_path, "a", encoding="utf-8") as history:
@@ -97,9 +156,13 @@ class Store:
 
 def write_durably(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

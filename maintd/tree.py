@@ -239,17 +239,19 @@ class Tree:
                 return f"{rel} is not listed in the manifest"
         return None
 
-    def size(self, name: str) -> int:
-        return self.probe(name).size
-
     def remove(self, name: str) -> None:
         shutil.rmtree(self.release_dir(name))
 
     # --- revisions.log --------------------------------------------------------------------------------------------
 
-    def append_revision(self, line: str) -> None:
-        with open(self.revisions, "a", encoding="utf-8") as log:
-            log.write(line.rstrip("\n") + "\n")
+    def append_revision(self, line: str) -> str | None:
+        """Append one line to revisions.log; returns why it could not be (the deploy itself stands)."""
+        try:
+            with open(self.revisions, "a", encoding="utf-8") as log:
+                log.write(line.rstrip("\n") + "\n")
+        except OSError as exc:
+            return f"could not append to {self.revisions}: {exc.strerror}"
+        return None
 
 
 def _files_under(root: Path) -> list[str]:

@@ -1,0 +1,246 @@
+"""Crash safety with real faults: kill -9 at every step and at random, a really full disk, hanging and failing
+commands, a frozen memcached, a release deleted under the deploy, a write the kernel refuses. After each, the site
+is consistent: `current` points at a complete release and no maintenance flag maintd raised is left up."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from conftest import App, BIN
+from maintd.config import load
+from maintd.maintenance import default_template
+from maintd.pipeline import Context, Deploy
+from maintd.state import Store
+
+STEPS = list(Deploy.STEPS)
+
+
+def assert_consistent(app: App, expected: str | None = None) -> None:
+    live = app.live()
+    assert live and (app.current / "REVISION").read_text() == f"{live}\n", f"current -> {live}"
+    if expected:
+        assert live == expected
+    flags = sorted(str(p.relative_to(app.releases)) for p in app.releases.glob("*/tmp/maintenance.txt"))
+    assert flags == [], f"maintenance left on: {flags}"
+    assert not (app.state / "deploy.json").exists()
+    assert not list(app.root.glob(".current.tmp-*"))
+
+
+def status(app: App) -> dict:
+    done = subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), "status", "--json"],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("step", [*STEPS, "end"])
+def test_kill_9_at_every_step_boundary(app, start_daemon, step):
+    app.make_release("r1")
+    first = start_daemon()
+    first.deployed("r1")
+    first.stop()
+    doomed = start_daemon(env={"MAINTD_CRASH_AT": step})
+    app.make_release("r2")
+    assert doomed.proc.wait(30) == -signal.SIGKILL
+    daemon = start_daemon()
+    recovery = daemon.wait_for(step="recovery")
+    swapped = step == "end" or STEPS.index(step) > STEPS.index("swap")
+    expected = "r2" if swapped else "r1"
+    assert recovery["result"] == ("ok" if swapped else "rolled_back")
+    assert recovery["interrupted_step"] == (step if step != "end" else "cleanup")
+    assert_consistent(app, expected)
+    last = status(app)["last_deploy"]
+    assert last["kind"] == "recovery" and last["release"] == "r2" and "cut off" in last["error"]
+    assert [h["kind"] for h in app.history()][-1] == "recovery"
+    app.make_release("r3")
+    assert daemon.deployed("r3")["result"] == "ok"
+    assert_consistent(app, "r3")
+    assert not [e for e in daemon.events if e.get("release") == "r2" and e.get("step") == "validate"], \
+        "a release whose deploy crashed must not be retried automatically"
+
+
+def test_kill_9_at_random_moments_during_50_deploys(app, start_daemon):
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "0.15"]]\n')
+    rng = random.Random(20261123)
+    app.make_release("r000")
+    first = start_daemon()
+    first.deployed("r000")
+    first.stop()
+    recovered_ids = set()
+    for i in range(1, 51):
+        daemon = start_daemon()
+        app.make_release(f"r{i:03d}")
+        threading.Event().wait(rng.uniform(0.0, 0.5))  # the random moment of the kill (not a synchronisation)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.stop()
+        journal = app.state / "deploy.json"
+        in_flight = json.loads(journal.read_text())["deploy_id"] if journal.exists() else None
+        after = start_daemon()
+        if in_flight:
+            assert after.wait_for(step="recovery", deploy_id=in_flight)
+            recovered_ids.add(in_flight)
+        assert after.stop() == 0  # SIGTERM: a deploy the start-up rule began finishes first
+        assert_consistent(app)
+    history_ids = {h["deploy_id"] for h in app.history() if h["kind"] == "recovery"}
+    assert recovered_ids <= history_ids
+    assert recovered_ids, "the seeded kills should land inside some deploys"
+
+
+# --- faults inside one deploy (in-process: the pipeline against the real tree) -----------------------------------
+
+
+def run_deploy(app: App, name: str, extra: str = "", root: Path | None = None, state: Path | None = None):
+    app.write_config(extra)
+    config = load(app.config)
+    ctx = Context.build(config, Store(state or config.state_dir), default_template())
+    with capture_logs() as events:
+        outcome = Deploy(ctx, name, "test").run()
+    return outcome, events, ctx
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 2 MiB tmpfs of the test's own, to fill for real."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("this machine refuses mount (no CAP_SYS_ADMIN): cannot make a real ENOSPC")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+    return filler
+
+
+def test_disk_full_while_raising_maintenance_aborts_before_the_swap(tmp_path, memcached, tmpfs):
+    app = App(tmpfs / "app", memcached.address)
+    app.state = tmp_path / "state"
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    filler = fill(tmpfs)
+    outcome, events, ctx = run_deploy(app, "r2")
+    assert outcome.result == "failed" and "maintenance_on" in outcome.error and "No space left" in outcome.error
+    assert_consistent(app, "r1")
+    leftovers = [p.name for p in app.releases.glob("*/tmp/.*")]
+    assert leftovers == [], "nothing half-written"
+    filler.unlink()
+    assert run_deploy(app, "r2")[0].result == "ok"
+    assert_consistent(app, "r2")
+
+
+def test_disk_full_for_the_journal_changes_nothing(app, tmpfs):
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    state = tmpfs / "state"
+    Store(state)  # the state directory exists; the disk under it is full
+    fill(tmpfs)
+    outcome, _, _ = run_deploy(app, "r2", state=state)
+    assert outcome.result == "failed" and "No space left" in outcome.error
+    assert app.live() == "r1" and not list(app.releases.glob("*/tmp/maintenance.txt"))
+
+
+@pytest.mark.parametrize("command, problem", [
+    ('["false"]', "exited with status 1"),
+    ('["sleep", "30"]', "did not finish in time"),
+])
+def test_restart_command_failing_or_hanging_rolls_back(app, command, problem):
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    outcome, events, ctx = run_deploy(app, "r2", f'[restart]\nmethod = "command"\ncommand = {command}\n'
+                                                 '[hooks]\ntimeout = 0.3\n')
+    assert outcome.result == "rolled_back" and problem in outcome.error
+    assert_consistent(app, "r1")
+    assert ctx.store.memory.releases["r2"].bad
+
+
+def test_hanging_hook_times_out_and_its_output_is_logged(app):
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    hook = '[hooks]\nafter_swap = [["sh", "-c", "echo warming caches; sleep 30"]]\ntimeout = 0.5\n'
+    outcome, events, _ = run_deploy(app, "r2", hook)
+    assert outcome.result == "rolled_back" and "did not finish in time" in outcome.error
+    [failed] = [e for e in events if e.get("step") == "hooks_after"]
+    assert "warming caches" in failed["output"]
+    assert_consistent(app, "r1")
+
+
+def test_frozen_memcached_times_out_and_the_deploy_completes(app, own_memcached):
+    app.memcached = own_memcached.address
+    app.make_release("r1")
+    own_memcached.proc.send_signal(signal.SIGSTOP)
+    try:
+        outcome, events, _ = run_deploy(app, "r1")
+    finally:
+        own_memcached.proc.send_signal(signal.SIGCONT)
+    assert outcome.result == "ok"
+    assert [e for e in events if e["log_level"] == "warning" and "not flushed" in e["event"]]
+    assert_consistent(app, "r1")
+
+
+def test_release_deleted_while_being_validated(app):
+    import hashlib
+    import shutil
+
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    for attempt in range(10):
+        name = f"gone{attempt}"
+        path = app.make_release(name, files=1500)
+        files = [p for p in path.rglob("*") if p.is_file() and p.name != ".maintd-ready"]
+        (path / ".maintd-manifest").write_text("".join(
+            f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(path)}\n" for p in files))
+        remover = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True})
+        remover.start()
+        outcome, _, _ = run_deploy(app, name)
+        remover.join()
+        assert outcome.result in ("failed", "rolled_back", "ok")
+        live = app.live()
+        assert (app.releases / live).is_dir() or outcome.result == "ok"
+        if outcome.result != "ok":
+            assert_consistent(app, "r1")
+
+
+def test_permission_denied_aborts_cleanly(app):
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    path = app.make_release("r2")
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is refused on this file system: no real EPERM for root")
+    try:
+        outcome, _, _ = run_deploy(app, "r2")
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert outcome.result == "failed" and "Operation not permitted" in outcome.error
+    assert_consistent(app, "r1")
+
+
+def test_dangling_current_is_reported_and_deploy_name_repairs_it(app, start_daemon):
+    app.make_release("r1")
+    os.symlink("releases/vanished", app.current)
+    daemon = start_daemon()
+    assert daemon.wait_for(level="error", event=lambda e: "points at no release" in e or "missing" in e)
+    assert os.readlink(app.current) == "releases/vanished"  # not guessed at
+    done = subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "r1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_consistent(app, "r1")
+
+
+def test_missing_current_is_reported(app, start_daemon):
+    app.make_release("r1", marker=False)
+    daemon = start_daemon()
+    assert daemon.wait_for(level="error", event=lambda e: "is missing" in e)
+    assert app.live() is None and (app.releases / "r1").is_dir()
