@@ -30,3 +30,19 @@ demo: deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
+# (pointing at $(PREFIX)/bin), the example config, the web snippets and the maintenance page.
+UNITDIR   ?= /etc/systemd/system
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
+	$(DESTDIR)$(PREFIX)/lib/maintd/bin/pip install -q .
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/maintd $(DESTDIR)$(PREFIX)/share/maintd
+	ln -sf ../lib/maintd/bin/maintd $(DESTDIR)$(PREFIX)/bin/maintd
+	ln -sf ../lib/maintd/bin/maintctl $(DESTDIR)$(PREFIX)/bin/maintctl
+	for unit in systemd/maintd@.service systemd/maintd@.socket; do \
+		sed 's#/usr/local/bin/#$(PREFIX)/bin/#g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
+	install -m 0644 etc/maintd/example.toml $(DESTDIR)/etc/maintd/example.toml
+	install -m 0644 maintd/maintenance.html $(DESTDIR)$(PREFIX)/share/maintd/maintenance.html
+	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do [ -f "$$snippet" ] && \
+		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$$(basename $$snippet) || true; done

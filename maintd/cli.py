@@ -71,6 +71,7 @@ def run(config: Config, log_format: str | None) -> int:
     from . import log
     from .control import ControlServer
     from .daemon import AlreadyRunning, Daemon
+    from .notify import inherited_socket
 
     log.configure(log_format)
     logger = log.get(app=config.app)
@@ -83,7 +84,7 @@ def run(config: Config, log_format: str | None) -> int:
         logger.error(f"cannot start: {exc}")
         return EXIT_FAILED
     async def control(running: Daemon) -> ControlServer:
-        return await ControlServer(running).start()
+        return await ControlServer(running).start(inherited_socket())
 
     try:
         asyncio.run(daemon.run([control]))

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import log
-from .config import Config
+from .config import Config, ConfigError
+from .config import load as load_config
 from .maintenance import Notice, default_template
+from .notify import Notifier, watchdog_interval
 from .pipeline import Context, Deploy, Outcome, StepRecord, now_iso
 from .recovery import recover
-from .state import OperatorMaintenance, Store
+from .state import Memory, OperatorMaintenance, Store
 from .tree import ReleaseError, Tree, name_key, name_problem
 from .upload import UploadTracker, Verdict
 from .watcher import Change, ReleaseWatcher
@@ -49,6 +51,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = log.get(app=config.app)
+        self.notifier = Notifier()
         self.lock_file = acquire_lock(config.state_dir)
         self.store = Store(config.state_dir)
         self.ctx = Context.build(config, self.store, _template(config))
@@ -87,16 +90,63 @@ class Daemon:
         self.watcher.start()
         self._startup_scan()
         self.log.info(f"maintd watching {self.tree.releases}", live=self.tree.live(), paused=self.memory.paused)
+        self.notifier.ready(self.status_line())
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._kick()
-        rescans = self._spawn(self._rescan_periodically())
+        chores = [self._spawn(self._rescan_periodically())]
+        if interval := watchdog_interval():
+            chores.append(self._spawn(self._keep_watchdog_fed(interval)))
         await self.stopping.wait()
+        self.notifier.stopping()
         self.log.info("stopping" + (" after the deploy in progress" if self.current_deploy else ""))
-        rescans.cancel()
+        for chore in chores:
+            chore.cancel()
         async with self.deploy_lock:  # a deploy in progress finishes (or rolls back) before we exit
             for server in started:
                 server.close()
             self.watcher.stop()
         self.log.info("stopped")
+
+    async def _keep_watchdog_fed(self, interval: float) -> None:
+        """Ping systemd's watchdog from the loop itself, and only while the watcher thread lives: a hung loop or a
+        dead watcher (watchdog's thread dies silently on an exception) stops the pings, and systemd restarts us."""
+        while True:
+            if self.watcher and self.watcher.is_alive():
+                self.notifier.watchdog()
+            else:
+                self.log.error("the file watcher thread is dead; withholding watchdog pings so systemd restarts maintd")
+                return
+            await asyncio.sleep(interval)
+
+    def reload(self) -> None:
+        """SIGHUP: read the config again. A bad one is refused with one log line and the running one stays."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.source or "")
+            fixed = [key for key in ("app", "root", "state", "control") if getattr(new, key) != getattr(self.config, key)]
+            if fixed:
+                raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
+            ctx = Context.build(new, self.store, _template(new))
+        except (ConfigError, OSError) as exc:
+            self.log.error(f"reload refused, keeping the running configuration: {exc}")
+        else:
+            self.config, self.ctx = new, ctx
+            self.tracker.quiet_period = new.upload.quiet_period
+            self.tracker.require_marker = new.upload.require_marker
+            self.log.info(f"configuration reloaded from {new.source}")
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status` shows in one line."""
+        live = self.tree.live() or "none"
+        if self.current_deploy:
+            return f"deploying {self.current_deploy.release}: {self.current_deploy.step or 'starting'} (live {live})"
+        if self.memory.maintenance:
+            return f"maintenance: {self.memory.maintenance.reason} (live {live})"
+        return f"{'paused' if self.memory.paused else 'idle'}; live {live}"
+
+    def _announce(self) -> None:
+        self.notifier.status(self.status_line())
 
     def _report_current(self) -> None:
         """A `current` that is missing or dangling is reported, not guessed at: `maintctl deploy NAME` repairs it."""
@@ -110,7 +160,7 @@ class Daemon:
                            "`maintctl deploy NAME` repairs it")
 
     @property
-    def memory(self):  # noqa: ANN201 - the Store's Memory
+    def memory(self) -> Memory:
         return self.store.memory
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -341,6 +391,7 @@ class Daemon:
                 outcome = await asyncio.to_thread(deploy.run)
             finally:
                 self.current_deploy = None
+                self._announce()
             self.outcome.set_result(outcome)
             self.complete.pop(name, None)
         self._kick()
@@ -348,6 +399,7 @@ class Daemon:
 
     def _step_done(self, record: StepRecord) -> None:
         self.steps_done.append(record)
+        self._announce()
         for follower in list(self.followers):
             follower(record)
 
@@ -384,6 +436,7 @@ class Daemon:
             self.store.save()
         self.log.info("automatic deploys paused" if paused else "automatic deploys resumed", paused=paused,
                       actor=actor)
+        self._announce()
         if not paused:
             self._kick()
 
@@ -400,6 +453,7 @@ class Daemon:
             self.memory.maintenance = operator
             self.store.save()
         self.log.info(f"maintenance on: {operator.reason}", actor=actor, until=until or None)
+        self._announce()
         return operator
 
     async def maintenance_off(self, actor: str) -> None:
@@ -411,6 +465,7 @@ class Daemon:
             if live := self.tree.live():
                 self.ctx.flags.lower_in(self.tree.path(live))
         self.log.info("maintenance off", actor=actor)
+        self._announce()
 
     async def measure(self) -> None:
         """Sizes of releases not yet measured, walked in a thread; a release's files do not change once complete."""

@@ -1,0 +1,232 @@
+"""maintd as a systemd service: sd_notify over a real datagram socket, socket activation by systemd's own tool,
+a real journald read back with journalctl, the shipped units checked by systemd-analyze, and signals."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, Daemon, wait_until
+
+UNITS = Path(__file__).parent.parent / "systemd"
+STEPS = ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush", "health",
+         "hooks_after", "maintenance_off", "cleanup"]
+
+
+class NotifySocket:
+    """What systemd listens on for sd_notify: a datagram socket; each datagram is one notification."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.received: list[tuple[float, dict[str, str]]] = []
+
+    def next(self, timeout: float = 30.0) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536).decode()
+        fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        self.received.append((time.monotonic(), fields))
+        return fields
+
+    def until(self, key: str, value: str | None = None, timeout: float = 30.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fields = self.next(max(0.1, deadline - time.monotonic()))
+            if key in fields and (value is None or fields[key] == value):
+                return fields
+        raise AssertionError(f"no notification with {key}={value}")
+
+
+def test_sd_notify_ready_status_watchdog_reload_stopping(app, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "0.5"]]\n')
+    daemon = Daemon(app, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"})
+    try:
+        ready = notify.until("READY", "1")
+        assert ready["STATUS"] == "idle; live none"
+        app.make_release("r1")
+        assert notify.until("STATUS", "deploying r1: maintenance_on (live none)")
+        assert notify.until("STATUS", "idle; live r1")
+        pings = []
+        for _ in range(4):
+            notify.until("WATCHDOG", "1")
+            pings.append(time.monotonic())
+        # systemd kills a service whose pings are further apart than WATCHDOG_USEC: that is the property
+        assert all(b - a < 2.0 for a, b in zip(pings, pings[1:]))
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloading = notify.until("RELOADING", "1")
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert notify.until("READY", "1")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert notify.until("STOPPING", "1")
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_reload_applies_a_good_config_and_refuses_a_bad_one(app, start_daemon):
+    daemon = start_daemon()
+    app.write_config(quiet_period=0.7)
+    mark = daemon.mark()
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_for(since=mark, event=lambda e: e.startswith("configuration reloaded"))
+    good = app.config.read_text()
+    app.config.write_text(good + "\nbogus_key = 1\n")
+    mark = daemon.mark()
+    daemon.proc.send_signal(signal.SIGHUP)
+    refused = daemon.wait_for(since=mark, event=lambda e: e.startswith("reload refused"))
+    assert "bogus_key is not a known key" in refused["event"] and refused["level"] == "error"
+    app.make_release("r1")  # the running configuration still works
+    assert daemon.deployed("r1")["result"] == "ok"
+
+
+def test_sigterm_mid_deploy_finishes_it_then_exits_0(app, start_daemon):
+    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    daemon = start_daemon()
+    app.make_release("r1")
+    daemon.wait_for(release="r1", step="maintenance_on")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert app.live() == "r1" and not (app.current / "tmp" / "maintenance.txt").exists()
+    assert [e["step"] for e in daemon.events if e.get("release") == "r1" and "step" in e] == STEPS
+
+
+def test_socket_activation_with_systemd_socket_activate(app, tmp_path):
+    activated = tmp_path / "activated.sock"
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", str(activated), str(BIN / "maintd"), "run",
+                             "--config", str(app.config), "--log-format", "json"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: activated.exists(), 10, "the activated socket")
+        # the first connection starts maintd, which must serve the socket it was given, not bind its own
+        done = subprocess.run([str(BIN / "maintctl"), "--socket", str(activated), "status", "--json"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["app"] == "shop"
+        assert not app.socket.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+# --- journald ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def journald():
+    """A real systemd-journald, started by hand (PID 1 here is not systemd) unless one already listens."""
+    sock = Path("/run/systemd/journal/socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(str(sock))
+        yield None
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    binary = Path("/lib/systemd/systemd-journald")
+    if not binary.exists():
+        pytest.skip("systemd-journald is not installed")
+    proc = subprocess.Popen([str(binary)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: sock.is_socket(), 10, "journald's socket")
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
+def journal_entries(**match: str) -> list[dict]:
+    args = [f"{k}={v}" for k, v in match.items()]
+    out = subprocess.run(["journalctl", "--no-pager", "-o", "json", *args], capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_every_step_reaches_journald_with_its_fields(app, journald, start_daemon):
+    daemon = start_daemon("--log-format", "journal", wait=False)
+    wait_until(lambda: journal_entries(MAINTD_APP="shop", _PID=str(daemon.proc.pid)), 20,
+               "maintd's first journal entry")
+    app.make_release("r1")
+    deploys = wait_until(lambda: [e for e in journal_entries(_PID=str(daemon.proc.pid), MAINTD_RESULT="ok")
+                                  if "went live" in e["MESSAGE"]], 30, "the deploy's summary in the journal")
+    deploy_id = deploys[0]["MAINTD_DEPLOY_ID"]
+    entries = [e for e in journal_entries(MAINTD_DEPLOY_ID=deploy_id) if "MAINTD_STEP" in e]
+    assert [e["MAINTD_STEP"] for e in entries] == STEPS
+    for entry in entries:
+        assert entry["SYSLOG_IDENTIFIER"] == "maintd" and entry["PRIORITY"] == "6"
+        assert entry["MAINTD_APP"] == "shop" and entry["MAINTD_RELEASE"] == "r1"
+        assert entry["MAINTD_ACTOR"] == "upload" and entry["MAINTD_RESULT"] in ("ok", "skipped")
+        assert float(entry["MAINTD_DURATION_MS"]) >= 0
+        assert entry["MESSAGE"].startswith(entry["MAINTD_STEP"] + ": ")
+    daemon.stop()
+
+
+def test_journal_field_names_are_what_journald_keeps():
+    from maintd.log import journal_field
+
+    for key in ("deploy_id", "duration_ms", "step", "weird-key.name", "_private"):
+        assert re.fullmatch(r"MAINTD_[A-Z0-9_]+", journal_field(key))
+
+
+# --- the unit files ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def units(tmp_path):
+    """The shipped units as `make install` writes them, pointing at this checkout's commands."""
+    target = tmp_path / "units"
+    target.mkdir()
+    for unit in UNITS.glob("maintd@.*"):
+        (target / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{BIN}/"))
+    return target
+
+
+def test_units_pass_systemd_analyze_verify(units):
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(units / "maintd@demo.service"),
+                           str(units / "maintd@demo.socket")], capture_output=True, text=True,
+                          env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+EXPOSURE_LIMIT = 2.1  # what the shipped service reaches; a change that loosens the sandbox fails here
+
+
+def test_service_sandbox_exposure_does_not_grow(units):
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", str(units / "maintd@demo.service")],
+                          capture_output=True, text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"})
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout).group(1))
+    assert score <= EXPOSURE_LIMIT, done.stdout
+
+
+def test_units_say_what_the_contract_says():
+    service = (UNITS / "maintd@.service").read_text()
+    for line in ("Type=notify", "ExecStartPre=/usr/local/bin/maintd check --config /etc/maintd/%i.toml",
+                 "ExecStart=/usr/local/bin/maintd run --config /etc/maintd/%i.toml", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                 "ProtectHome=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert line in service.splitlines()
+    assert re.search(r"^WatchdogSec=\d+", service, re.M)
+    socket_unit = (UNITS / "maintd@.socket").read_text()
+    assert "ListenStream=/run/maintd/%i.sock" in socket_unit and "SocketMode=0666" in socket_unit
+
+
+def test_make_install_lays_out_everything(tmp_path):
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    dest = tmp_path / "root"
+    done = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/opt/maintd"],
+                          cwd=UNITS.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for path in ("opt/maintd/bin/maintd", "opt/maintd/bin/maintctl", "etc/systemd/system/maintd@.service",
+                 "etc/systemd/system/maintd@.socket", "etc/maintd/example.toml",
+                 "opt/maintd/share/maintd/maintenance.html"):
+        assert (dest / path).exists(), path
+    assert "ExecStart=/opt/maintd/bin/maintd run" in (dest / "etc/systemd/system/maintd@.service").read_text()
+    assert subprocess.run([str(dest / "opt/maintd/bin/maintctl"), "--help"], capture_output=True).returncode == 0
