@@ -1,9 +1,10 @@
 # maintd — every target installs what it needs itself (Debian 12, as root), so a fresh clone needs only `make`.
-PYTHON    ?= python3
+PYTHON    ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv
+DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
+             systemd systemd-container e2fsprogs
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 

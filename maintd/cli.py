@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     from .config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+ANSWER_TIMEOUT = 30.0  # seconds maintctl waits for a command that does not wait for a deploy
 
 
 # --- maintd -------------------------------------------------------------------------------------------------------
@@ -146,8 +147,10 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "history":
         request["args"] = {"n": args.n}
     show = _printer(args)
+    # Commands that wait for a deploy in progress may take as long as its hooks; the others answer at once.
+    waits = args.command in ("deploy", "rollback", "restart", "flush") or getattr(args, "state", "") == "off"
     try:
-        reply = call(path, request, on_event=show.event)
+        reply = call(path, request, on_event=show.event, timeout=None if waits else ANSWER_TIMEOUT)
     except Unreachable as exc:
         print(f"maintctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -178,26 +181,30 @@ def socket_path(args: argparse.Namespace) -> str:
     return str(control.get("socket") or f"/run/maintd/{data.get('app', '')}.sock")
 
 
-def call(path: str, request: dict[str, object], on_event=None) -> dict:  # noqa: ANN001
+def call(path: str, request: dict[str, object], on_event: Callable[[dict], None] | None = None,
+         timeout: float | None = ANSWER_TIMEOUT) -> dict:
     """Send one request and read up to its final answer, handing event lines to `on_event` as they come."""
     import json
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError as exc:
         sock.close()
         raise Unreachable(f"maintd is not reachable at {path}: {exc.strerror or exc}") from None
-    with sock, sock.makefile("rb") as answers:
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        for line in answers:
-            message = json.loads(line)
-            if "event" in message:
+    try:
+        with sock, sock.makefile("rb") as answers:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            for line in answers:
+                message = json.loads(line)
+                if "event" not in message:
+                    return message
                 if on_event:
                     on_event(message["event"])
-                continue
-            return message
+    except TimeoutError:
+        raise Unreachable(f"maintd at {path} did not answer within {timeout:g}s") from None
     raise Unreachable(f"maintd at {path} closed the connection without an answer")
 
 

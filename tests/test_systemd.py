@@ -230,3 +230,73 @@ def test_make_install_lays_out_everything(tmp_path):
         assert (dest / path).exists(), path
     assert "ExecStart=/opt/maintd/bin/maintd run" in (dest / "etc/systemd/system/maintd@.service").read_text()
     assert subprocess.run([str(dest / "opt/maintd/bin/maintctl"), "--help"], capture_output=True).returncode == 0
+
+
+# --- under a real systemd ---------------------------------------------------------------------------------------
+
+NSPAWN_PREFIX = Path("/opt/maintd-nspawn-test")  # outside /tmp, /root and /home, which the unit's sandbox hides
+
+
+@pytest.fixture(scope="module")
+def nspawn_install():
+    """maintd installed as an operator would (its own venv, from Debian's python3) where the sandbox can see it."""
+    if not shutil.which("systemd-nspawn"):
+        pytest.skip("systemd-nspawn is missing (Debian's systemd-container; `make test` installs it)")
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("Debian's /usr/bin/python3 is missing")
+    shutil.rmtree(NSPAWN_PREFIX, ignore_errors=True)
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(NSPAWN_PREFIX)], check=True)
+    subprocess.run([str(NSPAWN_PREFIX / "bin" / "pip"), "install", "-q", str(UNITS.parent)], check=True,
+                   capture_output=True)
+    yield NSPAWN_PREFIX / "bin"
+    shutil.rmtree(NSPAWN_PREFIX, ignore_errors=True)
+
+
+def test_under_a_real_systemd(tmp_path, nspawn_install):
+    """Boots systemd as PID 1 in a container over the host's /usr; the shipped units run a real deploy."""
+    bin_dir = nspawn_install
+    units, conf, results = tmp_path / "units", tmp_path / "etc-maintd", tmp_path / "results"
+    for d in (units, conf, results):
+        d.mkdir()
+    for unit in UNITS.glob("maintd@.*"):
+        (units / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{bin_dir}/"))
+    check_dir = Path(__file__).parent / "nspawn"
+    (units / "maintd-check.service").write_text((check_dir / "check.service").read_text().replace("@BIN@", str(bin_dir)))
+    (conf / "demo.toml").write_text('app = "demo"\nroot = "/srv/demo"\n[upload]\nquiet_period = 0.5\n'
+                                    '[memcached]\nflush = "none"\n')
+    binds = [f"--bind-ro={NSPAWN_PREFIX}", f"--bind-ro={conf}:/etc/maintd", f"--bind-ro={check_dir}:/check",
+             f"--bind={results}:/results"]
+    binds += [f"--bind-ro={units / name}:/etc/systemd/system/{name}"
+              for name in ("maintd@.service", "maintd@.socket", "maintd-check.service")]
+    try:
+        booted = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", "/", "--volatile=yes",
+                                 *binds, "-b", "systemd.firstboot=no", "systemd.unit=multi-user.target",
+                                 "systemd.wants=maintd-check.service"],
+                                capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the container did not power off; check log:\n{_read(results / 'check.log')}")
+    if not (results / "steps").exists() and re.search(r"Operation not permitted|namespace", booted.stderr + booted.stdout):
+        pytest.skip(f"this machine refuses the namespaces systemd-nspawn needs: {booted.stderr[-300:]}")
+    steps = dict(line.split("=", 1) for line in _read(results / "steps").splitlines())
+    context = f"steps: {steps}\njournal:\n{_read(results / 'journal.txt')[-4000:]}"
+    assert steps.get("done") == "yes", context
+    assert steps["start"] == "0" and steps["active_after_start"] == "active", context
+    assert _read(results / "status_text_ready").startswith("idle; live none"), context
+    assert steps["current"] == "releases/r1", context
+    assert steps["maintctl"] == "0" and json.loads(_read(results / "status.json"))["current"] == "r1", context
+    assert steps["reload"] == "0" and steps["active_after_reload"] == "active", context
+    assert _read(results / "status_text_reloaded").startswith("idle; live r1"), context
+    assert steps["stop"] == "0" and steps["active_after_stop"] == "inactive" and steps["result"] == "success", context
+    journal = [json.loads(line) for line in _read(results / "journal.json").splitlines() if line.strip()]
+    deploy_steps = [e for e in journal if e.get("MAINTD_RELEASE") == "r1" and "MAINTD_STEP" in e]
+    assert [e["MAINTD_STEP"] for e in deploy_steps] == STEPS, context
+    assert all(e["MAINTD_APP"] == "demo" and e["MAINTD_ACTOR"] == "upload" and e["MAINTD_DEPLOY_ID"]
+               and "MAINTD_DURATION_MS" in e and e["MAINTD_RESULT"] in ("ok", "skipped") for e in deploy_steps)
+    assert any("configuration reloaded" in e.get("MESSAGE", "") for e in journal), context
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
