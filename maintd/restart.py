@@ -16,6 +16,7 @@ from pathlib import Path
 from . import proc
 
 RESTART_FILE = "tmp/restart.txt"
+PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
 HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a moment, not a busy loop
 
 
@@ -36,6 +37,9 @@ def passenger(root: Path, release: Path, timeout: float) -> str:
     if not tool:
         return f"touched {RESTART_FILE}"
     ran = proc.run((tool, "restart-app", str(root), "--ignore-app-not-running"), cwd=root, timeout=timeout)
+    if not ran.ok and PASSENGER_NOT_RUNNING in ran.output:
+        # Nothing to restart: a Passenger that starts later loads the new release anyway.
+        return f"touched {RESTART_FILE} (Passenger is not running)"
     if not ran.ok:
         raise RestartError(f"passenger-config restart-app: {ran.describe()}", ran.output)
     return f"touched {RESTART_FILE} and ran passenger-config restart-app"
