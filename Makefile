@@ -4,7 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
-             systemd systemd-container e2fsprogs
+             systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
@@ -45,5 +45,5 @@ install:
 		sed 's#/usr/local/bin/#$(PREFIX)/bin/#g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 	install -m 0644 etc/maintd/example.toml $(DESTDIR)/etc/maintd/example.toml
 	install -m 0644 maintd/maintenance.html $(DESTDIR)$(PREFIX)/share/maintd/maintenance.html
-	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do [ -f "$$snippet" ] && \
-		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$$(basename $$snippet) || true; done
+	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do \
+		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$${snippet#etc/}; done

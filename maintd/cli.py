@@ -188,12 +188,12 @@ def call(path: str, request: dict[str, object], on_event: Callable[[dict], None]
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        sock.connect(path)  # blocking: a non-blocking connect fails at once when the backlog is momentarily full
     except OSError as exc:
         sock.close()
         raise Unreachable(f"maintd is not reachable at {path}: {exc.strerror or exc}") from None
+    sock.settimeout(timeout)
     try:
         with sock, sock.makefile("rb") as answers:
             sock.sendall(json.dumps(request).encode() + b"\n")

@@ -27,6 +27,7 @@ from .tree import ReleaseError, name_key
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0  # seconds a connected peer may take to send its request line
 READ_ONLY = {"status", "releases", "history"}
+BACKLOG = 1024  # connections waiting to be accepted: a burst of maintctl calls must not be refused
 
 
 class BadRequest(Exception):
@@ -85,7 +86,7 @@ class ControlServer:
         """Serve the socket systemd passed us, or bind our own (and remove it again on close)."""
         self.bound = inherited is None
         sock = inherited or bind(self.config.socket_path, self.config.socket_mode, self.config.control.group)
-        self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST + 1)
+        self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST + 1, backlog=BACKLOG)
         return self
 
     def close(self) -> None:
@@ -320,6 +321,6 @@ def bind(path: os.PathLike[str] | str, mode: int, group: str) -> socket.socket:
     os.chmod(path, mode)
     if group:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    sock.listen(256)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ import pytest
 
 BIN = Path(sys.executable).parent
 Event = dict[str, Any]
+# Where passenger-config looks for running Passengers: an empty directory of the tests' own, so a Passenger that this
+# machine happens to run (or left stale) never answers for the tests' apps. The Passenger tests point it at theirs.
+os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"] = tempfile.mkdtemp(prefix="maintd-test-passenger-")
 
 
 def free_port() -> int:

@@ -34,15 +34,15 @@ def ok_json(app, *args):
     return json.loads(maintctl(app, *args, "--json", check_rc=0).stdout)
 
 
-def raw(app, payload: bytes, read=True):
+def raw(app, payload: bytes):
     """Send raw bytes; return every line the daemon answered (parsed), or [] when it only closed."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
         sock.connect(str(app.socket))
+        sock.settimeout(30)
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         data = b""
-        while read and (chunk := sock.recv(65536)):
+        while chunk := sock.recv(65536):
             data += chunk
     return [json.loads(line) for line in data.splitlines()]
 
