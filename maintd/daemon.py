@@ -69,6 +69,7 @@ class Daemon:
         self.watcher: ReleaseWatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = asyncio.Event()
+        self.serving = False  # READY=1 was sent
         self._timer: asyncio.TimerHandle | None = None
         self._checking: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -79,6 +80,7 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)  # from the start: SIGHUP's default is to die
         self.tree.releases.mkdir(parents=True, exist_ok=True)
         for link in self.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
@@ -90,8 +92,8 @@ class Daemon:
         self.watcher.start()
         self._startup_scan()
         self.log.info(f"maintd watching {self.tree.releases}", live=self.tree.live(), paused=self.memory.paused)
+        self.serving = True
         self.notifier.ready(self.status_line())
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._kick()
         chores = [self._spawn(self._rescan_periodically())]
         if interval := watchdog_interval():
@@ -134,7 +136,8 @@ class Daemon:
             self.tracker.quiet_period = new.upload.quiet_period
             self.tracker.require_marker = new.upload.require_marker
             self.log.info(f"configuration reloaded from {new.source}")
-        self.notifier.ready(self.status_line())
+        if self.serving:  # a SIGHUP during start-up must not announce READY early
+            self.notifier.ready(self.status_line())
 
     def status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status` shows in one line."""
