@@ -1,0 +1,304 @@
+"""What a browser sees, on the two real stacks: nginx + Puma and Apache + Passenger, serving a tiny Rack app from a
+Capistrano tree that maintd deploys. Users (requests from 127.0.0.2) see the app or the maintenance page, never an
+error; the health check (from 127.0.0.1) reaches the app through maintenance."""
+
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, App, Daemon, free_port, port_open, wait_until
+from maintd.tree import Tree
+
+ETC = Path(__file__).parent.parent / "etc"
+USER_ADDRESS = "127.0.0.2"  # a visitor; 127.0.0.1 is "this host", let through for health checks
+CONFIG_RU = """release = File.read(File.expand_path("REVISION", __dir__)).strip
+run lambda { |env| [200, {"content-type" => "text/plain", "cache-control" => "no-store"}, ["release #{release}\\n"]] }
+"""
+
+
+def rack_release(app: App, name: str, marker: bool = True) -> Path:
+    """A release of the tiny Rack app, written under a staging name and renamed into place (as uploaders do)."""
+    staging = app.releases / f".incoming-{name}"
+    (staging / "public").mkdir(parents=True)
+    (staging / "tmp").mkdir()
+    (staging / "REVISION").write_text(f"{name}\n")
+    (staging / "config.ru").write_text(CONFIG_RU)
+    (staging / "public" / "app.css").write_text("body { color: #333 }\n")
+    if marker:
+        (staging / ".maintd-ready").touch()
+    staging.rename(app.releases / name)
+    return app.releases / name
+
+
+def get(port: int, path: str = "/", source: str = USER_ADDRESS) -> tuple[int | str, str, dict[str, str]]:
+    """One request with a fresh connection: (status or 'error: …', body, headers)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode(errors="replace"), {k.lower(): v for k, v in answer.getheaders()}
+    except (OSError, http.client.HTTPException) as exc:
+        return f"error: {exc!r}", "", {}
+    finally:
+        conn.close()
+
+
+def sample_through(port: int, deploy_done, limit: int = 30000) -> list[tuple]:
+    """Requests one after another (a bounded count) until the deploy is over and 50 more have been answered."""
+    seen: list[tuple] = []
+    after = 0
+    while len(seen) < limit and after < 50:
+        seen.append(get(port))
+        after = after + 1 if deploy_done() else 0
+    return seen
+
+
+def assert_users_never_saw_an_error(samples: list[tuple], old: str, new: str, maintenance: bool) -> None:
+    statuses = [s for s, _, _ in samples]
+    assert all(s in (200, 503) for s in statuses), sorted({str(s) for s in statuses if s not in (200, 503)})
+    phases = []
+    for status, body, headers in samples:
+        if status == 503:
+            assert headers.get("retry-after") and "right back" in body, (headers, body[:200])
+            phase = "503"
+        else:
+            phase = body.strip()
+            assert phase in (f"release {old}", f"release {new}"), body
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+    if maintenance:
+        assert phases == [f"release {old}", "503", f"release {new}"], phases
+    else:
+        assert phases == [f"release {old}", f"release {new}"], phases
+
+
+@pytest.fixture
+def web_app(memcached):
+    """A deploy tree in a directory the web servers' unprivileged workers can read."""
+    base = Path(tempfile.mkdtemp(prefix="maintd-web-"))
+    base.chmod(0o755)
+    app = App(base, memcached.address)
+    yield app
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def go_live_by_hand(app: App, name: str) -> None:
+    rack_release(app, name)
+    Tree(app.root).swap(name)
+
+
+# --- nginx + Puma -----------------------------------------------------------------------------------------------
+
+
+class NginxPuma:
+    def __init__(self, app: App) -> None:
+        self.base = app.base / "web"
+        self.base.mkdir()
+        self.puma_port, self.port = free_port(), free_port()
+        self.pidfile = self.base / "puma.pid"
+        # Puma runs in `current`, not in the release it resolves to: USR2 re-executes it there, so it loads the
+        # release `current` points at after the swap (started in a resolved path, it would reload the old one).
+        self.puma = subprocess.Popen(["puma", "--dir", str(app.current), "-b", f"tcp://127.0.0.1:{self.puma_port}",
+                                      "--pidfile", str(self.pidfile), "-e", "production", "-t", "1:4"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: port_open(self.puma_port), 30, "puma")
+        conf = self.base / "nginx.conf"
+        conf.write_text(f"""
+daemon on;
+pid {self.base}/nginx.pid;
+error_log {self.base}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {self.base}/body;
+    proxy_temp_path {self.base}/proxy;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {app.current}/public;
+        include {ETC}/nginx/maintd.conf;
+        location / {{
+            include {ETC}/nginx/maintd-location.conf;
+            try_files $uri @app;
+        }}
+        location @app {{
+            proxy_pass http://127.0.0.1:{self.puma_port};
+        }}
+    }}
+}}
+""")
+        subprocess.run(["nginx", "-c", str(conf)], check=True)
+        wait_until(lambda: port_open(self.port), 10, "nginx")
+        self.restart_command = f'["/bin/sh", "-c", "kill -USR2 $(cat {self.pidfile})"]'
+
+    def stop(self) -> None:
+        pid = (self.base / "nginx.pid").read_text().strip()
+        os.kill(int(pid), signal.SIGTERM)
+        os.killpg(self.puma.pid, signal.SIGTERM)
+        self.puma.wait(20)
+
+
+@pytest.fixture
+def nginx_puma(web_app):
+    for program in ("nginx", "puma"):
+        if not shutil.which(program):
+            pytest.skip(f"{program} is missing (`make test` installs it)")
+    go_live_by_hand(web_app, "A")
+    stack = NginxPuma(web_app)
+    yield stack
+    stack.stop()
+
+
+def start(app: App, port: int, extra: str, env: dict | None = None) -> Daemon:
+    app.write_config(f"""{extra}
+health_url = "http://127.0.0.1:{port}/"
+health_expect = "release {{release}}"
+health_timeout = 20
+[hooks]
+before_swap = [["sleep", "1"]]
+""")
+    return Daemon(app, env=env).ready()
+
+
+def test_nginx_puma_deploy_shows_old_then_page_then_new(web_app, nginx_puma):
+    daemon = start(web_app, nginx_puma.port, f'[restart]\nmethod = "command"\ncommand = {nginx_puma.restart_command}')
+    try:
+        assert get(nginx_puma.port)[:2] == (200, "release A\n")
+        rack_release(web_app, "B")
+        samples = sample_through(nginx_puma.port, lambda: any(
+            e.get("release") == "B" and e.get("result") == "ok" and "went live" in e.get("event", "")
+            for e in list(daemon.events)))
+        assert daemon.deployed("B")["result"] == "ok"
+        assert_users_never_saw_an_error(samples, "A", "B", maintenance=True)
+    finally:
+        daemon.stop()
+
+
+def test_nginx_zero_downtime_deploy_has_no_503_and_no_error(web_app, nginx_puma):
+    daemon = start(web_app, nginx_puma.port, '[maintenance]\nwhen = "never"\n'
+                   f'[restart]\nmethod = "command"\ncommand = {nginx_puma.restart_command}')
+    try:
+        rack_release(web_app, "B")
+        samples = sample_through(nginx_puma.port, lambda: any(
+            e.get("release") == "B" and "went live" in e.get("event", "") for e in list(daemon.events)))
+        assert_users_never_saw_an_error(samples, "A", "B", maintenance=False)
+    finally:
+        daemon.stop()
+
+
+def operator_maintenance_checks(app: App, port: int) -> None:
+    """Operator maintenance as users, the health check and a bookmark of the page see it."""
+    maintctl = [str(BIN / "maintctl"), "--socket", str(app.socket)]
+    subprocess.run([*maintctl, "maintenance", "on", "--reason", "database upgrade", "--until", "22:00"], check=True,
+                   capture_output=True)
+    status, body, headers = get(port)
+    assert status == 503 and "database upgrade" in body and "22:00" in body and headers["retry-after"]
+    assert get(port, "/app.css")[:2] == (200, "body { color: #333 }\n")  # the page's own assets
+    assert get(port, "/", source="127.0.0.1")[0] == 200  # the health check from this host
+    assert get(port, "/maintenance.html")[0] == 503
+    subprocess.run([*maintctl, "maintenance", "off"], check=True, capture_output=True)
+    assert get(port)[0] == 200
+    status, _, headers = get(port, "/maintenance.html")
+    assert status == 302 and headers["location"].endswith("/")  # a stale bookmark goes back to the site
+
+
+def test_nginx_page_assets_loopback_and_reason(web_app, nginx_puma):
+    daemon = start(web_app, nginx_puma.port, f'[restart]\nmethod = "command"\ncommand = {nginx_puma.restart_command}')
+    try:
+        operator_maintenance_checks(web_app, nginx_puma.port)
+    finally:
+        daemon.stop()
+
+
+# --- Apache + Passenger -----------------------------------------------------------------------------------------
+
+
+class ApachePassenger:
+    MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "unixd", "passenger")
+
+    def __init__(self, app: App) -> None:
+        self.base = app.base / "apache"
+        (self.base / "run").mkdir(parents=True)
+        self.registry = self.base / "passenger"
+        self.registry.mkdir()
+        self.registry.chmod(0o755)
+        self.port = free_port()
+        modules = "\n".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so" for m in self.MODULES)
+        self.conf = self.base / "apache2.conf"
+        self.conf.write_text(f"""
+ServerRoot {self.base}
+ServerName localhost
+Listen 127.0.0.1:{self.port}
+PidFile {self.base}/apache.pid
+ErrorLog {self.base}/error.log
+Mutex file:{self.base}/run
+DefaultRuntimeDir {self.base}/run
+User www-data
+Group www-data
+{modules}
+TypesConfig /etc/mime.types
+PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerInstanceRegistryDir {self.registry}
+PassengerDisableSecurityUpdateCheck on
+PassengerDisableAnonymousTelemetry on
+<VirtualHost 127.0.0.1:{self.port}>
+    Define MAINTD_ROOT {app.root}
+    DocumentRoot {app.root}/current/public
+    PassengerUser www-data
+    PassengerAppEnv production
+    <Directory {app.root}/current/public>
+        Require all granted
+        Options -MultiViews
+    </Directory>
+    Include {ETC}/apache2/maintd.conf
+</VirtualHost>
+""")
+        subprocess.run(["apache2", "-f", str(self.conf), "-k", "start"], check=True, capture_output=True,
+                       env={**os.environ, "APACHE_RUN_DIR": str(self.base / "run")})
+        wait_until(lambda: port_open(self.port), 30, "apache")
+        self.env = {"PASSENGER_INSTANCE_REGISTRY_DIR": str(self.registry)}
+
+    def stop(self) -> None:
+        pid = int((self.base / "apache.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "apache to stop")
+
+
+@pytest.fixture
+def apache_passenger(web_app):
+    if not Path("/usr/lib/apache2/modules/mod_passenger.so").exists():
+        pytest.skip("Apache's Passenger module is missing (`make test` installs libapache2-mod-passenger)")
+    go_live_by_hand(web_app, "A")
+    stack = ApachePassenger(web_app)
+    # the first request boots the app; before maintd is involved, the stack must serve release A
+    wait_until(lambda: get(stack.port)[:2] == (200, "release A\n"), 60, "Passenger serving release A")
+    yield stack
+    stack.stop()
+
+
+def test_apache_passenger_deploy_shows_old_then_page_then_new(web_app, apache_passenger):
+    daemon = start(web_app, apache_passenger.port, "[restart]", env=apache_passenger.env)
+    try:
+        rack_release(web_app, "B")
+        samples = sample_through(apache_passenger.port, lambda: any(
+            e.get("release") == "B" and "went live" in e.get("event", "") for e in list(daemon.events)))
+        assert daemon.deployed("B")["result"] == "ok"
+        assert_users_never_saw_an_error(samples, "A", "B", maintenance=True)
+        restart = [e for e in daemon.events if e.get("release") == "B" and e.get("step") == "restart"]
+        assert "ran passenger-config restart-app" in restart[0]["event"]
+    finally:
+        daemon.stop()
+
+
+def test_apache_page_assets_loopback_and_reason(web_app, apache_passenger):
+    daemon = start(web_app, apache_passenger.port, "[restart]", env=apache_passenger.env)
+    try:
+        operator_maintenance_checks(web_app, apache_passenger.port)
+    finally:
+        daemon.stop()
