@@ -17,6 +17,10 @@ touch /srv/demo/releases/.incoming-r1/.maintd-ready
 mv /srv/demo/releases/.incoming-r1 /srv/demo/releases/r1
 for _ in $(seq 300); do [ "$(readlink /srv/demo/current)" = releases/r1 ] && break; sleep 0.1; done
 step current "$(readlink /srv/demo/current)"
+for _ in $(seq 300); do  # the swap is not the end of the deploy: wait until maintd says it is idle again
+  case "$(systemctl show maintd@demo.service -p StatusText --value)" in idle*) break ;; esac
+  sleep 0.1
+done
 
 timeout 20 "$bin/maintctl" --socket /run/maintd/demo.sock status --json > "$out/status.json"; step maintctl $?
 systemctl reload maintd@demo.service; step reload $?
