@@ -47,3 +47,7 @@ install:
 	install -m 0644 maintd/maintenance.html $(DESTDIR)$(PREFIX)/share/maintd/maintenance.html
 	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do \
 		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$${snippet#etc/}; done
+
+# Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
+bench: deps
+	$(BIN)/python bench/run.py

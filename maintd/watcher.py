@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileCreatedEvent, FileDeletedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
 from .tree import is_rsync_temp
 
 TOP_EVENTS = [DirCreatedEvent, DirMovedEvent, DirDeletedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
-UPLOAD_EVENTS = [*TOP_EVENTS, FileClosedEvent]
+UPLOAD_EVENTS = TOP_EVENTS  # no writes or closes: the quiet period is judged from ctimes, not from event counts
+ACTIVITY_EVERY = 0.25  # seconds: plain activity in one release is passed on at most this often
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,28 @@ class _Handler(FileSystemEventHandler):
         self.marker = marker
         self.deliver = deliver
         self.on_error = on_error
+        self.last_passed: dict[str, float] = {}  # release -> when activity in it was last passed on
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
             for change in self.classify(event):
-                self.deliver(change)
+                if self._worth_passing_on(change):
+                    self.deliver(change)
         except Exception as exc:  # noqa: BLE001 - an escaping exception silently stops all event delivery
             self.on_error(exc)
+
+    def _worth_passing_on(self, change: Change) -> bool:
+        """An upload of 100,000 files makes 100,000 events that all say "still busy": one in a while is enough,
+        as the quiet period is judged from the release's ctimes when its timer runs out. Every other kind of
+        change goes through, and the next activity after it too (it may be the resumption of a broken upload)."""
+        if change.kind != "activity":
+            self.last_passed.pop(change.name, None)
+            return True
+        now = time.monotonic()
+        if now - self.last_passed.get(change.name, -ACTIVITY_EVERY) < ACTIVITY_EVERY:
+            return False
+        self.last_passed[change.name] = now
+        return True
 
     def classify(self, event: FileSystemEvent) -> list[Change]:
         src = self._parts(event.src_path)

@@ -1,0 +1,385 @@
+"""make bench: how fast maintd is, side by side with the plain alternative, on this machine.
+
+Six measures (medians over repeated runs, with min and max), printed as one table and written to
+bench/results.json. Timings live here and only here: the test suite asserts behaviour, never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import App, Daemon, Memcached, make_source  # noqa: E402
+from maintd.config import load  # noqa: E402
+from maintd.maintenance import default_template  # noqa: E402
+from maintd.pipeline import Context, Deploy  # noqa: E402
+from maintd.state import Store  # noqa: E402
+from maintd.tree import Tree  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", "30"))
+UPLOAD_FILES = int(os.environ.get("BENCH_UPLOAD_FILES", "100000"))
+BIN = Path(sys.executable).parent
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "runs": len(values)}
+
+
+def workdir() -> App:
+    base = Path(tempfile.mkdtemp(prefix="maintd-bench-"))
+    return App(base, MEMCACHED.address)
+
+
+# --- 1. the maintenance window -------------------------------------------------------------------------------------
+
+BASELINE = r"""
+set -e
+root=$1 old=$2 new=$3 port=$4
+touch "$root/releases/$old/tmp/maintenance.txt" "$root/releases/$new/tmp/maintenance.txt"
+on=$EPOCHREALTIME
+ln -s "releases/$new" "$root/current.tmp" && mv -T "$root/current.tmp" "$root/current"
+touch "$root/releases/$new/tmp/restart.txt"
+exec 3<>"/dev/tcp/127.0.0.1/$port"; printf 'flush_all\r\n' >&3; read -r reply <&3; exec 3>&-
+rm -f "$root/releases/$new/tmp/maintenance.txt" "$root/releases/$old/tmp/maintenance.txt"
+off=$EPOCHREALTIME
+echo "$on $off $reply"
+"""
+
+
+def maintenance_window() -> dict:
+    """Flag visible -> flag gone: maintd's own steps (passenger touch, flush, fsynced swap) vs the seed's script."""
+    app = workdir()
+    app.write_config(top="keep_releases = 1000")
+    for name in ("a", "b"):
+        app.make_release(name)
+        (app.releases / name / "tmp").mkdir(exist_ok=True)
+    config = load(app.config)
+    ctx = Context.build(config, Store(config.state_dir), default_template())
+    marks: dict[str, float] = {}
+    raise_in, lower_in = ctx.flags.raise_in, ctx.flags.lower_in
+
+    def timed_raise(release, notice):  # noqa: ANN001, ANN202 - measurement probes around the real calls
+        raise_in(release, notice)
+        marks["on"] = time.perf_counter()  # the last flag written is the live release's: users see it from here
+
+    def timed_lower(release):  # noqa: ANN001, ANN202
+        lower_in(release)
+        marks.setdefault("off", time.perf_counter())  # the first flag removed is the live release's
+
+    ctx.flags.raise_in, ctx.flags.lower_in = timed_raise, timed_lower
+    ours, theirs = [], []
+    for i in range(RUNS + 1):
+        new, old = "ab"[i % 2], "ab"[(i + 1) % 2]
+        marks.clear()
+        outcome = Deploy(ctx, new, "bench").run()
+        assert outcome.result == "ok", outcome.error
+        if i:  # the first deploy has no live release to flag
+            ours.append((marks["off"] - marks["on"]) * 1000)
+        done = subprocess.run(["/bin/bash", "-c", BASELINE, "-", str(app.root), new, old, str(MEMCACHED.port)],
+                              capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        on, off, reply = done.stdout.split()
+        assert reply.startswith("OK")
+        theirs.append((float(off) - float(on)) * 1000)
+        Tree(app.root).swap(new)  # back, so that maintd's next deploy swaps releases too
+    return {"maintd_ms": summary(ours), "script_ms": summary(theirs),
+            "ratio": round(statistics.median(ours) / statistics.median(theirs), 3)}
+
+
+# --- 2. detection latency ------------------------------------------------------------------------------------------
+
+
+def ts(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def detection() -> dict:
+    app = workdir()
+    quiet = 1.0
+    app.write_config(quiet_period=quiet)
+    daemon = Daemon(app).ready()
+    marker, quiet_lat = [], []
+    try:
+        for i in range(max(5, RUNS // 3)):
+            name = f"m{i:03d}"
+            staging = app.releases / f".incoming-{name}"
+            make_source(staging, 50, name)
+            staging.rename(app.releases / name)
+            (app.releases / name / ".maintd-ready").touch()
+            written = time.time()
+            on = daemon.wait_for(release=name, step="maintenance_on")
+            marker.append((ts(on) - written) * 1000)
+            daemon.deployed(name)
+            name = f"q{i:03d}"
+            make_source(app.releases / name, 50, name)
+            last = time.time()
+            started = daemon.wait_for(release=name, event=lambda e: e.startswith("deploy of release") and "started" in e)
+            quiet_lat.append((ts(started) - last - quiet) * 1000)
+            daemon.deployed(name)
+    finally:
+        daemon.stop()
+    return {"marker_to_maintenance_ms": summary(marker), "quiet_overshoot_ms": summary(quiet_lat),
+            "quiet_period_s": quiet}
+
+
+# --- 3. the cost of an upload --------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inotify_watches(pid: int) -> int:
+    count = 0
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            count += sum(1 for line in fdinfo.read_text().splitlines() if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return count
+
+
+def upload_cost(source: Path, require_marker: bool) -> dict:
+    app = workdir()
+    app.write_config(quiet_period=2.0)
+    if require_marker:
+        text = app.config.read_text().replace("[upload]\n", "[upload]\nrequire_marker = true\n")
+        app.config.write_text(text)
+    daemon = Daemon(app).ready()
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, inotify_watches(daemon.proc.pid))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample)
+    before_cpu = cpu_seconds(daemon.proc.pid)
+    before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sampler.start()
+    subprocess.run(["rsync", "-a", f"{source}/", f"{app.releases}/big/"], check=True)
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    during_cpu = cpu_seconds(daemon.proc.pid) - before_cpu
+    if require_marker:
+        (app.releases / "big" / ".maintd-ready").touch()
+    daemon.deployed("big", timeout=600)
+    done.set()
+    sampler.join()
+    through_deploy = cpu_seconds(daemon.proc.pid) - before_cpu
+    daemon.stop()
+    rsync_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+    shutil.rmtree(app.base, ignore_errors=True)
+    return {"rsync_cpu_s": round(rsync_cpu, 3), "maintd_cpu_during_rsync_s": round(during_cpu, 3),
+            "maintd_cpu_until_live_s": round(through_deploy, 3),
+            "fraction_during_rsync": round(during_cpu / rsync_cpu, 4),
+            "fraction_until_live": round(through_deploy / rsync_cpu, 4), "peak_inotify_watches": peak}
+
+
+# --- 4. footprint --------------------------------------------------------------------------------------------------
+
+
+def switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def footprint(seconds: float = 20.0) -> dict:
+    app = workdir()
+    app.make_release("r1")
+    daemon = Daemon(app).ready()
+    daemon.deployed("r1")
+    time.sleep(2)  # let start-up settle before measuring idleness
+    before = switches(daemon.proc.pid)
+    time.sleep(seconds)
+    wakeups = (switches(daemon.proc.pid) - before) * 60 / seconds
+    rss = int(next(line for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS")).split()[1]) / 1024
+    threads = len(list(Path(f"/proc/{daemon.proc.pid}/task").iterdir()))
+    daemon.stop()
+    return {"rss_mb": round(rss, 1), "wakeups_per_minute": round(wakeups), "threads": threads}
+
+
+# --- 5. the control socket -----------------------------------------------------------------------------------------
+
+
+def control_socket() -> dict:
+    app = workdir()
+    app.make_release("r1")
+    daemon = Daemon(app).ready()
+    daemon.deployed("r1")
+    per_client, clients = 500, 4
+
+    def ask() -> None:
+        for _ in range(per_client):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(app.socket))
+                sock.sendall(b'{"cmd": "status"}\n')
+                assert b'"ok": true' in sock.makefile("rb").readline()
+
+    threads = [threading.Thread(target=ask) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = per_client * clients / (time.perf_counter() - t0)
+
+    def timed(argv: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        return (time.perf_counter() - t) * 1000
+
+    maintctl = [timed([str(BIN / "maintctl"), "--socket", str(app.socket), "status"]) for _ in range(RUNS)]
+    python = [timed([sys.executable, "-c", "pass"]) for _ in range(RUNS)]
+    daemon.stop()
+    return {"status_requests_per_s": round(rate), "maintctl_status_ms": summary(maintctl),
+            "python_startup_ms": summary(python)}
+
+
+# --- 6. scaling ----------------------------------------------------------------------------------------------------
+
+
+def scaling() -> dict:
+    result = {}
+    for present in (10, 100, 1000):
+        app = workdir()
+        app.write_config(top="keep_releases = 5")
+        for i in range(present):
+            app.make_release(f"old{i:04d}", files=1)
+        for name in ("a", "b"):
+            app.make_release(name)
+        config = load(app.config)
+        ctx = Context.build(config, Store(config.state_dir), default_template())
+        times = []
+        for i in range(max(5, RUNS // 3)):
+            outcome = Deploy(ctx, "ab"[i % 2], "bench").run()
+            times.append(outcome.duration_ms)
+        result[f"deploy_ms_with_{present}_releases"] = summary(times)
+        shutil.rmtree(app.base, ignore_errors=True)
+    app = workdir()
+    app.write_config(top="keep_releases = 5")
+    config = load(app.config)
+    store = Store(config.state_dir)
+    for i in range(105):
+        app.make_release(f"old{i:04d}", files=20)
+        store.record(f"old{i:04d}").went_live = 1_000_000 + i
+    app.make_release("new")
+    ctx = Context.build(config, store, default_template())
+    Tree(app.root).swap("old0104")
+    outcome = Deploy(ctx, "new", "bench").run()
+    [cleanup] = [s for s in outcome.steps if s.step == "cleanup"]
+    result["cleanup_ms_for_100_old_releases"] = cleanup.duration_ms
+    result["cleanup_removed"] = cleanup.message.split(":")[0]
+    shutil.rmtree(app.base, ignore_errors=True)
+    return result
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
+                                               "control_socket", "scaling"))
+    q, m = c["quiet_period_mode"], c["require_marker_mode"]
+    rows = [
+        ("1 maintenance window (maintd)", f"{w['maintd_ms']['median']} ms ({w['maintd_ms']['min']}-{w['maintd_ms']['max']})",
+         "≤ 0.5× script, < 5 ms"),
+        ("1 maintenance window (shell script)", f"{w['script_ms']['median']} ms ({w['script_ms']['min']}-{w['script_ms']['max']})", ""),
+        ("1 ratio maintd / script", f"{w['ratio']}×", "≤ 0.5×"),
+        ("2 marker written → maintenance_on", f"{d['marker_to_maintenance_ms']['median']} ms "
+                                              f"({d['marker_to_maintenance_ms']['min']}-{d['marker_to_maintenance_ms']['max']})", "< 100 ms"),
+        ("2 last write → deploy start, beyond quiet period", f"{d['quiet_overshoot_ms']['median']} ms "
+                                                             f"({d['quiet_overshoot_ms']['min']}-{d['quiet_overshoot_ms']['max']})", "< 200 ms"),
+        (f"3 {UPLOAD_FILES:,}-file rsync: rsync CPU", f"{q['rsync_cpu_s']} s", ""),
+        ("3 maintd CPU during it (quiet-period mode)", f"{q['maintd_cpu_during_rsync_s']} s = {q['fraction_during_rsync']:.1%}", "< 2%"),
+        ("3 maintd CPU until live (quiet-period mode)", f"{q['maintd_cpu_until_live_s']} s = {q['fraction_until_live']:.1%}", ""),
+        ("3 peak inotify watches (quiet-period mode)", str(q["peak_inotify_watches"]), "O(1)"),
+        ("3 maintd CPU during it (require_marker)", f"{m['maintd_cpu_during_rsync_s']} s = {m['fraction_during_rsync']:.1%}", "< 2%"),
+        ("3 peak inotify watches (require_marker)", str(m["peak_inotify_watches"]), "O(1)"),
+        ("4 idle RSS", f"{f['rss_mb']} MB", "< 40 MB"),
+        ("4 idle wake-ups per minute (all threads)", str(f["wakeups_per_minute"]), "no busy polling"),
+        ("5 status requests/s (4 clients)", str(s["status_requests_per_s"]), ""),
+        ("5 maintctl status end to end", f"{s['maintctl_status_ms']['median']} ms", "< 100 ms"),
+        ("5 python -c pass (the floor)", f"{s['python_startup_ms']['median']} ms", ""),
+        *[(f"6 deploy with {n} releases present", f"{sc[f'deploy_ms_with_{n}_releases']['median']} ms", "flat")
+          for n in (10, 100, 1000)],
+        ("6 cleanup of 100 old releases", f"{sc['cleanup_ms_for_100_old_releases']} ms", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
+    lines += [f"| {name.ljust(width)} | {value} | {target} |" for name, value, target in rows]
+    return "\n".join(lines)
+
+
+def path_without(program: str) -> Path:
+    """A directory of links to everything on PATH but `program`."""
+    shadow = Path(tempfile.mkdtemp(prefix="maintd-bench-bin-"))
+    for directory in reversed(os.environ["PATH"].split(":")):
+        if Path(directory).is_dir():
+            for entry in Path(directory).iterdir():
+                if entry.name != program:
+                    (shadow / entry.name).unlink(missing_ok=True)
+                    (shadow / entry.name).symlink_to(entry)
+    return shadow
+
+
+def main() -> None:
+    global MEMCACHED
+    from maintd import log
+
+    log.configure("json", stream=open(os.devnull, "w"))  # in-process deploys log as the daemon does, unread
+    # No passenger-config: the touch alone, like the shell script (asking a Passenger costs ~0.2 s of Ruby).
+    os.environ["PATH"] = str(path_without("passenger-config"))
+    MEMCACHED = Memcached()
+    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                                 "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
+    try:
+        print("1/6 maintenance window", flush=True)
+        results["maintenance_window"] = maintenance_window()
+        print("2/6 detection latency", flush=True)
+        results["detection"] = detection()
+        print(f"3/6 upload cost ({UPLOAD_FILES:,} files)", flush=True)
+        source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
+        make_source(source / "big", UPLOAD_FILES, "big")
+        results["upload_cost"] = {"quiet_period_mode": upload_cost(source / "big", require_marker=False),
+                                  "require_marker_mode": upload_cost(source / "big", require_marker=True)}
+        shutil.rmtree(source, ignore_errors=True)
+        print("4/6 footprint", flush=True)
+        results["footprint"] = footprint()
+        print("5/6 control socket", flush=True)
+        results["control_socket"] = control_socket()
+        print("6/6 scaling", flush=True)
+        results["scaling"] = scaling()
+    finally:
+        MEMCACHED.stop()
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
