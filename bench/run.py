@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -175,10 +174,11 @@ def upload_cost(source: Path, require_marker: bool) -> dict:
 
     sampler = threading.Thread(target=sample)
     before_cpu = cpu_seconds(daemon.proc.pid)
-    before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     sampler.start()
-    subprocess.run(["rsync", "-a", f"{source}/", f"{app.releases}/big/"], check=True)
-    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rsync = subprocess.Popen(["rsync", "-a", f"{source}/", f"{app.releases}/big/"])
+    _, status, usage = os.wait4(rsync.pid, 0)  # rsync's own CPU, with the receiver and generator it reaped
+    rsync.returncode = os.waitstatus_to_exitcode(status)
+    assert rsync.returncode == 0
     during_cpu = cpu_seconds(daemon.proc.pid) - before_cpu
     if require_marker:
         (app.releases / "big" / ".maintd-ready").touch()
@@ -187,7 +187,7 @@ def upload_cost(source: Path, require_marker: bool) -> dict:
     sampler.join()
     through_deploy = cpu_seconds(daemon.proc.pid) - before_cpu
     daemon.stop()
-    rsync_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+    rsync_cpu = usage.ru_utime + usage.ru_stime
     shutil.rmtree(app.base, ignore_errors=True)
     return {"rsync_cpu_s": round(rsync_cpu, 3), "maintd_cpu_during_rsync_s": round(during_cpu, 3),
             "maintd_cpu_until_live_s": round(through_deploy, 3),

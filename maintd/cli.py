@@ -146,7 +146,7 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
                                                     if args.state == "on" else {})}
     elif args.command == "history":
         request["args"] = {"n": args.n}
-    show = _printer(args)
+    show = Printer(args)
     # Commands that wait for a deploy in progress may take as long as its hooks; the others answer at once.
     waits = args.command in ("deploy", "rollback", "restart", "flush") or getattr(args, "state", "") == "off"
     try:
@@ -208,7 +208,7 @@ def call(path: str, request: dict[str, object], on_event: Callable[[dict], None]
     raise Unreachable(f"maintd at {path} closed the connection without an answer")
 
 
-class _printer:
+class Printer:
     """How each command shows its answer: `--json` as JSON, else short aligned lines."""
 
     def __init__(self, args: argparse.Namespace) -> None:

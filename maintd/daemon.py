@@ -12,7 +12,6 @@ import fcntl
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,13 +39,6 @@ class AlreadyRunning(Exception):
     """Another maintd holds this app's lock."""
 
 
-@dataclass
-class Waiting:
-    """A release whose upload is complete, waiting for (or passed over by) an automatic deploy."""
-
-    completed_at: float
-
-
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -57,7 +49,7 @@ class Daemon:
         self.ctx = Context.build(config, self.store, _template(config))
         self.tree: Tree = self.ctx.tree
         self.tracker = UploadTracker(config.upload.quiet_period, config.upload.require_marker)
-        self.complete: dict[str, Waiting] = {}
+        self.complete: dict[str, float] = {}  # uploads complete and not yet deployed -> when they completed
         self.refused: dict[str, str] = {}
         self.sizes: dict[str, int] = {}  # bytes per release, measured once
         self.dormant: set[str] = set()  # unmarked releases found at start: maybe cut off while maintd was down
@@ -333,7 +325,7 @@ class Daemon:
             return
         assert self.watcher
         self.watcher.unwatch(name)
-        self.complete[name] = Waiting(completed_at=time.time())
+        self.complete[name] = time.time()
         self.sizes[name] = probe.size
         self.log.info(f"upload of release {name} is complete ({probe.files} files)", release=name,
                       files=probe.files, size=probe.size)
@@ -513,11 +505,10 @@ class Daemon:
                 uploaded = info.st_mtime
             except OSError:
                 continue
-            waiting = self.complete.get(name)
             rows.append({
                 "name": name, "state": state,
                 "size": self.sizes.get(name),
-                "uploaded_at": waiting.completed_at if waiting else uploaded,
+                "uploaded_at": self.complete.get(name, uploaded),
                 "went_live": record.went_live if record else None,
                 "reason": self.refused.get(name) or (record.bad if record else "")
                 or "; ".join(self.tracker.uploads[name].reasons if name in self.tracker else []),
