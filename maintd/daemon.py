@@ -205,6 +205,9 @@ class Daemon:
         if change.kind == "overflow":
             self.log.warning("file events were lost; rescanning releases/ and treating uploads as cut off")
             self.tracker.doubt(now)
+            for upload in list(self.tracker.uploads):
+                assert self.watcher
+                self.watcher.rewatch(upload)
             self._rescan()
         elif change.kind == "gone":
             self._forget(name)

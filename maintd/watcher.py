@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,20 @@ class ReleaseWatcher:
 
     def start(self) -> None:
         logging.getLogger("watchdog").addHandler(self.spotter)
+        threading.excepthook = self._thread_died
         self.observer.schedule(self.handler, str(self.releases), recursive=False, event_filter=TOP_EVENTS)
         self.observer.start()
+
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """watchdog's emitter threads die without a word when adding a watch fails (a directory renamed away in
+        the middle of a recursive walk): what they would have seen is lost, which is a doubt like an overflow."""
+        threading.__excepthook__(args)
+        self.handler.on_error(args.exc_value if isinstance(args.exc_value, Exception) else RuntimeError(args))
+
+    def rewatch(self, name: str) -> None:
+        """A fresh watch on an upload, after events may have been lost."""
+        self.unwatch(name)
+        self.watch(name)
 
     def stop(self) -> None:
         logging.getLogger("watchdog").removeHandler(self.spotter)

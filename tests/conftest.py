@@ -199,7 +199,8 @@ class Daemon:
                         return event
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self.reader.is_alive()):
-                    tail = "\n".join(json.dumps(e) for e in self.events[-15:])
+                    raw = [e["event"] for e in self.events if e.get("level") == "raw"]  # tracebacks
+                    tail = "\n".join([*raw, *(json.dumps(e) for e in self.events[-15:])])
                     raise AssertionError(f"no event with {fields} within {timeout}s; last events:\n{tail}")
                 self.cond.wait(min(remaining, 0.5))
 
