@@ -186,6 +186,17 @@ class Daemon:
         with self.cond:
             self.cond.notify_all()
 
+    def watches(self, path: Path) -> bool:
+        """Whether the daemon holds an inotify watch on `path` (read from /proc: what the kernel knows)."""
+        inode = f"ino:{os.stat(path).st_ino:x} "
+        for info in Path(f"/proc/{self.proc.pid}/fdinfo").iterdir():
+            try:
+                if inode in info.read_text():
+                    return True
+            except OSError:
+                continue
+        return False
+
     def wait_for(self, timeout: float = 30.0, since: int = 0, **fields: Any) -> Event:
         """The first event (from index `since`) whose fields match; matching values may be callables."""
         def matches(event: Event) -> bool:

@@ -90,11 +90,31 @@ def test_rsync_client_killed_alone_is_never_deployed(app, start_daemon, tmp_path
     daemon = start_daemon()
     rsync_proc = slow_rsync(big_source(tmp_path / "src", "cut"), app.releases / "cut")
     wait_until(lambda: list((app.releases / "cut").rglob(".blob*")), 20, "rsync writing a blob")
+    # A break before maintd's watch reaches the directory being written cannot be seen (inotify has no past).
+    wait_until(lambda: daemon.watches(app.releases / "cut" / "app"), 20, "maintd watching the upload")
     os.kill(rsync_proc.pid, signal.SIGKILL)  # the client alone: its receiver cleans up after it
     rsync_proc.wait()
     daemon.wait_for(release="cut", event=lambda e: "broke off" in e)
     wait_until(lambda: not list((app.releases / "cut").rglob(".blob*")), 10, "the receiver's clean-up")
     assert_never_live(app, daemon, "cut", tmp_path)
+
+
+def test_a_broken_rsync_resumed_to_the_end_goes_live(app, start_daemon, tmp_path):
+    """Written to again deep in the tree (the blobs are in app/), then quiet: the break is over."""
+    app.write_config(quiet_period=SLOW_QUIET)
+    daemon = start_daemon()
+    src = big_source(tmp_path / "src", "resumed")
+    rsync_proc = slow_rsync(src, app.releases / "resumed")
+    wait_until(lambda: list((app.releases / "resumed").rglob(".blob*")), 20, "rsync writing a blob")
+    wait_until(lambda: daemon.watches(app.releases / "resumed" / "app"), 20, "maintd watching the upload")
+    os.kill(rsync_proc.pid, signal.SIGKILL)
+    rsync_proc.wait()
+    broke = daemon.wait_for(release="resumed", event=lambda e: "broke off" in e)
+    rsync(src, app.releases / "resumed")
+    done = daemon.deployed("resumed")
+    assert done["result"] == "ok" and app.live() == "resumed"
+    assert daemon.events.index(broke) < daemon.events.index(done)
+    assert sorted(p.name for p in (app.current / "app").glob("blob*")) == [f"blob{i}.bin" for i in range(6)]
 
 
 def test_whole_rsync_killed_leaves_a_temporary_and_is_never_deployed(app, start_daemon, tmp_path):
