@@ -79,6 +79,7 @@ class Store:
         self.path = directory / "state.json"
         self.history_path = directory / "history.jsonl"
         self.lock = threading.RLock()
+        self._journal_fd: int | None = None  # the journal of the deploy in flight, open from its first record
         directory.mkdir(parents=True, exist_ok=True)
         try:
             self.memory = Memory.from_json(json.loads(self.path.read_text(encoding="utf-8")))
@@ -92,26 +93,26 @@ class Store:
     def journal(self, inflight: InFlight, durable: bool) -> None:
         """Record the step about to run; durable (fsynced) where recovery depends on it surviving a power cut.
 
-        A deploy's first record creates the file durably (temporary file, fsync, rename, fsync the directory).
-        Later ones overwrite it in place with one write of one disk sector, padded: a single write is whole after a
-        kill -9 (the page cache survives) and a sector is whole after a power cut, and it costs microseconds where
-        a rename over the old file costs ext4 a flush (auto_da_alloc) inside the maintenance window.
+        A deploy's first record creates the file durably (temporary file, fsync, rename, fsync the directory) and
+        keeps it open. Later ones overwrite it in place with one write of one disk sector, padded: a single write is
+        whole after a kill -9 (the page cache survives) and a sector is whole after a power cut, and it costs
+        microseconds where a rename over the old file costs ext4 a flush (auto_da_alloc) inside the maintenance
+        window.
         """
         record = json.dumps(asdict(inflight), sort_keys=True).encode()
-        try:
-            in_place = self.journal_path.stat().st_size == JOURNAL_RECORD >= len(record)
-        except FileNotFoundError:
-            in_place = False
-        if not in_place:
+        if self._journal_fd is None or len(record) > JOURNAL_RECORD:
+            self._close_journal()
             write_durably(self.journal_path, record.ljust(JOURNAL_RECORD).decode())
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
             return
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.pwrite(fd, record.ljust(JOURNAL_RECORD), 0)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.pwrite(self._journal_fd, record.ljust(JOURNAL_RECORD), 0)
+        if durable:
+            os.fsync(self._journal_fd)
+
+    def _close_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def in_flight(self) -> InFlight | None:
         try:
@@ -122,6 +123,7 @@ class Store:
             return None
 
     def journal_done(self) -> None:
+        self._close_journal()
         try:
             self.journal_path.unlink()
         except FileNotFoundError:
