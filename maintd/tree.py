@@ -20,7 +20,7 @@ from .config import RELEASE_NAME
 TEMP_LINK_PREFIX = ".current.tmp-"
 # rsync's temporary file: "." + name + "." + six characters of mkstemp. A suffix of six lower-case letters is far
 # more often a real dotfile (".env.sample") than mkstemp's draw, which is all lower-case once in 200.
-_RSYNC_TEMP = re.compile(r"\.(?P<final>.+)\.(?P<suffix>[A-Za-z0-9]{6})")
+_RSYNC_TEMP = re.compile(r"\..+\.[A-Za-z0-9]{6}")
 _DELAY_UPDATES_DIR = ".~tmp~"
 
 
@@ -43,11 +43,13 @@ def name_key(name: str) -> tuple:
 
 
 def is_rsync_temp(name: str) -> bool:
-    """Whether a file name is one rsync writes to before renaming it into place."""
-    if name == _DELAY_UPDATES_DIR:
-        return True
-    match = _RSYNC_TEMP.fullmatch(name)
-    return bool(match) and not match.group("suffix").islower()
+    """Whether a file name is one rsync writes to before renaming it into place (contract §1: `.<name>.<6 chars>`).
+
+    Taken to the letter: a file that only looks like one (`.env.sample`) holds the quiet-period rule, with that reason
+    shown by `maintctl releases`, until the marker comes; the other way round, a real temporary passed over would
+    let a cut upload go live.
+    """
+    return name == _DELAY_UPDATES_DIR or _RSYNC_TEMP.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def test_names_sort_as_people_read_them():
 
 
 @pytest.mark.parametrize("name, temp", [(".foo.rb.Ab12xZ", True), (".x.000001", True), (".~tmp~", True),
-                                        (".env.sample", False), (".gitignore", False), ("foo.rb", False)])
+                                        (".x.abcdef", True), (".env.sample", True), (".gitignore", False),
+                                        (".x.abcde", False), ("foo.rb", False)])
 def test_rsync_temporary_names(name, temp):
     assert is_rsync_temp(name) is temp
 
