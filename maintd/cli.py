@@ -107,6 +107,8 @@ def maintctl_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", help="the app's TOML file (its control.socket is used)")
     where.add_argument("--socket", help="the control socket's path")
+    parser.add_argument("--timeout", type=float, default=ANSWER_TIMEOUT, metavar="SECONDS",
+                        help=f"how long to wait for an answer (default {ANSWER_TIMEOUT:g}; deploys are waited for)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("status", "live release, maintenance, deploy in progress"), ("releases", "every release")):
         sub.add_parser(name, help=text).add_argument("--json", action="store_true")
@@ -150,7 +152,7 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
     # Commands that wait for a deploy in progress may take as long as its hooks; the others answer at once.
     waits = args.command in ("deploy", "rollback", "restart", "flush") or getattr(args, "state", "") == "off"
     try:
-        reply = call(path, request, on_event=show.event, timeout=None if waits else ANSWER_TIMEOUT)
+        reply = call(path, request, on_event=show.event, timeout=None if waits else args.timeout)
     except Unreachable as exc:
         print(f"maintctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

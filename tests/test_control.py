@@ -188,6 +188,16 @@ def test_usage_errors_exit_2_and_a_missing_daemon_exits_3(app, tmp_path):
     assert done.returncode == 3 and "not reachable" in done.stderr
 
 
+def test_a_daemon_that_does_not_answer_exits_3_and_is_fine_once_it_does(app, live):
+    os.kill(live.proc.pid, signal.SIGSTOP)  # the socket accepts (the kernel queues the connection); nobody reads
+    try:
+        done = maintctl(app, "--timeout", "0.5", "status", check_rc=3)
+        assert "did not answer within 0.5s" in done.stderr
+    finally:
+        os.kill(live.proc.pid, signal.SIGCONT)
+    assert ok_json(app, "status")["current"] == "r1"
+
+
 def test_maintctl_imports_none_of_the_daemons_heavy_modules():
     code = ("import sys, maintd.cli; from maintd.cli import maintctl_parser; maintctl_parser();"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'watchdog', 'structlog', 'systemd',"
