@@ -7,7 +7,7 @@ What is watched, and why it stays cheap:
 - only when the quiet-period rule is in force, the whole release being uploaded, for one thing: an rsync temporary
   deleted instead of renamed, deep in the tree. That watch asks the kernel for deletes and finished writes only.
   Not for renames: rsync renames every file into place, and watchdog pairs each rename's two halves by scanning a
-  queue of pending events, which cost more CPU than rsync itself on a 100,000-file upload (measured with py-spy).
+  queue of pending events, which cost nearly as much CPU as rsync itself on a 100,000-file upload (py-spy).
   A finished write (`IN_CLOSE_WRITE`) is what says a broken upload is being written again. It has an observer
   (so an inotify descriptor) of its own: watchdog shares one kernel watch per directory and descriptor, and the
   mask of the last watch added replaces the other's, which would blind the top watch to the marker's rename.
