@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     from .config import Config
@@ -179,7 +179,8 @@ def socket_path(args: argparse.Namespace) -> str:
         data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{config}: {exc}") from None
-    control = data.get("control") if isinstance(data.get("control"), dict) else {}
+    control = data.get("control")
+    control = control if isinstance(control, dict) else {}
     return str(control.get("socket") or f"/run/maintd/{data.get('app', '')}.sock")
 
 
@@ -221,31 +222,30 @@ class Printer:
             print(f"  {event['step']:<16} {event['result']:<12} {_duration(event['duration_ms']):>9}  "
                   f"{event['message']}", flush=True)
 
-    def result(self, result: object) -> None:
+    def result(self, result: Any) -> None:
+        """`result` is the daemon's JSON answer, its shape set by the command."""
         import json
 
         command = self.args.command
         if getattr(self.args, "json", False):
             print(json.dumps(result, indent=2, default=str))
         elif command == "status":
-            print(_status_text(result))  # type: ignore[arg-type]
+            print(_status_text(result))
         elif command == "releases":
             print(_table(["NAME", "STATE", "SIZE", "UPLOADED", "NOTE"],
                          [[r["name"], r["state"], _size(r["size"]), _when(r["uploaded_at"]), r["reason"] or ""]
-                          for r in result]))  # type: ignore[union-attr]
+                          for r in result]))
         elif command == "history":
             print(_table(["STARTED", "KIND", "RELEASE", "RESULT", "DURATION", "ACTOR", "ERROR"],
                          [[h["started"], h["kind"], h["release"], h["result"], _duration(h["duration_ms"]),
-                           h["actor"], h.get("error", "")] for h in result]))  # type: ignore[union-attr]
+                           h["actor"], h.get("error", "")] for h in result]))
         elif command in ("deploy", "rollback"):
-            r = result  # type: ignore[assignment]
-            print(f"release {r['release']} is live ({r['kind']} {r['deploy_id']}, "  # type: ignore[index]
-                  f"{_duration(r['duration_ms'])})")  # type: ignore[index]
+            print(f"release {result['release']} is live ({result['kind']} {result['deploy_id']}, "
+                  f"{_duration(result['duration_ms'])})")
         elif command == "maintenance":
-            r = result  # type: ignore[assignment]
-            print("maintenance on: " + r["reason"] if r["on"] else "maintenance off")  # type: ignore[index]
+            print("maintenance on: " + result["reason"] if result["on"] else "maintenance off")
         elif command in ("restart", "flush"):
-            print(f"{command}: {result['message']} (release {result['release']})")  # type: ignore[index]
+            print(f"{command}: {result['message']} (release {result['release']})")
         else:
             print("automatic deploys paused" if command == "pause" else "automatic deploys resumed")
 
@@ -286,13 +286,13 @@ def _duration(ms: float) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
-def _size(size: int | None) -> str:
+def _size(size: float | None) -> str:
     if size is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024  # type: ignore[assignment]
+        size /= 1024
     return "-"
 
 

@@ -96,18 +96,6 @@ class Config:
     source: Path | None = None
 
     @property
-    def releases_dir(self) -> Path:
-        return self.root / "releases"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current"
-
-    @property
-    def shared_dir(self) -> Path:
-        return self.root / "shared"
-
-    @property
     def state_dir(self) -> Path:
         return Path(self.state.dir)
 

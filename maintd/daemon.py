@@ -20,14 +20,13 @@ from .config import Config, ConfigError
 from .config import load as load_config
 from .maintenance import Notice, default_template
 from .notify import Notifier, watchdog_interval
-from .pipeline import Context, Deploy, Outcome, StepRecord, now_iso
+from .pipeline import Context, Deploy, OnStep, Outcome, StepRecord, now_iso
 from .recovery import recover
 from .state import Memory, OperatorMaintenance, Store
 from .tree import ReleaseError, Tree, name_key, name_problem
 from .upload import UploadTracker, Verdict
 from .watcher import Change, ReleaseWatcher
 
-OnStep = Callable[[StepRecord], None]
 RESCAN_INTERVAL = 60.0  # seconds; a safety net under inotify, which can overflow
 
 
@@ -44,7 +43,7 @@ class Daemon:
         self.config = config
         self.log = log.get(app=config.app)
         self.notifier = Notifier()
-        self.lock_file = acquire_lock(config.state_dir)
+        self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
         self.store = Store(config.state_dir)
         self.ctx = Context.build(config, self.store, _template(config))
         self.tree: Tree = self.ctx.tree
@@ -408,6 +407,7 @@ class Daemon:
         for record in self.steps_done:
             on_step(record)
         self.followers.add(on_step)
+        assert self.outcome
         try:
             return await asyncio.shield(self.outcome)
         finally:

@@ -15,7 +15,6 @@ from typing import Any, TextIO
 
 import structlog
 
-FORMATS = ("journal", "json", "console")
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 _NOT_FIELD = re.compile(r"[^A-Z0-9_]")
 # Keys structlog adds that journald carries in its own fields.

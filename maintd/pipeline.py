@@ -89,7 +89,7 @@ def new_deploy_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
 
 
-OnStep = Callable[[StepRecord], None]
+OnStep = Callable[[StepRecord], object]  # what it returns is ignored
 
 
 class Deploy:
@@ -351,7 +351,7 @@ class Deploy:
         memory = self.ctx.store.memory
         been_live = sorted((record.went_live, name) for name, record in memory.releases.items()
                            if record.went_live is not None)
-        keep = {name for _, name in been_live[-self.cfg.keep_releases:]}
+        keep: set[str | None] = {name for _, name in been_live[-self.cfg.keep_releases:]}
         keep |= {self.ctx.tree.live(), memory.previous, self.previous}
         return [name for _, name in been_live
                 if name not in keep and os.path.isdir(self.ctx.tree.releases / name)]

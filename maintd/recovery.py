@@ -98,9 +98,9 @@ def _lower_flags(ctx: Context, inflight: InFlight, notes: list[str]) -> None:
     """Flags this deploy raised come down; an operator's maintenance stays, on whatever release is live now."""
     operator = ctx.store.memory.maintenance
     live = ctx.tree.live()
-    for name in {inflight.release, inflight.previous} - {None}:
+    for name in {n for n in (inflight.release, inflight.previous) if n}:
         try:
-            path = ctx.tree.release_dir(name)  # type: ignore[arg-type]
+            path = ctx.tree.release_dir(name)
         except ReleaseError:
             continue
         if operator and name == live:
