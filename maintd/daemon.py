@@ -386,6 +386,9 @@ class Daemon:
             self.outcome = loop.create_future()
             try:
                 outcome = await asyncio.to_thread(deploy.run)
+            except Exception as exc:
+                self.outcome.set_exception(exc)  # followers get the error, not a wait without end
+                raise
             finally:
                 self.current_deploy = None
                 self._announce()

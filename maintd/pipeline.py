@@ -141,8 +141,7 @@ class Deploy:
         result = "ok" if not error else ("rolled_back" if self.swapped else "failed")
         outcome = Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, started,
                           _ms(t0), error, records)
-        self._remember(outcome)
-        self.ctx.store.journal_done()
+        record_outcome(self.ctx, outcome.as_json(), self._revision_line(outcome), self.log)
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else result}"
         (self.log.info if outcome.went_live else self.log.error)(
             summary + (f": {error}" if error else ""), result=result, duration_ms=outcome.duration_ms)
@@ -308,15 +307,6 @@ class Deploy:
         self.on_step(record)
         return record
 
-    def _remember(self, outcome: Outcome) -> None:
-        last = {"release": self.release, "result": outcome.result, "duration_ms": outcome.duration_ms,
-                "deploy_id": self.id, "kind": self.kind, "error": outcome.error, "finished": now_iso()}
-        went_on = outcome.went_live and self.previous != self.release
-        problems = [self.ctx.store.finish(last, outcome.as_json(), self.previous if went_on else None),
-                    self.ctx.tree.append_revision(self._revision_line(outcome))]
-        for problem in filter(None, problems):
-            self.log.error(problem)
-
     def _revision_line(self, outcome: Outcome) -> str:
         when = now_iso()
         if outcome.went_live and self.kind == "rollback":
@@ -377,6 +367,17 @@ def flush_cache(ctx: Context, logger: Any) -> str:
                        server=outcome.server)
     what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
     return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
+
+
+def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: Any) -> None:
+    """A finished deploy, rollback or recovery (`entry`, its history line) into state, history and revisions.log,
+    and its journal closed. What cannot be written is logged: the site is consistent by now, so the deploy stands."""
+    last = {key: entry[key] for key in ("release", "result", "duration_ms", "deploy_id", "kind", "error")}
+    went_on = entry["result"] == "ok" and entry["previous"] != entry["release"]
+    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["previous"] if went_on else None),
+                ctx.tree.append_revision(revision), ctx.store.journal_done()]
+    for problem in filter(None, problems):
+        logger.error(problem)
 
 
 def _crash() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import log
 from .maintenance import Notice
-from .pipeline import Context, Skipped, flush_cache, now_iso, restart_app
+from .pipeline import Context, Skipped, flush_cache, now_iso, record_outcome, restart_app
 from .restart import RestartError, wait_healthy
 from .state import InFlight
 from .tree import ReleaseError
@@ -47,7 +47,6 @@ def recover(ctx: Context) -> dict[str, Any] | None:
     _remember(ctx, inflight, result, duration, message, logger)
     (logger.warning if forward else logger.error)(f"recovery: {message}", step="recovery", result=result,
                                                   duration_ms=duration, interrupted_step=inflight.step)
-    ctx.store.journal_done()
     return {"release": inflight.release, "result": result, "message": message}
 
 
@@ -117,15 +116,8 @@ def _remember(ctx: Context, inflight: InFlight, result: str, duration: float, me
     if result == "ok":
         record = ctx.store.record(inflight.release)
         record.went_live = record.went_live or time.time()
-    last = {"release": inflight.release, "result": result, "duration_ms": duration, "deploy_id": inflight.deploy_id,
-            "kind": "recovery", "error": message, "finished": now_iso()}
     entry = {"deploy_id": inflight.deploy_id, "kind": "recovery", "release": inflight.release,
              "previous": inflight.previous, "actor": inflight.actor, "result": result, "started": inflight.started,
              "duration_ms": duration, "error": message, "interrupted_step": inflight.step,
              "steps": [{"step": "recovery", "result": result, "duration_ms": duration, "message": message}]}
-    went_on = result == "ok" and inflight.previous != inflight.release
-    problems = [ctx.store.finish(last, entry, inflight.previous if went_on else None),
-                ctx.tree.append_revision(f"Recovery of release {inflight.release} after a crash: {result} "
-                                         f"at {now_iso()}")]
-    for problem in filter(None, problems):
-        logger.error(problem)
+    record_outcome(ctx, entry, f"Recovery of release {inflight.release} after a crash: {result} at {now_iso()}", logger)

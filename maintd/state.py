@@ -80,6 +80,7 @@ class Store:
         self.history_path = directory / "history.jsonl"
         self.lock = threading.RLock()
         self._journal_fd: int | None = None  # the journal of the deploy in flight, open from its first record
+        self._journal_size = JOURNAL_RECORD  # bytes every record of that journal is padded to
         directory.mkdir(parents=True, exist_ok=True)
         try:
             self.memory = Memory.from_json(json.loads(self.path.read_text(encoding="utf-8")))
@@ -100,12 +101,15 @@ class Store:
         window.
         """
         record = json.dumps(asdict(inflight), sort_keys=True).encode()
-        if self._journal_fd is None or len(record) > JOURNAL_RECORD:
+        if self._journal_fd is None or len(record) > self._journal_size:
+            # First record, or one too long to overwrite the file whole (long names): a fresh file, padded so
+            # that every later, shorter record covers all of it.
             self._close_journal()
-            write_durably(self.journal_path, record.ljust(JOURNAL_RECORD).decode())
+            self._journal_size = max(JOURNAL_RECORD, len(record))
+            write_durably(self.journal_path, record.ljust(self._journal_size).decode())
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
             return
-        os.pwrite(self._journal_fd, record.ljust(JOURNAL_RECORD), 0)
+        os.pwrite(self._journal_fd, record.ljust(self._journal_size), 0)
         if durable:
             os.fsync(self._journal_fd)
 
@@ -122,12 +126,15 @@ class Store:
         except (json.JSONDecodeError, TypeError):  # a torn journal: no deploy can be known to be in flight
             return None
 
-    def journal_done(self) -> None:
+    def journal_done(self) -> str | None:
+        """The deploy is over; returns why the journal could not be removed (the deploy itself stands, and
+        recovery at the next start finds the release live and finishes forward)."""
         self._close_journal()
         try:
-            self.journal_path.unlink()
-        except FileNotFoundError:
-            pass
+            self.journal_path.unlink(missing_ok=True)
+        except OSError as exc:
+            return f"could not remove the deploy journal {self.journal_path}: {exc.strerror}"
+        return None
 
     def record(self, name: str) -> ReleaseRecord:
         with self.lock:

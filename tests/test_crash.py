@@ -2,6 +2,7 @@
 commands, a frozen memcached, a release deleted under the deploy, a write the kernel refuses. After each, the site
 is consistent: `current` points at a complete release and no maintenance flag maintd raised is left up."""
 
+import dataclasses
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from conftest import App, BIN
 from maintd.config import load
 from maintd.maintenance import default_template
 from maintd.pipeline import Context, Deploy
-from maintd.state import Store
+from maintd.state import InFlight, Store
 
 STEPS = list(Deploy.STEPS)
 
@@ -225,6 +226,35 @@ def test_permission_denied_aborts_cleanly(app):
         subprocess.run(["chattr", "-i", str(path)], check=True)
     assert outcome.result == "failed" and "Operation not permitted" in outcome.error
     assert_consistent(app, "r1")
+
+
+def test_a_state_directory_made_immutable_after_the_swap_leaves_the_deploy_standing(app, tmp_path):
+    """After the swap only bookkeeping is left: the release stays live, and what could not be written is logged."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is refused on this file system: no real EPERM for root")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    try:
+        outcome, events, _ = run_deploy(app, "r2", f'[hooks]\nafter_swap = [["chattr", "+i", "{app.state}"]]\n')
+    finally:
+        subprocess.run(["chattr", "-i", str(app.state)], check=True)
+    assert outcome.result == "ok" and app.live() == "r2"
+    errors = [e["event"] for e in events if e["log_level"] == "error"]
+    assert any("could not record the outcome" in e for e in errors), errors
+    assert any("could not remove the deploy journal" in e for e in errors), errors
+
+
+def test_a_journal_record_longer_than_a_sector_is_read_back_whole(tmp_path):
+    store = Store(tmp_path)
+    long = InFlight("id", "deploy", "r" * 128, "p" * 128, "a" * 200, "2026-11-23T00:00:00+00:00", "validate")
+    store.journal(long, durable=False)
+    short = dataclasses.replace(long, actor="ops", step="swap")
+    store.journal(short, durable=False)
+    assert store.in_flight() == short
 
 
 def test_dangling_current_is_reported_and_deploy_name_repairs_it(app, start_daemon):
