@@ -16,7 +16,7 @@ import pwd
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from . import log
 from .daemon import Daemon, Refused
@@ -69,7 +69,7 @@ class Peer:
             return False
 
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Emit = Callable[[dict[str, Any]], None]  # writes one line to the peer now; flow control waits for the answer
 
 
 class ControlServer:
@@ -107,8 +107,12 @@ class ControlServer:
             writer.close()
             return
 
+        def emit(message: dict[str, Any]) -> None:
+            if not writer.is_closing():  # a peer that left is simply not written to
+                writer.write(json.dumps(message, default=str).encode() + b"\n")
+
         async def send(message: dict[str, Any]) -> None:
-            writer.write(json.dumps(message, default=str).encode() + b"\n")
+            emit(message)
             await writer.drain()
 
         try:
@@ -123,13 +127,13 @@ class ControlServer:
                     break
                 if not line:
                     break
-                await send(await self._answer(line, peer, send))
+                await send(await self._answer(line, peer, emit))
         except (ConnectionError, OSError):
             pass  # the peer went away; whatever it asked for carries on
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes, peer: Peer, send: Send) -> dict[str, Any]:
+    async def _answer(self, line: bytes, peer: Peer, emit: Emit) -> dict[str, Any]:
         try:
             cmd, args = parse(line)
             if cmd not in READ_ONLY and not peer.may_change(self.config.control.group):
@@ -138,7 +142,7 @@ class ControlServer:
             handler = getattr(self, f"cmd_{cmd}", None)
             if handler is None:
                 raise BadRequest(f"unknown command {cmd!r}")
-            return {"ok": True, "result": await handler(args, peer, send)}
+            return {"ok": True, "result": await handler(args, peer, emit)}
         except (BadRequest, Refused, ReleaseError, RestartError) as exc:
             return {"ok": False, "error": str(exc)}
         except OSError as exc:
@@ -149,30 +153,30 @@ class ControlServer:
 
     # --- commands -------------------------------------------------------------------------------------------------
 
-    async def cmd_status(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_status(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         return self.daemon.status()
 
-    async def cmd_releases(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_releases(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         await self.daemon.measure()
         return self.daemon.release_rows()
 
-    async def cmd_history(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_history(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         limit = _int(args, "n", 20)
         entries = list(self.daemon.store.history())
         return entries[-limit:] if limit > 0 else []
 
-    async def cmd_deploy(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_deploy(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         running = self.daemon.current_deploy
         name = _str(args, "release")
         if args.get("follow") and running and name in ("", running.release):
-            return await self._follow(send)  # watch the deploy in progress, an upload's as much as anyone's
-        return await self._deploy(name or self._newest_complete(), "deploy", args, peer, send)
+            return await self._follow(emit)  # watch the deploy in progress, an upload's as much as anyone's
+        return await self._deploy(name or self._newest_complete(), "deploy", args, peer, emit)
 
-    async def cmd_rollback(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_rollback(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         name = _str(args, "release") or self.daemon.rollback_target()
-        return await self._deploy(name, "rollback", args, peer, send)
+        return await self._deploy(name, "rollback", args, peer, emit)
 
-    async def cmd_maintenance(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_maintenance(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         state = _str(args, "state")
         if state == "on":
             operator = self.daemon.maintenance_on(_str(args, "reason"), _str(args, "until"), peer.name)
@@ -183,23 +187,23 @@ class ControlServer:
             return {"on": False}
         raise BadRequest('maintenance needs args.state "on" or "off"')
 
-    async def cmd_restart(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_restart(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         return await self._on_live("restart", lambda live: restart_app(self.daemon.ctx, live), peer)
 
-    async def cmd_flush(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_flush(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         return await self._on_live("flush", lambda live: flush_cache(self.daemon.ctx, self.log), peer)
 
-    async def cmd_pause(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_pause(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         self.daemon.set_paused(True, peer.name)
         return {"paused": True}
 
-    async def cmd_resume(self, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def cmd_resume(self, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         self.daemon.set_paused(False, peer.name)
         return {"paused": False}
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    async def _deploy(self, name: str, kind: str, args: dict[str, Any], peer: Peer, send: Send) -> Any:
+    async def _deploy(self, name: str, kind: str, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
         rows = {row["name"]: row for row in self.daemon.release_rows()}
         row = rows.get(name)
         if row is None:
@@ -209,15 +213,14 @@ class ControlServer:
             raise Refused(f"release {name} is {row['state']}" + (f": {row['reason']}" if row["reason"] else ""))
         if kind == "rollback" and row["state"] == "incomplete":
             raise Refused(f"release {name} is incomplete (found unmarked at start-up)")
-        on_step = _streamer(send) if args.get("follow") else None
-        outcome = await self.daemon.deploy(name, peer.name, kind, wait=bool(args.get("wait")), on_step=on_step)
-        return await _reply(outcome)
+        on_step = _streamer(emit) if args.get("follow") else None
+        return _reply(await self.daemon.deploy(name, peer.name, kind, wait=bool(args.get("wait")), on_step=on_step))
 
-    async def _follow(self, send: Send) -> Any:
-        outcome = await self.daemon.follow(_streamer(send))
+    async def _follow(self, emit: Emit) -> Any:
+        outcome = await self.daemon.follow(_streamer(emit))
         if outcome is None:
             raise Refused("no deploy is running")
-        return await _reply(outcome)
+        return _reply(outcome)
 
     async def _on_live(self, what: str, action: Callable[[str], str], peer: Peer) -> Any:
         live = self.daemon.tree.live()
@@ -238,30 +241,21 @@ class ControlServer:
         return max(complete, key=name_key)
 
 
-def _streamer(send: Send) -> Callable[[StepRecord], None]:
-    """A follower that sends each step as an event line; a peer that left is simply not written to."""
-    loop = asyncio.get_running_loop()
+def _streamer(emit: Emit) -> Callable[[StepRecord], None]:
+    """A follower that writes each step as an event line, in order, before the final answer can be."""
 
     def on_step(record: StepRecord) -> None:
-        loop.create_task(_quietly(send({"event": {"step": record.step, "result": record.result,
-                                                  "duration_ms": record.duration_ms, "message": record.message}})))
+        emit({"event": {"step": record.step, "result": record.result, "duration_ms": record.duration_ms,
+                        "message": record.message}})
 
     return on_step
 
 
-async def _reply(outcome: Outcome) -> Any:
+def _reply(outcome: Outcome) -> Any:
     """A deploy's outcome as the final answer: ok only if the release went live."""
-    await asyncio.sleep(0)  # let the last step's event line go out before the reply
     if not outcome.went_live:
         raise Refused(f"{outcome.kind} of release {outcome.release} {outcome.result}: {outcome.error}")
     return outcome.as_json()
-
-
-async def _quietly(coro: Awaitable[None]) -> None:
-    try:
-        await coro
-    except (ConnectionError, OSError):
-        pass
 
 
 def parse(line: bytes) -> tuple[str, dict[str, Any]]:
