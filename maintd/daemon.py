@@ -116,7 +116,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config.source or "")
-            fixed = [key for key in ("app", "root", "state", "control") if getattr(new, key) != getattr(self.config, key)]
+            fixed = [key for key in ("app", "root", "state", "control")
+                     if getattr(new, key) != getattr(self.config, key)]
             if fixed:
                 raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
             ctx = Context.build(new, self.store, _template(new))

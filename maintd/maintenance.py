@@ -8,10 +8,11 @@ are written under a temporary name and renamed, so the web server never reads ha
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from .tree import write_atomically
 
 PAGE_NAME = "maintenance.html"
 
@@ -57,8 +58,8 @@ class Flags:
         """Write the page first, then the flag, so the flag never points the web server at a missing page."""
         flag, page = self.paths(release)
         flag.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(page, render(self.template, notice))
-        _write_atomically(flag, notice.body())
+        write_atomically(page, render(self.template, notice), durable=False)
+        write_atomically(flag, notice.body(), durable=False)
 
     def lower_in(self, release: Path) -> None:
         """Remove the flag first: from that instant the site is back, and the page may follow."""
@@ -70,13 +71,3 @@ class Flags:
 
     def is_up(self, release: Path) -> bool:
         return self.paths(release)[0].exists()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
-        raise

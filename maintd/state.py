@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .tree import fsync_dir
+from .tree import write_atomically
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Store:
             # that every later, shorter record covers all of it.
             self._close_journal()
             self._journal_size = max(JOURNAL_RECORD, len(record))
-            write_durably(self.journal_path, record.ljust(self._journal_size).decode())
+            write_atomically(self.journal_path, record.ljust(self._journal_size).decode(), durable=True)
             self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CLOEXEC)
             return
         os.pwrite(self._journal_fd, record.ljust(self._journal_size), 0)
@@ -142,7 +142,7 @@ class Store:
 
     def save(self) -> None:
         with self.lock:
-            write_durably(self.path, json.dumps(asdict(self.memory), indent=1, sort_keys=True))
+            write_atomically(self.path, json.dumps(asdict(self.memory), indent=1, sort_keys=True), durable=True)
 
     def finish(self, last_deploy: dict[str, Any], entry: dict[str, Any], previous: str | None) -> str | None:
         """Record a finished deploy (state, then history); returns why it could not be, e.g. a full disk.
@@ -177,17 +177,3 @@ class Store:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-
-
-def write_durably(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -268,6 +268,24 @@ def _files_under(root: Path) -> list[str]:
     return found
 
 
+def write_atomically(path: Path, text: str, durable: bool) -> None:
+    """Replace `path` whole (temporary file, rename), so a reader or a crash sees the old text or the new, and a full
+    disk leaves no half-written temporary behind; `durable` adds the fsyncs that make it survive a power cut."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
