@@ -218,10 +218,9 @@ class Daemon:
             return  # a finished upload, or the live tree changing under the app: not our business
         elif change.kind == "temp_deleted":
             self._resume(name)
-            if not self.tracker.uploads.get(name) or not self.tracker.uploads[name].broken:
+            if self.tracker.broke_off(name, now):
                 self.log.warning(f"upload into release {name} broke off (an rsync temporary file was deleted); "
                                  "waiting for it to resume or for its marker", release=name)
-            self.tracker.broke_off(name, now)
         else:
             self._resume(name)
             (self.tracker.marker_seen if change.kind == "marker" else self.tracker.activity)(name, now)

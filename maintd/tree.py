@@ -18,8 +18,7 @@ from pathlib import Path
 from .config import RELEASE_NAME
 
 TEMP_LINK_PREFIX = ".current.tmp-"
-# rsync's temporary file: "." + name + "." + six characters of mkstemp. A suffix of six lower-case letters is far
-# more often a real dotfile (".env.sample") than mkstemp's draw, which is all lower-case once in 200.
+# rsync's temporary file: "." + name + "." + six characters of mkstemp (see is_rsync_temp).
 _RSYNC_TEMP = re.compile(r"\..+\.[A-Za-z0-9]{6}")
 _DELAY_UPDATES_DIR = ".~tmp~"
 

@@ -55,12 +55,16 @@ class UploadTracker:
         upload.broken = False
         upload.due = None if self.require_marker else now + self.quiet_period
 
-    def broke_off(self, name: str, now: float) -> None:
-        """An rsync temporary file was deleted, not renamed: the sender died and the rest never came."""
+    def broke_off(self, name: str, now: float) -> bool:
+        """An rsync temporary file was deleted, not renamed: the sender died and the rest never came.
+
+        True when this is news (the upload was not already known to be broken), so the break is logged once."""
+        news = name not in self.uploads or not self.uploads[name].broken
         self.activity(name, now)
         upload = self.uploads[name]
         upload.broken = True
         upload.due = None
+        return news
 
     def doubt(self, now: float) -> None:
         """Events were lost (inotify overflow): a break may have gone unseen, so every upload waits for more."""

@@ -38,7 +38,8 @@ def test_rsync_temporary_left_blocks_completion():
 def test_broken_upload_waits_until_written_again():
     tracker = UploadTracker(Q, require_marker=False)
     tracker.activity("r1", now=0.0)
-    tracker.broke_off("r1", now=1.0)
+    assert tracker.broke_off("r1", now=1.0) is True  # news, logged once
+    assert tracker.broke_off("r1", now=1.1) is False  # the next temporary of the same break
     assert tracker.next_due() is None
     assert tracker.judge("r1", probe(1.0), False, now=100.0) is Verdict.WAIT
     tracker.activity("r1", now=200.0)  # the upload resumed
