@@ -9,7 +9,9 @@ import random
 import signal
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from structlog.testing import capture_logs
@@ -214,27 +216,31 @@ def test_release_deleted_while_being_validated(app):
             assert_consistent(app, "r1")
 
 
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """`chattr +i` for the duration: the one way to a real EPERM for root. Skips where the file system refuses it."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is refused on this file system: no real EPERM for root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def test_permission_denied_aborts_cleanly(app):
     app.make_release("r1")
     assert run_deploy(app, "r1")[0].result == "ok"
     path = app.make_release("r2")
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is refused on this file system: no real EPERM for root")
-    try:
+    with immutable(path):
         outcome, _, _ = run_deploy(app, "r2")
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
     assert outcome.result == "failed" and "Operation not permitted" in outcome.error
     assert_consistent(app, "r1")
 
 
 def test_a_state_directory_made_immutable_after_the_swap_leaves_the_deploy_standing(app, tmp_path):
     """After the swap only bookkeeping is left: the release stays live, and what could not be written is logged."""
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is refused on this file system: no real EPERM for root")
-    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    with immutable(tmp_path):  # only to know the file system takes it; the hook below sets it for real
+        pass
     app.make_release("r1")
     assert run_deploy(app, "r1")[0].result == "ok"
     app.make_release("r2")
