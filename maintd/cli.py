@@ -289,11 +289,11 @@ def _duration(ms: float) -> str:
 def _size(size: float | None) -> str:
     if size is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return "-"
+    units = ("B", "KiB", "MiB", "GiB")
+    step = 0
+    while size >= 1024 and step < len(units) - 1:
+        size, step = size / 1024, step + 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _when(epoch: float | None) -> str:

@@ -205,8 +205,8 @@ class Daemon:
         if change.kind == "overflow":
             self.log.warning("file events were lost; rescanning releases/ and treating uploads as cut off")
             self.tracker.doubt(now)
+            assert self.watcher
             for upload in list(self.tracker.uploads):
-                assert self.watcher
                 self.watcher.rewatch(upload)
             self._rescan()
         elif change.kind == "gone":
