@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from conftest import App, Daemon, Memcached, make_source  # noqa: E402
 from maintd.config import load  # noqa: E402
-from maintd.maintenance import default_template  # noqa: E402
-from maintd.pipeline import Context, Deploy  # noqa: E402
+from maintd.context import Context  # noqa: E402
+from maintd.pipeline import Deploy  # noqa: E402
 from maintd.state import Store  # noqa: E402
 from maintd.tree import Tree  # noqa: E402
 
@@ -71,7 +71,7 @@ def maintenance_window() -> dict:
         app.make_release(name)
         (app.releases / name / "tmp").mkdir(exist_ok=True)
     config = load(app.config)
-    ctx = Context.build(config, Store(config.state_dir), default_template())
+    ctx = Context.build(config, Store(config.state_dir))
     marks: dict[str, float] = {}
     raise_in, lower_in = ctx.flags.raise_in, ctx.flags.lower_in
 
@@ -274,7 +274,7 @@ def scaling() -> dict:
         for name in ("a", "b"):
             app.make_release(name)
         config = load(app.config)
-        ctx = Context.build(config, Store(config.state_dir), default_template())
+        ctx = Context.build(config, Store(config.state_dir))
         times = []
         for i in range(max(5, RUNS // 3)):
             outcome = Deploy(ctx, "ab"[i % 2], "bench").run()
@@ -289,7 +289,7 @@ def scaling() -> dict:
         app.make_release(f"old{i:04d}", files=20)
         store.record(f"old{i:04d}").went_live = 1_000_000 + i
     app.make_release("new")
-    ctx = Context.build(config, store, default_template())
+    ctx = Context.build(config, store)
     Tree(app.root).swap("old0104")
     outcome = Deploy(ctx, "new", "bench").run()
     [cleanup] = [s for s in outcome.steps if s.step == "cleanup"]

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .commands import COMMANDS, show_json, step_line
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -49,12 +51,8 @@ def check(config: Config) -> int:
     tree = Tree(config.root)
     if not config.root.is_dir():
         problems.append(f"root {config.root} is not a directory")
-    elif tree.current.exists() and not tree.current.is_symlink():
-        problems.append(f"{tree.current} is a real directory or file; it must be a symlink into releases/")
-    elif tree.current.is_symlink() and not tree.live():
-        warnings.append(f"{tree.current} does not point at a release; `maintctl deploy NAME` repairs it")
-    elif tree.live() and not (tree.releases / (tree.live() or "")).is_dir():
-        warnings.append(f"{tree.current} points at a missing release; `maintctl deploy NAME` repairs it")
+    elif found := tree.current_problem():
+        (problems if found[1] else warnings).append(found[0])
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
     for line in warnings:
@@ -103,6 +101,7 @@ class Unreachable(Exception):
 
 
 def maintctl_parser() -> argparse.ArgumentParser:
+    """The command line, built from the table of commands."""
     parser = argparse.ArgumentParser(prog="maintctl", description="Talk to a running maintd.")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", help="the app's TOML file (its control.socket is used)")
@@ -110,26 +109,21 @@ def maintctl_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=ANSWER_TIMEOUT, metavar="SECONDS",
                         help=f"how long to wait for an answer (default {ANSWER_TIMEOUT:g}; deploys are waited for)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (("status", "live release, maintenance, deploy in progress"), ("releases", "every release")):
-        sub.add_parser(name, help=text).add_argument("--json", action="store_true")
-    for name, text in (("deploy", "deploy NAME (default: newest complete)"),
-                       ("rollback", "back to NAME (default: the previous release)")):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("release", nargs="?", metavar="NAME")
-        command.add_argument("--follow", action="store_true", help="print each step as it happens")
-        command.add_argument("--wait", action="store_true", help="wait for a running deploy instead of refusing")
-    maintenance = sub.add_parser("maintenance", help="operator maintenance on or off")
-    switch = maintenance.add_subparsers(dest="state", required=True, metavar="on|off")
-    on = switch.add_parser("on")
-    on.add_argument("--reason", default="")
-    on.add_argument("--until", default="", metavar="TIME")
-    switch.add_parser("off")
-    for name, text in (("restart", "restart the app on the live release"), ("flush", "flush memcached"),
-                       ("pause", "stop automatic deploys of uploads"), ("resume", "restart automatic deploys")):
-        sub.add_parser(name, help=text)
-    history = sub.add_parser("history", help="past deploys and rollbacks")
-    history.add_argument("-n", type=int, default=20, metavar="N")
-    history.add_argument("--json", action="store_true")
+    for command in COMMANDS.values():
+        parsers = {"": sub.add_parser(command.name, help=command.help)}
+        for arg in command.args:
+            if arg.choices:  # a sub-command: `maintenance on`, `maintenance off`
+                choice = parsers[""].add_subparsers(dest=arg.name, required=True, metavar="|".join(arg.choices))
+                parsers.update({name: choice.add_parser(name) for name in arg.choices})
+            elif arg.positional:
+                parsers[arg.of].add_argument(arg.name, nargs="?", default=arg.default, metavar=arg.name.upper(),
+                                             help=arg.help)
+            elif arg.type is bool:
+                parsers[arg.of].add_argument(f"--{arg.name}", action="store_true", help=arg.help)
+            else:
+                flags = [arg.short] if arg.short else [f"--{arg.name}"]
+                parsers[arg.of].add_argument(*flags, dest=arg.name, type=arg.type, default=arg.default,
+                                             metavar=arg.name.upper(), help=arg.help)
     return parser
 
 
@@ -140,26 +134,24 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"maintctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    request: dict[str, object] = {"cmd": args.command, "args": {}}
-    if args.command in ("deploy", "rollback"):
-        request["args"] = {"release": args.release, "follow": args.follow, "wait": args.wait}
-    elif args.command == "maintenance":
-        request["args"] = {"state": args.state, **({"reason": args.reason, "until": args.until}
-                                                    if args.state == "on" else {})}
-    elif args.command == "history":
-        request["args"] = {"n": args.n}
-    show = Printer(args)
-    # Commands that wait for a deploy in progress may take as long as its hooks; the others answer at once.
-    waits = args.command in ("deploy", "rollback", "restart", "flush") or getattr(args, "state", "") == "off"
+    command = COMMANDS[args.command]
+    values = vars(args)
+    request = {"cmd": command.name, "args": command.wire(values)}
+
+    def on_event(event: dict) -> None:
+        if values.get("follow"):
+            print(step_line(event), flush=True)
+
     try:
-        reply = call(path, request, on_event=show.event, timeout=None if waits else args.timeout)
+        # A command that waits for a deploy in progress may take as long as its hooks; the others answer at once.
+        reply = call(path, request, on_event, timeout=None if command.waits(values) else args.timeout)
     except Unreachable as exc:
         print(f"maintctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if not reply.get("ok"):
         print(f"maintctl: {reply.get('error', 'failed')}", file=sys.stderr)
         return EXIT_FAILED
-    show.result(reply.get("result"))
+    print((show_json if values.get("json") else command.show)(reply.get("result")))
     return EXIT_OK
 
 
@@ -209,99 +201,6 @@ def call(path: str, request: dict[str, object], on_event: Callable[[dict], None]
     except TimeoutError:
         raise Unreachable(f"maintd at {path} did not answer within {timeout:g}s") from None
     raise Unreachable(f"maintd at {path} closed the connection without an answer")
-
-
-class Printer:
-    """How each command shows its answer: `--json` as JSON, else short aligned lines."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-
-    def event(self, event: dict) -> None:
-        if getattr(self.args, "follow", False):
-            print(f"  {event['step']:<16} {event['result']:<12} {_duration(event['duration_ms']):>9}  "
-                  f"{event['message']}", flush=True)
-
-    def result(self, result: Any) -> None:
-        """`result` is the daemon's JSON answer, its shape set by the command."""
-        import json
-
-        command = self.args.command
-        if getattr(self.args, "json", False):
-            print(json.dumps(result, indent=2, default=str))
-        elif command == "status":
-            print(_status_text(result))
-        elif command == "releases":
-            print(_table(["NAME", "STATE", "SIZE", "UPLOADED", "NOTE"],
-                         [[r["name"], r["state"], _size(r["size"]), _when(r["uploaded_at"]), r["reason"] or ""]
-                          for r in result]))
-        elif command == "history":
-            print(_table(["STARTED", "KIND", "RELEASE", "RESULT", "DURATION", "ACTOR", "ERROR"],
-                         [[h["started"], h["kind"], h["release"], h["result"], _duration(h["duration_ms"]),
-                           h["actor"], h.get("error", "")] for h in result]))
-        elif command in ("deploy", "rollback"):
-            print(f"release {result['release']} is live ({result['kind']} {result['deploy_id']}, "
-                  f"{_duration(result['duration_ms'])})")
-        elif command == "maintenance":
-            print("maintenance on: " + result["reason"] if result["on"] else "maintenance off")
-        elif command in ("restart", "flush"):
-            print(f"{command}: {result['message']} (release {result['release']})")
-        else:
-            print("automatic deploys paused" if command == "pause" else "automatic deploys resumed")
-
-
-def _status_text(s: dict) -> str:
-    m, deploying, last = s["maintenance"], s["deploying"], s["last_deploy"]
-    if m["on"] and m["by"]:
-        maintenance = f"on: {m['reason']} (by {m['by']} since {m['since']}" + (
-            f", until {m['until']})" if m["until"] else ")")
-    elif m["on"]:
-        maintenance = "on (deploy in progress)"
-    else:
-        maintenance = "off" + (f" (operator maintenance set by {m['by']}, flag missing)" if m["by"] else "")
-    rows = [
-        ("app", s["app"]),
-        ("current", s["current"] or "none (no live release)"),
-        ("previous", s.get("previous") or "-"),
-        ("maintenance", maintenance),
-        ("paused", "yes (automatic deploys stopped)" if s["paused"] else "no"),
-        ("deploying", f"{deploying['release']}: {deploying['step'] or 'starting'} ({deploying['kind']} by "
-                      f"{deploying['actor']})" if deploying else "-"),
-        ("last deploy", f"{last['release']} {last['result']} in {_duration(last['duration_ms'])} "
-                        f"({last.get('kind', 'deploy')}, {last.get('finished', '')})"
-                        + (f": {last['error']}" if last.get("error") else "") if last else "-"),
-    ]
-    if s.get("uploading"):
-        rows.append(("uploading", ", ".join(s["uploading"])))
-    return "\n".join(f"{key:<12} {value}" for key, value in rows)
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    cells = [header, *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def _duration(ms: float) -> str:
-    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
-
-
-def _size(size: float | None) -> str:
-    if size is None:
-        return "-"
-    units = ("B", "KiB", "MiB", "GiB")
-    step = 0
-    while size >= 1024 and step < len(units) - 1:
-        size, step = size / 1024, step + 1
-    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
-
-
-def _when(epoch: float | None) -> str:
-    if not epoch:
-        return "-"
-    from datetime import datetime
-
-    return datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds")
 
 
 if __name__ == "__main__":

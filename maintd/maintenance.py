@@ -19,7 +19,8 @@ PAGE_NAME = "maintenance.html"
 
 @dataclass(frozen=True)
 class Notice:
-    """Why the site is down: the flag's body and the page's text."""
+    """Why the site is down, since when and by whom: the flag's body, the page's text, and (remembered in the state)
+    an operator's maintenance."""
 
     reason: str
     since: str
@@ -44,7 +45,7 @@ def render(template: str, notice: Notice) -> str:
 
 
 class Flags:
-    """Puts the flag and its page into release directories and takes them away again."""
+    """Puts the flag and its page into release directories, and the flag away again."""
 
     def __init__(self, flag: str, template: str) -> None:
         self.flag = flag
@@ -62,12 +63,13 @@ class Flags:
         write_atomically(flag, notice.body(), durable=False)
 
     def lower_in(self, release: Path) -> None:
-        """Remove the flag first: from that instant the site is back, and the page may follow."""
-        for path in self.paths(release):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+        """Remove the flag: from that instant the site is back. The page stays: a request that saw the flag an
+        instant earlier is still on its way to the page (Apache answered its own 503 "ErrorDocument" error when the
+        page went with the flag), and the next maintenance writes it afresh."""
+        try:
+            self.paths(release)[0].unlink()
+        except FileNotFoundError:
+            pass
 
     def is_up(self, release: Path) -> bool:
         return self.paths(release)[0].exists()

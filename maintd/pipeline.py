@@ -4,6 +4,8 @@
 does not apply, or raises anything else to fail. Every step is one log event with its duration. A failure before
 the swap lifts the maintenance this deploy raised; a failure at or after it points `current` back at the previous
 release first (`rolled_back`). Either way the release is marked bad, so it is never deployed automatically again.
+Recovery after a crash (`recovery.py`) rebuilds the `Deploy` from its journal and runs the same steps and the same
+undo, so there is one way to restart, flush, check health and go back.
 """
 
 from __future__ import annotations
@@ -13,72 +15,16 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from . import cache, log, proc, restart
-from .config import Config
-from .maintenance import Flags, Notice
-from .restart import RestartError
-from .state import InFlight, Store
-from .tree import ReleaseError, Tree
-
-
-class Skipped(Exception):
-    """The step does not apply to this deploy; the message says why."""
-
-
-class StepFailed(Exception):
-    """A step failed; `output` holds what a command printed, for the log."""
-
-    def __init__(self, message: str, output: str = "") -> None:
-        super().__init__(message)
-        self.output = output
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: str
-    result: str  # ok, failed, skipped, rolled_back
-    duration_ms: float
-    message: str
-
-
-@dataclass
-class Outcome:
-    deploy_id: str
-    kind: str
-    release: str
-    previous: str | None
-    actor: str
-    result: str  # ok, failed, rolled_back
-    started: str
-    duration_ms: float
-    error: str = ""
-    steps: list[StepRecord] = field(default_factory=list)
-
-    @property
-    def went_live(self) -> bool:
-        return self.result == "ok"
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Context:
-    """Everything a deploy works on; built once per daemon and per config reload."""
-
-    config: Config
-    tree: Tree
-    flags: Flags
-    store: Store
-
-    @classmethod
-    def build(cls, config: Config, store: Store, template: str) -> Context:
-        return cls(config, Tree(config.root), Flags(config.maintenance.file, template), store)
+from . import log, proc
+from .context import Context
+from .maintenance import Notice
+from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
+from .state import InFlight, MaintenanceOwner
+from .tree import ReleaseError
 
 
 def now_iso() -> str:
@@ -98,54 +44,73 @@ class Deploy:
     STEPS = ("validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush", "health",
              "hooks_after", "maintenance_off", "cleanup")
 
-    def __init__(self, ctx: Context, release: str, actor: str, kind: str = "deploy",
+    def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
                  on_step: OnStep | None = None) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
         self.release = release
         self.actor = actor
-        self.kind = kind
+        self.kind = DeployKind(kind)
         self.id = new_deploy_id()
         self.previous = ctx.tree.live()
+        self.started = now_iso()
         self.on_step = on_step or (lambda record: None)
         self.step: str | None = None
-        self.maintenance_ours = False  # this deploy turned maintenance on (not an operator)
-        self.flags_raised = False  # this deploy wrote flags, its own or an operator's carried across the swap
+        self.maintenance = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
         self.swapped = False
-        self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
         self.path = ctx.tree.path(release)
-        self.started = now_iso()
+        self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
         self.crash_at = os.environ.get("MAINTD_CRASH_AT", "")
+
+    @classmethod
+    def resume(cls, ctx: Context, inflight: InFlight) -> Deploy:
+        """The deploy a crash cut off, as its journal left it, to be finished or undone by recovery."""
+        deploy = cls(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
+        deploy.id, deploy.previous, deploy.started = inflight.deploy_id, inflight.previous, inflight.started
+        deploy.log = deploy.log.bind(deploy_id=inflight.deploy_id)
+        deploy.swapped = ctx.tree.live() == inflight.release
+        # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours may
+        # be up whatever it says, and lowering a flag that is not there costs nothing.
+        owner = MaintenanceOwner(inflight.maintenance)
+        deploy.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
+        return deploy
 
     # --- the run --------------------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        started, t0 = self.started, time.perf_counter()
+        t0 = time.perf_counter()
         self.log.info(f"{self.kind} of release {self.release} started (live: {self.previous or 'none'})",
                       previous=self.previous)
-        records: list[StepRecord] = []
-        error = ""
-        for name in self.STEPS:
-            record, output = self._run_step(name)
-            records.append(record)
-            self._log_step(record, output)
-            self.on_step(record)
-            if record.result == "failed":
-                error = f"{name}: {record.message}"
-                records.append(self._recover(error))
-                break
-        self.step = None
+        records, error = self.run_steps(self.STEPS)
         if self.crash_at == "end":
             _crash()
-        result = "ok" if not error else ("rolled_back" if self.swapped else "failed")
-        outcome = Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, started,
-                          _ms(t0), error, records)
-        record_outcome(self.ctx, outcome.as_json(), self._revision_line(outcome), self.log)
-        summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else result}"
+        outcome = self.outcome(error, records, t0)
+        record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.path), self.log)
+        summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else outcome.result}"
         (self.log.info if outcome.went_live else self.log.error)(
-            summary + (f": {error}" if error else ""), result=result, duration_ms=outcome.duration_ms)
+            summary + (f": {error}" if error else ""), result=outcome.result, duration_ms=outcome.duration_ms)
         return outcome
+
+    def run_steps(self, steps: Iterable[str]) -> tuple[list[StepRecord], str]:
+        """Run `steps` in order; the first that fails is undone (`undo`). Returns the records and the error."""
+        records: list[StepRecord] = []
+        for name in steps:
+            record, output = self._run_step(name)
+            self._report(record, output)
+            records.append(record)
+            if record.result is StepResult.FAILED:
+                error = f"{name}: {record.message}"
+                records.append(self.undo(error))
+                self.step = None
+                return records, error
+        self.step = None
+        return records, ""
+
+    def outcome(self, error: str, records: list[StepRecord], t0: float) -> Outcome:
+        result = StepResult.OK if not error else StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED
+        return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
+                       error, records)
 
     def _run_step(self, name: str) -> tuple[StepRecord, str]:
         self.step = name
@@ -155,32 +120,28 @@ class Deploy:
             self.ctx.store.journal(self._in_flight(name), durable=name == "maintenance_on")
             if name == self.crash_at:
                 _crash()
-            message, result = getattr(self, name)(), "ok"
+            message, result = getattr(self, name)(), StepResult.OK
         except Skipped as skip:
-            message, result = str(skip), "skipped"
-        except (StepFailed, RestartError) as exc:
-            message, result, output = str(exc), "failed", exc.output
+            message, result = str(skip), StepResult.SKIPPED
+        except StepFailed as exc:
+            message, result, output = str(exc), StepResult.FAILED, exc.output
         except (OSError, ReleaseError) as exc:
-            message, result = _describe(exc), "failed"
+            message, result = _describe(exc), StepResult.FAILED
         return StepRecord(name, result, _ms(t0), message), output
 
-    def _log_step(self, record: StepRecord, output: str) -> None:
-        emit = self.log.error if record.result == "failed" else self.log.info
+    def _report(self, record: StepRecord, output: str) -> None:
+        emit = self.log.error if record.result is StepResult.FAILED else self.log.info
         emit(f"{record.step}: {record.message}", step=record.step, result=record.result,
              duration_ms=record.duration_ms, **({"output": output} if output else {}))
+        self.on_step(record)
 
     # --- the steps ------------------------------------------------------------------------------------------------
 
     def validate(self) -> str:
-        tree, upload = self.ctx.tree, self.cfg.upload
-        tree.release_dir(self.release)
-        if missing := tree.missing(self.release, upload.required):
-            raise StepFailed(f"required path missing: {', '.join(missing)}")
-        if (self.path / upload.manifest).is_file():
-            if problem := tree.verify_manifest(self.release, upload.manifest, self._written_by_maintd()):
-                raise StepFailed(f"manifest does not verify: {problem}")
-            return "release is complete; manifest verified"
-        return "release is complete"
+        if problem := self.ctx.release_problem(self.release):
+            raise StepFailed(problem)
+        verified = (self.path / self.cfg.upload.manifest).is_file()
+        return "release is complete" + ("; manifest verified" if verified else "")
 
     def link_shared(self) -> str:
         shared = self.cfg.shared
@@ -190,11 +151,9 @@ class Deploy:
         return f"linked {len(linked)} shared path(s)" if linked else "shared paths already linked"
 
     def maintenance_on(self) -> str:
-        operator = self.ctx.store.memory.maintenance
-        if operator:
-            notice = Notice(operator.reason, operator.since, operator.by, operator.until)
-            self.ctx.flags.raise_in(self.path, notice)
-            self.flags_raised = True
+        if operator := self.ctx.store.memory.maintenance:
+            self.maintenance = MaintenanceOwner.CARRIED
+            self.ctx.flags.raise_in(self.path, operator)
             return "operator maintenance is on; carried into the new release"
         when = self.cfg.maintenance.when
         if when == "never":
@@ -202,7 +161,7 @@ class Deploy:
         if when == "migrations" and not self._migrations_differ():
             raise Skipped("db/migrate is the same as the live release's")
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
-        self.maintenance_ours = self.flags_raised = True
+        self.maintenance = MaintenanceOwner.OURS
         self.ctx.flags.raise_in(self.path, notice)
         if self.previous and (previous := self.ctx.tree.path(self.previous)).is_dir():
             self.ctx.flags.raise_in(previous, notice)
@@ -218,17 +177,13 @@ class Deploy:
         return f"current -> releases/{self.release}"
 
     def restart(self) -> str:
-        return restart_app(self.ctx, self.release)
+        return self.ctx.restart_app(self.release)
 
     def flush(self) -> str:
-        return flush_cache(self.ctx, self.log)
+        return self.ctx.flush_cache(self.log)
 
     def health(self) -> str:
-        r = self.cfg.restart
-        if not r.health_url:
-            raise Skipped("no restart.health_url configured")
-        return restart.wait_healthy(r.health_url, r.health_expect.replace("{release}", self.release),
-                                    r.health_timeout)
+        return self.ctx.check_health(self.release)
 
     def hooks_after(self) -> str:
         return self._hooks(self.cfg.hooks.after_swap)
@@ -236,26 +191,62 @@ class Deploy:
     def maintenance_off(self) -> str:
         if self.ctx.store.memory.maintenance:
             raise Skipped("operator maintenance stays on until `maintctl maintenance off`")
-        if not self.flags_raised:
+        if self.maintenance is MaintenanceOwner.NONE:
             raise Skipped("this deploy did not turn maintenance on")
-        self._lower_ours()
+        self._lower_flags()
         return "maintenance off"
 
     def cleanup(self) -> str:
-        doomed = self._old_releases()
+        memory, tree = self.ctx.store.memory, self.ctx.tree
+        doomed = [name for name in memory.retired(self.cfg.keep_releases, {tree.live(), self.previous})
+                  if os.path.isdir(tree.releases / name)]
         for name in doomed:
-            self.ctx.tree.remove(name)
-            self.ctx.store.memory.releases.pop(name, None)
+            tree.remove(name)
+            memory.releases.pop(name, None)
         if not doomed:
             raise Skipped(f"no more than {self.cfg.keep_releases} releases have been live")
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
 
+    # --- going back -----------------------------------------------------------------------------------------------
+
+    def undo(self, error: str) -> StepRecord:
+        """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
+        The release is marked bad, so no upload can make maintd deploy it (or crash on it) in a loop."""
+        t0 = time.perf_counter()
+        self.ctx.store.record(self.release).bad = error
+        notes = []
+        if self.swapped and self.previous:
+            try:
+                self.ctx.tree.swap(self.previous)
+                notes.append(f"current -> releases/{self.previous}")
+                notes.append(self.ctx.restart_app(self.previous))
+                notes.append(self.ctx.flush_cache(self.log))
+            except Skipped as skip:
+                notes.append(str(skip))
+            except (OSError, ReleaseError, StepFailed) as exc:
+                notes.append(f"rollback incomplete: {_describe(exc)}")
+        if self.ctx.store.memory.maintenance:
+            notes.append("operator maintenance stays on")
+        elif (self.maintenance is MaintenanceOwner.OURS and self.cfg.maintenance.keep_on_failure
+              and self.kind is not DeployKind.RECOVERY):
+            notes.append("maintenance kept on (maintenance.keep_on_failure)")
+        elif self.maintenance is not MaintenanceOwner.NONE:
+            try:
+                self._lower_flags()
+                notes.append("maintenance off")
+            except OSError as exc:
+                notes.append(f"maintenance could not be lifted: {_describe(exc)}")
+        record = StepRecord("rollback" if self.swapped else "abort",
+                            StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED, _ms(t0),
+                            "; ".join(notes) or "nothing to undo")
+        self._report(record, "")
+        return record
+
     # --- helpers --------------------------------------------------------------------------------------------------
 
     def _in_flight(self, step: str) -> InFlight:
-        carried = "carried" if self.flags_raised else ""
         return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
-                        "ours" if self.maintenance_ours else carried)
+                        self.maintenance)
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
         if not commands:
@@ -270,114 +261,44 @@ class Deploy:
                 self.log.info(f"hook {argv[0]} said", step=self.step, output=ran.output)
         return f"ran {len(commands)} hook(s)"
 
-    def _lower_ours(self) -> None:
+    def _lower_flags(self) -> None:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
-        self.flags_raised = False
-
-    def _recover(self, error: str) -> StepRecord:
-        """After a failed step: back to the previous release if the swap happened, then out of our maintenance."""
-        t0 = time.perf_counter()
-        self.ctx.store.record(self.release).bad = error
-        notes = []
-        if self.swapped and self.previous:
-            try:
-                self.ctx.tree.swap(self.previous)
-                notes.append(f"current -> releases/{self.previous}")
-                notes.append(restart_app(self.ctx, self.previous))
-                notes.append(flush_cache(self.ctx, self.log))
-            except Skipped as skip:
-                notes.append(str(skip))
-            except (OSError, ReleaseError, RestartError) as exc:
-                notes.append(f"rollback incomplete: {_describe(exc)}")
-        if self.ctx.store.memory.maintenance:
-            notes.append("operator maintenance stays on")
-        elif self.maintenance_ours and self.cfg.maintenance.keep_on_failure:
-            notes.append("maintenance kept on (maintenance.keep_on_failure)")
-        elif self.flags_raised:
-            try:
-                self._lower_ours()
-                notes.append("maintenance off")
-            except OSError as exc:
-                notes.append(f"maintenance could not be lifted: {_describe(exc)}")
-        record = StepRecord("rollback" if self.swapped else "abort", "rolled_back" if self.swapped else "failed",
-                            _ms(t0), "; ".join(notes) or "nothing to undo")
-        self._log_step(record, "")
-        self.on_step(record)
-        return record
-
-    def _revision_line(self, outcome: Outcome) -> str:
-        when = now_iso()
-        if outcome.went_live and self.kind == "rollback":
-            return f"{self.actor} rolled back to release {self.release} at {when}"
-        revision = self._revision()
-        at = f" (at {revision})" if revision else ""
-        if outcome.went_live:
-            return f"Release {self.release}{at} deployed by {self.actor} at {when}"
-        return (f"Release {self.release}{at} failed to deploy ({outcome.result}) by {self.actor} at {when}: "
-                f"{outcome.error}")
-
-    def _revision(self) -> str:
-        try:
-            return (self.path / "REVISION").read_text(encoding="utf-8").strip()[:64]
-        except (OSError, UnicodeDecodeError):
-            return ""
+        self.maintenance = MaintenanceOwner.NONE
 
     def _migrations_differ(self) -> bool:
         if not self.previous:
             return True
         return _tree_digest(self.path / "db/migrate") != _tree_digest(self.ctx.tree.path(self.previous) / "db/migrate")
 
-    def _written_by_maintd(self) -> tuple[str, ...]:
-        """Paths maintd itself adds to a release; a manifest cannot list them, so a redeploy must not trip on them."""
-        up = self.cfg.upload
-        flag, page = self.ctx.flags.paths(Path())
-        return (up.marker, up.manifest, str(flag), str(page), restart.RESTART_FILE,
-                *self.cfg.shared.files, *self.cfg.shared.dirs)
-
-    def _old_releases(self) -> list[str]:
-        """Releases that were live, beyond the newest `keep_releases` of them; never the live or previous one."""
-        memory = self.ctx.store.memory
-        been_live = sorted((record.went_live, name) for name, record in memory.releases.items()
-                           if record.went_live is not None)
-        keep: set[str | None] = {name for _, name in been_live[-self.cfg.keep_releases:]}
-        keep |= {self.ctx.tree.live(), memory.previous, self.previous}
-        return [name for _, name in been_live
-                if name not in keep and os.path.isdir(self.ctx.tree.releases / name)]
-
-
-def restart_app(ctx: Context, release: str) -> str:
-    """The `restart` step, also what `maintctl restart` runs on the live release."""
-    r, root = ctx.config.restart, ctx.config.root
-    if r.method == "command":
-        return restart.command(r.command, root, ctx.config.hooks.timeout, release)
-    return restart.passenger(root, ctx.tree.path(release), ctx.config.hooks.timeout)
-
-
-def flush_cache(ctx: Context, logger: Any) -> str:
-    """The `flush` step, also what `maintctl flush` runs; servers that are down are warnings."""
-    m = ctx.config.memcached
-    if m.flush == "none" or not m.servers:
-        raise Skipped('memcached.flush = "none"')
-    outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
-    down = [o for o in outcomes if o.error]
-    for outcome in down:
-        logger.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
-                       server=outcome.server)
-    what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
-    return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
-
 
 def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: Any) -> None:
     """A finished deploy, rollback or recovery (`entry`, its history line) into state, history and revisions.log,
     and its journal closed. What cannot be written is logged: the site is consistent by now, so the deploy stands."""
     last = {key: entry[key] for key in ("release", "result", "duration_ms", "deploy_id", "kind", "error")}
-    went_on = entry["result"] == "ok" and entry["previous"] != entry["release"]
+    went_on = entry["result"] == StepResult.OK and entry["previous"] != entry["release"]
     problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["previous"] if went_on else None),
                 ctx.tree.append_revision(revision), ctx.store.journal_done()]
     for problem in filter(None, problems):
         logger.error(problem)
+
+
+def revision_line(outcome: Outcome, release: Path) -> str:
+    """One human line of revisions.log, as Capistrano writes it."""
+    when, who = now_iso(), outcome.actor
+    if outcome.kind is DeployKind.RECOVERY:
+        return f"Recovery of release {outcome.release} after a crash: {outcome.result} at {when}"
+    if outcome.went_live and outcome.kind is DeployKind.ROLLBACK:
+        return f"{who} rolled back to release {outcome.release} at {when}"
+    try:
+        revision = (release / "REVISION").read_text(encoding="utf-8").strip()[:64]
+    except (OSError, UnicodeDecodeError):
+        revision = ""
+    at = f" (at {revision})" if revision else ""
+    if outcome.went_live:
+        return f"Release {outcome.release}{at} deployed by {who} at {when}"
+    return f"Release {outcome.release}{at} failed to deploy ({outcome.result}) by {who} at {when}: {outcome.error}"
 
 
 def _crash() -> None:

@@ -14,18 +14,11 @@ import urllib.request
 from pathlib import Path
 
 from . import proc
+from .results import StepFailed
 
 RESTART_FILE = "tmp/restart.txt"
 PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
 HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a moment, not a busy loop
-
-
-class RestartError(Exception):
-    """The app could not be restarted or did not come up; carries the command's output when there is one."""
-
-    def __init__(self, message: str, output: str = "") -> None:
-        super().__init__(message)
-        self.output = output
 
 
 def passenger(root: Path, release: Path, timeout: float) -> str:
@@ -41,7 +34,7 @@ def passenger(root: Path, release: Path, timeout: float) -> str:
         # Nothing to restart: a Passenger that starts later loads the new release anyway.
         return f"touched {RESTART_FILE} (Passenger is not running)"
     if not ran.ok:
-        raise RestartError(f"passenger-config restart-app: {ran.describe()}", ran.output)
+        raise StepFailed(f"passenger-config restart-app: {ran.describe()}", ran.output)
     return f"touched {RESTART_FILE} and ran passenger-config restart-app"
 
 
@@ -49,12 +42,12 @@ def command(argv: tuple[str, ...], root: Path, timeout: float, release: str) -> 
     """Run the configured restart command in `<root>/current`."""
     ran = proc.run(argv, cwd=root / "current", timeout=timeout, env={"MAINTD_RELEASE": release})
     if not ran.ok:
-        raise RestartError(f"restart command {ran.describe()}", ran.output)
+        raise StepFailed(f"restart command {ran.describe()}", ran.output)
     return f"ran {' '.join(argv)}"
 
 
 def wait_healthy(url: str, expect: str, timeout: float) -> str:
-    """GET `url` until it answers 2xx/3xx with `expect` in the body; raises RestartError at the deadline."""
+    """GET `url` until it answers 2xx/3xx with `expect` in the body; raises StepFailed at the deadline."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
@@ -70,5 +63,5 @@ def wait_healthy(url: str, expect: str, timeout: float) -> str:
         except (urllib.error.URLError, OSError) as exc:
             last = f"{getattr(exc, 'reason', exc)}"
         if time.monotonic() + HEALTH_INTERVAL > deadline:
-            raise RestartError(f"health check {url} failed within {timeout:g}s: {last}")
+            raise StepFailed(f"health check {url} failed within {timeout:g}s: {last}")
         time.sleep(HEALTH_INTERVAL)

@@ -11,9 +11,11 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterator
 
+from .maintenance import Notice
 from .tree import write_atomically
 
 
@@ -27,17 +29,9 @@ class ReleaseRecord:
 
 
 @dataclass
-class OperatorMaintenance:
-    reason: str
-    since: str
-    by: str
-    until: str = ""
-
-
-@dataclass
 class Memory:
     paused: bool = False
-    maintenance: OperatorMaintenance | None = None
+    maintenance: Notice | None = None  # an operator's maintenance, held until turned off
     previous: str | None = None
     last_deploy: dict[str, Any] | None = None
     releases: dict[str, ReleaseRecord] = field(default_factory=dict)
@@ -47,14 +41,30 @@ class Memory:
         maintenance = data.get("maintenance")
         return cls(
             paused=bool(data.get("paused", False)),
-            maintenance=OperatorMaintenance(**maintenance) if maintenance else None,
+            maintenance=Notice(**maintenance) if maintenance else None,
             previous=data.get("previous"),
             last_deploy=data.get("last_deploy"),
             releases={name: ReleaseRecord(**record) for name, record in data.get("releases", {}).items()},
         )
 
+    def retired(self, keep: int, protected: set[str | None]) -> list[str]:
+        """Releases that have been live, beyond the newest `keep` of them, oldest first: what cleanup removes.
+        Never the live or the previous release, nor anything in `protected`, nor a release never live."""
+        been_live = sorted((record.went_live, name) for name, record in self.releases.items()
+                           if record.went_live is not None)
+        kept = {name for _, name in been_live[-keep:]} | {self.previous} | protected
+        return [name for _, name in been_live if name not in kept]
+
 
 JOURNAL_RECORD = 512  # bytes: one disk sector, written whole
+
+
+class MaintenanceOwner(StrEnum):
+    """Whose maintenance flags a deploy wrote into releases: none yet, its own, or an operator's carried across."""
+
+    NONE = ""
+    OURS = "ours"
+    CARRIED = "carried"
 
 
 @dataclass
@@ -68,7 +78,7 @@ class InFlight:
     actor: str
     started: str
     step: str
-    maintenance: str = ""  # "ours" or "carried" (an operator's, written into the new release) once flags exist
+    maintenance: str = MaintenanceOwner.NONE
 
 
 class Store:

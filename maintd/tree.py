@@ -110,6 +110,21 @@ class Tree:
             return None
         return name
 
+    def current_problem(self) -> tuple[str, bool] | None:
+        """What is wrong with `current`, if anything, and whether it is fatal (a real directory cannot be swapped).
+        A missing or dangling link is reported, never guessed at: `maintctl deploy NAME` repairs it."""
+        if not self.current.is_symlink():
+            if self.current.exists():
+                return f"{self.current} is a real directory or file; it must be a symlink into releases/", True
+            if self.entries():
+                return f"{self.current} is missing; `maintctl deploy NAME` repairs it", False
+            return None
+        live = self.live()
+        if not live or not (self.releases / live).is_dir():
+            return (f"{self.current} points at no release ({os.readlink(self.current)}); "
+                    "`maintctl deploy NAME` repairs it"), False
+        return None
+
     # --- the swap -------------------------------------------------------------------------------------------------
 
     def swap(self, name: str) -> None:

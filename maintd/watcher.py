@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
@@ -45,11 +46,20 @@ warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWa
 ACTIVITY_EVERY = 0.25  # seconds: plain activity in one release is passed on at most this often
 
 
+class ChangeKind(StrEnum):
+    APPEARED = "appeared"  # a release directory created or renamed into releases/
+    GONE = "gone"  # removed or renamed away
+    ACTIVITY = "activity"  # something under it was written
+    MARKER = "marker"  # the marker arrived at its top
+    TEMP_DELETED = "temp_deleted"  # an rsync temporary file was deleted, not renamed: the upload broke off
+    OVERFLOW = "overflow"  # events were lost: rescan, and trust no upload until it is written again
+
+
 @dataclass(frozen=True)
 class Change:
     """What happened, reduced to what the daemon acts on."""
 
-    kind: str  # appeared, gone, activity, marker, temp_deleted, overflow
+    kind: ChangeKind
     name: str = ""
 
 
@@ -76,7 +86,7 @@ class _Handler(FileSystemEventHandler):
         """An upload of 100,000 files makes 100,000 events that all say "still busy": one in a while is enough,
         as the quiet period is judged from the release's ctimes when its timer runs out. Every other kind of
         change goes through, and the next activity after it too (it may be the resumption of a broken upload)."""
-        if change.kind != "activity":
+        if change.kind is not ChangeKind.ACTIVITY:
             self.last_passed.pop(change.name, None)
             return True
         now = time.monotonic()
@@ -90,26 +100,26 @@ class _Handler(FileSystemEventHandler):
         dest = self._parts(getattr(event, "dest_path", "") or "")
         changes = []
         if event.event_type == "moved":
-            changes += self._side(src, "gone") + self._side(dest, "appeared")
+            changes += self._side(src, ChangeKind.GONE) + self._side(dest, ChangeKind.APPEARED)
         elif event.event_type == "created":
-            changes += self._side(src, "appeared")
+            changes += self._side(src, ChangeKind.APPEARED)
         elif event.event_type == "deleted":
             if len(src) > 1 and is_rsync_temp(src[-1]):
-                changes.append(Change("temp_deleted", src[0]))
+                changes.append(Change(ChangeKind.TEMP_DELETED, src[0]))
             else:
-                changes += self._side(src, "gone")
+                changes += self._side(src, ChangeKind.GONE)
         else:
-            changes += self._side(src, "activity")
+            changes += self._side(src, ChangeKind.ACTIVITY)
         return changes
 
-    def _side(self, parts: tuple[str, ...], top_kind: str) -> list[Change]:
+    def _side(self, parts: tuple[str, ...], top_kind: ChangeKind) -> list[Change]:
         if not parts:
             return []
         if len(parts) == 1:
             return [Change(top_kind, parts[0])]
-        if parts[1:] == (self.marker,) and top_kind == "appeared":
-            return [Change("marker", parts[0])]
-        return [Change("activity", parts[0])]
+        if parts[1:] == (self.marker,) and top_kind is ChangeKind.APPEARED:
+            return [Change(ChangeKind.MARKER, parts[0])]
+        return [Change(ChangeKind.ACTIVITY, parts[0])]
 
     def _parts(self, path: str | bytes) -> tuple[str, ...]:
         path = os.fsdecode(path)
@@ -127,7 +137,7 @@ class _OverflowSpotter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in record.getMessage().lower():
-            self.deliver(Change("overflow"))
+            self.deliver(Change(ChangeKind.OVERFLOW))
 
 
 class ReleaseWatcher:

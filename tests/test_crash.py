@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from conftest import App, BIN
 from maintd.config import load
-from maintd.maintenance import default_template
-from maintd.pipeline import Context, Deploy
+from maintd.context import Context
+from maintd.pipeline import Deploy
 from maintd.state import InFlight, Store
 
 STEPS = list(Deploy.STEPS)
@@ -101,7 +101,7 @@ def test_kill_9_at_random_moments_during_50_deploys(app, start_daemon):
 def run_deploy(app: App, name: str, extra: str = "", root: Path | None = None, state: Path | None = None):
     app.write_config(extra)
     config = load(app.config)
-    ctx = Context.build(config, Store(state or config.state_dir), default_template())
+    ctx = Context.build(config, Store(state or config.state_dir))
     with capture_logs() as events:
         outcome = Deploy(ctx, name, "test").run()
     return outcome, events, ctx

@@ -10,9 +10,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from maintd.config import load
-from maintd.maintenance import default_template
-from maintd.pipeline import Context, Deploy
-from maintd.state import OperatorMaintenance, Store
+from maintd.context import Context
+from maintd.pipeline import Deploy
+from maintd.maintenance import Notice
+from maintd.state import Store
 
 from conftest import free_port
 
@@ -22,7 +23,7 @@ FIELDS = {"app", "deploy_id", "release", "step", "result", "duration_ms", "actor
 def deploy(app, name, extra="", actor="alice", kind="deploy", top=""):
     app.write_config(extra, top=top)
     config = load(app.config)
-    ctx = Context.build(config, Store(config.state_dir), default_template())
+    ctx = Context.build(config, Store(config.state_dir))
     with capture_logs() as events:
         outcome = Deploy(ctx, name, actor, kind).run()
     return outcome, events, ctx
@@ -144,7 +145,7 @@ def test_operator_maintenance_stays_on_through_a_deploy(app):
     deploy(app, "r1")
     app.write_config()
     store = Store(load(app.config).state_dir)
-    store.memory.maintenance = OperatorMaintenance("db upgrade", "2026-11-23T20:00:00+00:00", "root", "22:00")
+    store.memory.maintenance = Notice("db upgrade", "2026-11-23T20:00:00+00:00", "root", "22:00")
     store.save()
     outcome, events, _ = deploy(app, "r2")
     assert outcome.result == "ok" and app.live() == "r2"

@@ -1,0 +1,85 @@
+"""What a deploy works on, and the actions that also run on their own.
+
+`Context` is built once per daemon and once per accepted reload. The functions below are the single actions of a
+deploy that are needed elsewhere too: restarting the app and flushing the cache (`maintctl restart`, `maintctl
+flush`, recovery after a crash, a rollback), the health check (recovery), and the one check that says whether a
+release may go live (an upload completing, the `validate` step, recovery): one definition each, so the rules cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import cache, restart
+from .config import Config
+from .maintenance import Flags, default_template
+from .results import Skipped
+from .state import Store
+from .tree import ReleaseError, Tree
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    tree: Tree
+    flags: Flags
+    store: Store
+
+    @classmethod
+    def build(cls, config: Config, store: Store) -> Context:
+        """Reads the maintenance template: a missing one is an OSError, which refuses a start or a reload."""
+        m = config.maintenance
+        template = Path(m.template).read_text(encoding="utf-8") if m.template else default_template()
+        return cls(config, Tree(config.root), Flags(m.file, template), store)
+
+    def written_by_maintd(self) -> tuple[str, ...]:
+        """Paths maintd itself puts into a release (and an uploader's manifest therefore cannot list)."""
+        up, shared = self.config.upload, self.config.shared
+        flag, page = self.flags.paths(Path())
+        return (up.marker, up.manifest, str(flag), str(page), restart.RESTART_FILE, *shared.files, *shared.dirs)
+
+    def release_problem(self, name: str) -> str | None:
+        """Why release `name` may not go live (None when it may): not a real directory, a path of
+        `upload.required` missing, or a manifest that does not verify (contract §1)."""
+        upload = self.config.upload
+        try:
+            if missing := self.tree.missing(name, upload.required):
+                return f"required path missing: {', '.join(missing)}"
+            if (self.tree.releases / name / upload.manifest).is_file():
+                if problem := self.tree.verify_manifest(name, upload.manifest, self.written_by_maintd()):
+                    return f"manifest does not verify: {problem}"
+        except ReleaseError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+        return None
+
+    def restart_app(self, release: str) -> str:
+        """The `restart` step, also `maintctl restart` on the live release."""
+        r, root = self.config.restart, self.config.root
+        if r.method == "command":
+            return restart.command(r.command, root, self.config.hooks.timeout, release)
+        return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
+
+    def flush_cache(self, logger: Any) -> str:
+        """The `flush` step, also `maintctl flush`; servers that are down are warnings, not failures."""
+        m = self.config.memcached
+        if m.flush == "none" or not m.servers:
+            raise Skipped('memcached.flush = "none"')
+        outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
+        down = [o for o in outcomes if o.error]
+        for outcome in down:
+            logger.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
+                           server=outcome.server)
+        what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
+        return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
+
+    def check_health(self, release: str) -> str:
+        """The `health` step: the new release's own answer, when `restart.health_url` is set."""
+        r = self.config.restart
+        if not r.health_url:
+            raise Skipped("no restart.health_url configured")
+        return restart.wait_healthy(r.health_url, r.health_expect.replace("{release}", release), r.health_timeout)

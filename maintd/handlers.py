@@ -1,0 +1,171 @@
+"""What each command of `commands.COMMANDS` does in the daemon: one handler per command, of the same name.
+
+A handler gets the running daemon, the request's args (already typed and checked against the table), the peer, and
+`emit` for event lines; it returns the answer's `result`, or raises `Refused` with a sentence for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from .commands import COMMANDS
+from .maintenance import Notice
+from .pipeline import now_iso
+from .results import DeployKind, Outcome, Refused, Skipped, StepRecord
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request, as SO_PEERCRED tells it."""
+
+    pid: int
+    uid: int
+    gid: int
+    name: str
+
+
+Emit = Callable[[dict[str, Any]], None]  # writes one line to the peer now
+Handler = Callable[["Daemon", dict[str, Any], Peer, Emit], Awaitable[Any]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(name: str) -> Callable[[Handler], Handler]:
+    if name not in COMMANDS:
+        raise LookupError(f"handler for {name!r}, which commands.COMMANDS does not declare")
+
+    def register(handler: Handler) -> Handler:
+        HANDLERS[name] = handler
+        return handler
+
+    return register
+
+
+@handles("status")
+async def status(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    return daemon.status()
+
+
+@handles("releases")
+async def releases(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    await daemon.measure()
+    return [row.as_json() for row in daemon.inventory.rows()]
+
+
+@handles("history")
+async def history(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    entries = list(daemon.store.history())
+    return entries[-args["n"]:] if args["n"] > 0 else []
+
+
+@handles("deploy")
+async def deploy(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    running, name = daemon.runner.current, args["release"]
+    if args["follow"] and running and name in ("", running.release):
+        return _went_live(await daemon.runner.follow(_streamer(emit)))  # an upload's deploy as much as anyone's
+    return await _take_live(daemon, name or daemon.inventory.newest_complete(), DeployKind.DEPLOY, args, peer, emit)
+
+
+@handles("rollback")
+async def rollback(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    name = args["release"] or daemon.inventory.rollback_target()
+    return await _take_live(daemon, name, DeployKind.ROLLBACK, args, peer, emit)
+
+
+@handles("maintenance")
+async def maintenance(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    """On at once, on the live release and on any release a deploy is taking live; off waits for a deploy in
+    progress, whose own maintenance must not be lifted under it."""
+    ctx, store = daemon.ctx, daemon.store
+    live = ctx.tree.live()
+    if args["state"] == "on":
+        if not live:
+            raise Refused("no live release: `current` is missing")
+        notice = Notice(args["reason"] or "maintenance", now_iso(), peer.name, args["until"])
+        deploying = daemon.runner.current
+        for name in {live, *([deploying.release] if deploying else [])}:
+            ctx.flags.raise_in(ctx.tree.path(name), notice)
+        with store.lock:
+            store.memory.maintenance = notice
+            store.save()
+        daemon.log.info(f"maintenance on: {notice.reason}", actor=peer.name, until=notice.until or None)
+        daemon.announce()
+        return {"on": True, "reason": notice.reason, "since": notice.since, "by": notice.by,
+                "until": notice.until or None}
+    async with daemon.runner.lock:
+        with store.lock:
+            store.memory.maintenance = None
+            store.save()
+        if live := ctx.tree.live():
+            ctx.flags.lower_in(ctx.tree.path(live))
+    daemon.log.info("maintenance off", actor=peer.name)
+    daemon.announce()
+    return {"on": False}
+
+
+@handles("restart")
+async def restart(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    return await _on_live(daemon, "restart", daemon.ctx.restart_app, peer)
+
+
+@handles("flush")
+async def flush(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    return await _on_live(daemon, "flush", lambda live: daemon.ctx.flush_cache(daemon.log), peer)
+
+
+@handles("pause")
+async def pause(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    return daemon.set_paused(True, peer.name)
+
+
+@handles("resume")
+async def resume(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    return daemon.set_paused(False, peer.name)
+
+
+if set(HANDLERS) != set(COMMANDS):
+    raise LookupError(f"commands without a handler: {', '.join(sorted(set(COMMANDS) - set(HANDLERS)))}")
+
+
+# --- shared by the handlers ---------------------------------------------------------------------------------------
+
+
+async def _take_live(daemon: Daemon, name: str, kind: DeployKind, args: dict[str, Any], peer: Peer,
+                     emit: Emit) -> Any:
+    on_step = _streamer(emit) if args["follow"] else None
+    return _went_live(await daemon.runner.deploy(name, peer.name, kind, wait=args["wait"], on_step=on_step))
+
+
+async def _on_live(daemon: Daemon, step: str, action: Callable[[str], str], peer: Peer) -> Any:
+    """A single step on the live release, never beside a deploy."""
+    live = daemon.ctx.tree.live()
+    if not live:
+        raise Refused("no live release")
+    async with daemon.runner.lock:
+        try:
+            message = await asyncio.to_thread(action, live)
+        except Skipped as skip:
+            message = str(skip)
+    daemon.log.info(f"{step}: {message}", step=step, release=live, actor=peer.name, result="ok")
+    return {"step": step, "release": live, "message": message}
+
+
+def _streamer(emit: Emit) -> Callable[[StepRecord], None]:
+    """A follower that writes each step as an event line, in order, before the final answer can be."""
+
+    def on_step(record: StepRecord) -> None:
+        emit({"event": {"step": record.step, "result": record.result, "duration_ms": record.duration_ms,
+                        "message": record.message}})
+
+    return on_step
+
+
+def _went_live(outcome: Outcome) -> Any:
+    """A deploy's outcome as the final answer: ok only if the release went live."""
+    if not outcome.went_live:
+        raise Refused(f"{outcome.kind} of release {outcome.release} {outcome.result}: {outcome.error}")
+    return outcome.as_json()

@@ -1,0 +1,71 @@
+"""What a step, a deploy and a request come to: the words shared by the pipeline, recovery, the runner and the socket.
+
+They are Enums of strings (`StrEnum`) because they travel as text: into the journal (`MAINTD_RESULT=ok`), JSON log
+lines, `history.jsonl` and `maintctl --json`. Declaring them once keeps every reader and writer spelling them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class StepResult(StrEnum):
+    """`MAINTD_RESULT` of contract §5, for one step and for a whole deploy."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ROLLED_BACK = "rolled_back"
+
+
+class DeployKind(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    RECOVERY = "recovery"  # finishing or undoing, at start-up, a deploy that a crash cut off
+
+
+class Refused(Exception):
+    """A request maintd will not carry out; the message is a sentence for the operator."""
+
+
+class Skipped(Exception):
+    """The step does not apply to this deploy; the message says why."""
+
+
+class StepFailed(Exception):
+    """A step failed; `output` holds what a command printed, for the log."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: str
+    result: StepResult
+    duration_ms: float
+    message: str
+
+
+@dataclass
+class Outcome:
+    deploy_id: str
+    kind: DeployKind
+    release: str
+    previous: str | None
+    actor: str
+    result: StepResult  # ok, failed or rolled_back
+    started: str
+    duration_ms: float
+    error: str = ""
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def went_live(self) -> bool:
+        return self.result is StepResult.OK
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)

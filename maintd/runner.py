@@ -1,0 +1,103 @@
+"""One deploy at a time: starting them (for an upload, or for an operator), following them, handing out outcomes.
+
+A deploy runs in a worker thread (its steps block on the disk, on hooks, on the network); its steps come back to
+the loop one by one, for followers (`maintctl deploy --follow`, from the first step even when they join late) and for
+the status line. The automatic policy lives here too: the newest complete upload, once, unless paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from . import log
+from .context import Context
+from .inventory import Inventory
+from .pipeline import Deploy, OnStep
+from .results import DeployKind, Outcome, Refused, StepRecord
+from .tasks import Tasks
+
+
+class DeployRunner:
+    def __init__(self, ctx: Context, inventory: Inventory, tasks: Tasks, on_change: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.inventory = inventory
+        self.tasks = tasks
+        self.on_change = on_change  # the status line may have changed
+        self.log = log.get(app=ctx.config.app)
+        self.lock = asyncio.Lock()  # held by a deploy, and by single steps that must not run beside one
+        self.current: Deploy | None = None
+        self.accepting = True  # false once the daemon is stopping: no new automatic deploys
+        self._steps_done: list[StepRecord] = []  # of the deploy in progress, for followers who join late
+        self._followers: set[OnStep] = set()
+        self._outcome: asyncio.Future[Outcome] | None = None
+
+    def kick(self) -> None:
+        """Start an automatic deploy of the newest complete upload, if there is one and if allowed now."""
+        if self.ctx.store.memory.paused or self.lock.locked() or not self.accepting:
+            return
+        newest, passed_over = self.inventory.take_automatic()
+        for name in passed_over:
+            self.log.info(f"release {name} left alone: newer release {newest} is complete too", release=name)
+        if newest:
+            self.tasks.spawn(self._automatic(newest))
+
+    async def _automatic(self, name: str) -> None:
+        try:
+            await self.deploy(name, "upload")
+        except Refused as exc:  # changed between completing and its turn (written to again, say)
+            self.log.info(f"automatic deploy of release {name} not started: {exc}", release=name)
+
+    async def deploy(self, name: str, actor: str, kind: DeployKind = DeployKind.DEPLOY, wait: bool = True,
+                     on_step: OnStep | None = None) -> Outcome:
+        """Run one deploy; refuses at once when another runs and `wait` is false."""
+        self.inventory.check_deployable(name, kind)
+        if self.lock.locked() and not wait:
+            running = self.current
+            raise Refused(f"a {running.kind} of release {running.release} is running (use --wait)" if running
+                          else "a deploy is running (use --wait)")
+        async with self.lock:
+            self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
+            loop = asyncio.get_running_loop()
+            deploy = Deploy(self.ctx, name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
+            self.current, self._steps_done = deploy, []
+            self._followers = {on_step} if on_step else set()
+            outcome_future = self._outcome = loop.create_future()
+            try:
+                outcome = await asyncio.to_thread(deploy.run)
+            except Exception as exc:
+                outcome_future.set_exception(exc)  # followers get the error, not a wait without end
+                raise
+            finally:
+                self.current = None
+                self.on_change()
+            outcome_future.set_result(outcome)
+            self.inventory.complete.pop(name, None)
+        self.kick()
+        return outcome
+
+    def _stepped(self, record: StepRecord) -> None:
+        self._steps_done.append(record)
+        self.on_change()
+        for follower in list(self._followers):
+            follower(record)
+
+    async def follow(self, on_step: OnStep) -> Outcome:
+        """Watch the deploy in progress (whoever started it) from its first step to its outcome."""
+        if not self.current or not self._outcome:
+            raise Refused("no deploy is running")
+        for record in self._steps_done:
+            on_step(record)
+        self._followers.add(on_step)
+        try:
+            return await asyncio.shield(self._outcome)
+        finally:
+            self._followers.discard(on_step)
+
+    def describe(self) -> dict[str, Any] | None:
+        """The deploy in progress, for `status`."""
+        deploy = self.current
+        if not deploy:
+            return None
+        return {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
+                "actor": deploy.actor}
