@@ -85,6 +85,25 @@ def own_memcached() -> Iterator[Memcached]:
     server.stop()
 
 
+class Gate:
+    """A hook that holds a deploy open until the test says so: tests wait on events, never on a hook's `sleep`."""
+
+    def __init__(self, base: Path) -> None:
+        self.opened = base / "gate-open"
+        self.entered = base / "gate-entered"
+
+    def hook(self) -> str:
+        """The hook's argv as TOML: it says it is in, then waits for the gate to open."""
+        return (f'["sh", "-c", "touch {self.entered}; while [ ! -e {self.opened} ]; do sleep 0.01; done; '
+                f'rm -f {self.entered}"]')
+
+    def wait_entered(self, timeout: float = 30.0) -> None:
+        wait_until(self.entered.exists, timeout, "a deploy held at the gate")
+
+    def open(self) -> None:
+        self.opened.touch()
+
+
 class App:
     """A throw-away deploy tree with its config file."""
 
@@ -98,17 +117,20 @@ class App:
         self.socket = base / "maintd.sock"
         self.config = base / "app.toml"
         self.memcached = memcached
+        self.gate = Gate(base)
         for d in (self.releases, self.shared):
             d.mkdir(parents=True, exist_ok=True)
         self.write_config()
 
-    def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "", control: str = "") -> Path:
+    def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "", control: str = "",
+                     upload: str = "") -> Path:
         self.config.write_text(f"""
 app = "shop"
 root = "{self.root}"
 {top}
 [upload]
 quiet_period = {quiet_period}
+{upload}
 [memcached]
 servers = ["{self.memcached}"]
 timeout = 0.5
@@ -227,6 +249,12 @@ class Daemon:
     def steps(self, deploy_id: str) -> list[Event]:
         with self.cond:
             return [e for e in self.events if e.get("deploy_id") == deploy_id and "step" in e]
+
+    def reload(self) -> Event:
+        """SIGHUP, and the daemon's word that it took the new configuration."""
+        mark = self.mark()
+        self.proc.send_signal(signal.SIGHUP)
+        return self.wait_for(since=mark, event=lambda e: e.startswith("configuration reloaded"))
 
     def ready(self) -> Daemon:
         self.wait_for(event=lambda e: str(e).startswith("maintd watching"))

@@ -147,16 +147,21 @@ def test_failed_deploy_exits_1_and_rollback_skips_bad_releases(app, live):
 
 
 def test_one_deploy_at_a_time(app, start_daemon):
-    app.write_config('[hooks]\nbefore_swap = [["sleep", "1.5"]]\n')
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     app.make_release("r1")
     daemon = start_daemon()
-    daemon.wait_for(release="r1", step="maintenance_on")
+    app.gate.wait_entered()
+    maintctl(app, "pause", check_rc=0)  # r2 waits for an operator, not for r1's deploy to end
     app.make_release("r2")
     daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
     busy = maintctl(app, "deploy", "r2", check_rc=1)
     assert "a deploy of release r1 is running" in busy.stderr
-    maintctl(app, "deploy", "r2", "--wait", check_rc=0)
+    waiting = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "r2", "--wait"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app.gate.open()
+    assert waiting.wait(60) == 0, waiting.stderr.read()
     assert app.live() == "r2"
+    assert [e["release"] for e in daemon.events if e.get("step") == "swap"] == ["r1", "r2"]
 
 
 def test_operator_maintenance_survives_a_deploy(app, live):
@@ -270,10 +275,12 @@ def test_two_hundred_clients_at_once(app, live):
 
 
 def test_a_client_gone_mid_stream_does_not_stop_the_deploy(app, start_daemon):
-    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     app.make_release("r1")
+    app.gate.open()
     daemon = start_daemon()
     daemon.deployed("r1")
+    app.gate.opened.unlink()
     maintctl(app, "pause", check_rc=0)
     app.make_release("r2")
     daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
@@ -282,7 +289,9 @@ def test_a_client_gone_mid_stream_does_not_stop_the_deploy(app, start_daemon):
     assert follower.stdout.readline().split()[0] == "validate"
     follower.kill()
     follower.wait()
-    assert daemon.deployed("r2")["result"] == "ok"
+    app.gate.wait_entered()  # the deploy carries on after its follower is gone ...
+    app.gate.open()
+    assert daemon.deployed("r2")["result"] == "ok"  # ... to the end
     assert ok_json(app, "status")["current"] == "r2"
 
 
@@ -369,15 +378,21 @@ def test_mode_0660_keeps_other_users_out(open_app, users, start_daemon):
 
 
 def test_follow_attaches_to_a_deploy_an_upload_started(app, start_daemon):
-    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     daemon = start_daemon()
     app.make_release("r1")
-    daemon.wait_for(release="r1", step="maintenance_on")
-    done = maintctl(app, "deploy", "--follow", check_rc=0)
-    steps = [line.split()[0] for line in done.stdout.splitlines()[:-1]]
+    app.gate.wait_entered()
+    follower = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "--follow"],
+                                stdout=subprocess.PIPE, text=True)
+    first = follower.stdout.readline()
+    assert first.split()[0] == "validate"  # attached: the steps so far, replayed
+    app.gate.open()
+    lines = [first, *follower.stdout.read().splitlines()]
+    assert follower.wait(60) == 0
+    steps = [line.split()[0] for line in lines[:-1]]
     assert steps == ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush",
                      "health", "hooks_after", "maintenance_off", "cleanup"]
-    assert "release r1 is live" in done.stdout
+    assert "release r1 is live" in lines[-1]
     assert [e["actor"] for e in daemon.steps(daemon.deployed("r1")["deploy_id"])][0] == "upload"
 
 

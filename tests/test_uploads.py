@@ -84,19 +84,51 @@ def assert_never_live(app, daemon, name: str, tmp_path: Path) -> None:
     assert app.live() == "good"
 
 
-def test_rsync_client_killed_alone_is_never_deployed(app, start_daemon, tmp_path):
-    """The receiver deletes its temporary file and what is left looks tidy: the deletion is the only clue."""
-    app.write_config(quiet_period=SLOW_QUIET)
-    daemon = start_daemon()
-    rsync_proc = slow_rsync(big_source(tmp_path / "src", "cut"), app.releases / "cut")
-    wait_until(lambda: list((app.releases / "cut").rglob(".blob*")), 20, "rsync writing a blob")
+def cut_rsync_client(app, daemon, src: Path, name: str) -> None:
+    """An rsync whose client alone is killed half-way: its receiver deletes the temporary file it was writing, and
+    what is left looks quiet and tidy. Returns once maintd has said that the upload broke off."""
+    rsync_proc = slow_rsync(src, app.releases / name)
+    wait_until(lambda: list((app.releases / name).rglob(".blob*")), 20, "rsync writing a blob")
     # A break before maintd's watch reaches the directory being written cannot be seen (inotify has no past).
-    wait_until(lambda: daemon.watches(app.releases / "cut" / "app"), 20, "maintd watching the upload")
+    wait_until(lambda: daemon.watches(app.releases / name / "app"), 20, "maintd watching the upload")
     os.kill(rsync_proc.pid, signal.SIGKILL)  # the client alone: its receiver cleans up after it
     rsync_proc.wait()
-    daemon.wait_for(release="cut", event=lambda e: "broke off" in e)
+    daemon.wait_for(release=name, event=lambda e: "broke off" in e)
+
+
+def test_rsync_client_killed_alone_is_never_deployed(app, start_daemon, tmp_path):
+    """The deletion of the temporary file is the only clue."""
+    app.write_config(quiet_period=SLOW_QUIET)
+    daemon = start_daemon()
+    cut_rsync_client(app, daemon, big_source(tmp_path / "src", "cut"), "cut")
     wait_until(lambda: not list((app.releases / "cut").rglob(".blob*")), 10, "the receiver's clean-up")
     assert_never_live(app, daemon, "cut", tmp_path)
+
+
+def test_a_reload_to_quiet_period_mode_watches_for_breaks_from_then_on(app, start_daemon, tmp_path):
+    """Started with require_marker = true (no deep watches), reloaded to false: a cut rsync must be seen as cut."""
+    app.write_config(quiet_period=SLOW_QUIET, upload="require_marker = true")
+    daemon = start_daemon()
+    app.write_config(quiet_period=SLOW_QUIET, upload="require_marker = false")
+    daemon.reload()
+    cut_rsync_client(app, daemon, big_source(tmp_path / "src", "cut"), "cut")
+    assert_never_live(app, daemon, "cut", tmp_path)
+
+
+def test_a_reload_to_another_marker_is_followed_by_the_watcher(app, start_daemon, tmp_path):
+    """An upload under way at the reload, and one after it, both complete by the new marker alone."""
+    app.write_config(upload="require_marker = true")
+    daemon = start_daemon()
+    app.make_release("r1", marker=False)
+    wait_until(lambda: daemon.watches(app.releases / "r1"), 20, "maintd watching the upload")
+    app.write_config(upload='require_marker = true\nmarker = ".go-live"')
+    daemon.reload()
+    (app.releases / "r1" / ".go-live").touch()
+    assert daemon.deployed("r1")["result"] == "ok"
+    app.make_release("r2", marker=False)
+    (app.releases / "r2" / ".go-live").touch()
+    assert daemon.deployed("r2")["result"] == "ok"
+    assert app.live() == "r2"
 
 
 def test_a_broken_rsync_resumed_to_the_end_goes_live(app, start_daemon, tmp_path):
@@ -173,13 +205,14 @@ def test_startup_deploys_only_marked_newer_never_live_releases(app, start_daemon
 
 
 def test_newest_of_several_complete_uploads_wins_others_left_alone(app, start_daemon):
-    app.write_config('[hooks]\nbefore_swap = [["sleep", "1"]]\n')
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     daemon = start_daemon()
     app.make_release("r1")
-    daemon.wait_for(release="r1", step="maintenance_on")
+    app.gate.wait_entered()
     for name in ("r2", "r4", "r3"):  # arrive while r1 deploys
         app.make_release(name)
         daemon.wait_for(release=name, event=lambda e: e.startswith(f"upload of release {name} is complete"))
+    app.gate.open()
     assert daemon.deployed("r1")["result"] == "ok"
     assert daemon.deployed("r4")["result"] == "ok"
     for name in ("r2", "r3"):

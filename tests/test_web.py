@@ -49,12 +49,15 @@ def get(port: int, path: str = "/", source: str = USER_ADDRESS) -> tuple[int | s
         conn.close()
 
 
-def sample_through(port: int, deploy_done, limit: int = 30000) -> list[tuple]:
-    """Requests one after another (a bounded count) until the deploy is over and 50 more have been answered."""
+def sample_through(port: int, deploy_done, release_when, limit: int = 30000) -> list[tuple]:
+    """Requests one after another (a bounded count) until the deploy is over and 50 more have been answered.
+    `release_when(samples)` says when the deploy, held at its before-swap hook, may go on."""
     seen: list[tuple] = []
     after = 0
+    released = False
     while len(seen) < limit and after < 50:
         seen.append(get(port))
+        released = released or release_when(seen)
         after = after + 1 if deploy_done() else 0
     return seen
 
@@ -155,14 +158,17 @@ def nginx_puma(web_app):
     stack.stop()
 
 
-def start(app: App, port: int, extra: str, env: dict | None = None) -> Daemon:
+def start(app: App, port: int, extra: str, env: dict | None = None, hold: bool = False) -> Daemon:
+    """maintd on the web app; with `hold`, deploys wait at their before-swap hook until `app.gate` opens."""
     app.write_config(f"""{extra}
 health_url = "http://127.0.0.1:{port}/"
 health_expect = "release {{release}}"
 health_timeout = 20
 [hooks]
-before_swap = [["sleep", "1"]]
+before_swap = [{app.gate.hook()}]
 """)
+    if not hold:
+        app.gate.open()
     return Daemon(app, env=env).ready()
 
 
@@ -265,11 +271,20 @@ def went_live(daemon: Daemon, release: str):  # noqa: ANN201
 @pytest.mark.parametrize("when", ["always", "never"])
 def test_a_deploy_under_load_shows_old_then_page_then_new_and_never_an_error(web_app, stack, when):
     """With maintenance ("always"): A, then the page, then B. Zero downtime ("never"): A, then B, no 503 at all."""
-    daemon = start(web_app, stack.port, f'[maintenance]\nwhen = "{when}"\n' + stack.restart, env=stack.env)
+    daemon = start(web_app, stack.port, f'[maintenance]\nwhen = "{when}"\n' + stack.restart, env=stack.env,
+                   hold=True)
     try:
         assert get(stack.port)[:2] == (200, "release A\n")
         rack_release(web_app, "B")
-        samples = sample_through(stack.port, went_live(daemon, "B"))
+
+        def release_when(samples: list[tuple]) -> bool:
+            """The deploy goes on once visitors have met the page (with maintenance) or it is at its hook."""
+            if samples[-1][0] == 503 or (when == "never" and web_app.gate.entered.exists()):
+                web_app.gate.open()
+                return True
+            return False
+
+        samples = sample_through(stack.port, went_live(daemon, "B"), release_when)
         assert daemon.deployed("B")["result"] == "ok"
         assert_users_never_saw_an_error(samples, "A", "B", maintenance=when == "always")
     finally:
