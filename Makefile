@@ -8,7 +8,7 @@ DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-co
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
-.PHONY: test demo bench deps install clean
+.PHONY: test lint demo bench deps install clean
 
 deps: $(STAMP)
 
@@ -23,14 +23,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-test: deps
+test: deps lint
 	$(BIN)/python -m pytest -q
+
+# ruff (style, bugs, imports) and mypy --strict over the package; configured in pyproject.toml.
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 demo: deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
 # (pointing at $(PREFIX)/bin), the example config, the web snippets and the maintenance page.

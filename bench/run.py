@@ -75,11 +75,11 @@ def maintenance_window() -> dict:
     marks: dict[str, float] = {}
     raise_in, lower_in = ctx.flags.raise_in, ctx.flags.lower_in
 
-    def timed_raise(release, notice):  # noqa: ANN001, ANN202 - measurement probes around the real calls
+    def timed_raise(release, notice):
         raise_in(release, notice)
         marks["on"] = time.perf_counter()  # the last flag written is the live release's: users see it from here
 
-    def timed_lower(release):  # noqa: ANN001, ANN202
+    def timed_lower(release):
         lower_in(release)
         marks.setdefault("off", time.perf_counter())  # the first flag removed is the live release's
 
@@ -129,7 +129,8 @@ def detection() -> dict:
             name = f"q{i:03d}"
             make_source(app.releases / name, 50, name)
             last = time.time()
-            started = daemon.wait_for(release=name, event=lambda e: e.startswith("deploy of release") and "started" in e)
+            started = daemon.wait_for(release=name,
+                                      event=lambda e: e.startswith("deploy of release") and "started" in e)
             quiet_lat.append((ts(started) - last - quiet) * 1000)
             daemon.deployed(name)
     finally:
@@ -302,26 +303,31 @@ def scaling() -> dict:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
+def spread(stat: dict) -> str:
+    return f"{stat['median']} ms ({stat['min']}-{stat['max']})"
+
+
+def share(mode: dict, when: str) -> str:
+    return f"{mode[f'maintd_cpu_{when}_s']} s = {mode[f'fraction_{when}']:.1%}"
+
+
 def table(results: dict) -> str:
     w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
                                                "control_socket", "scaling"))
     q, m = c["quiet_period_mode"], c["require_marker_mode"]
     rows = [
-        ("1 maintenance window (maintd)", f"{w['maintd_ms']['median']} ms ({w['maintd_ms']['min']}-{w['maintd_ms']['max']})",
-         "≤ 0.5× script, < 5 ms"),
-        ("1 maintenance window (shell script)", f"{w['script_ms']['median']} ms ({w['script_ms']['min']}-{w['script_ms']['max']})", ""),
+        ("1 maintenance window (maintd)", spread(w["maintd_ms"]), "≤ 0.5× script, < 5 ms"),
+        ("1 maintenance window (shell script)", spread(w["script_ms"]), ""),
         ("1 ratio maintd / script", f"{w['ratio']}×", "≤ 0.5×"),
-        ("2 marker written → maintenance_on", f"{d['marker_to_maintenance_ms']['median']} ms "
-                                              f"({d['marker_to_maintenance_ms']['min']}-{d['marker_to_maintenance_ms']['max']})", "< 100 ms"),
-        ("2 last write → deploy start, beyond quiet period", f"{d['quiet_overshoot_ms']['median']} ms "
-                                                             f"({d['quiet_overshoot_ms']['min']}-{d['quiet_overshoot_ms']['max']})", "< 200 ms"),
+        ("2 marker written → maintenance_on", spread(d["marker_to_maintenance_ms"]), "< 100 ms"),
+        ("2 last write → deploy start, beyond quiet period", spread(d["quiet_overshoot_ms"]), "< 200 ms"),
         (f"3 {UPLOAD_FILES:,}-file rsync: rsync CPU (quiet-period run)", f"{q['rsync_cpu_s']} s", ""),
-        ("3 maintd CPU during it (quiet-period mode)", f"{q['maintd_cpu_during_rsync_s']} s = {q['fraction_during_rsync']:.1%}", "< 2%"),
+        ("3 maintd CPU during it (quiet-period mode)", share(q, "during_rsync"), "< 2%"),
         ("3 maintd CPU per file uploaded (quiet-period mode)", f"{q['maintd_us_per_file']} µs", ""),
-        ("3 maintd CPU until live (quiet-period mode)", f"{q['maintd_cpu_until_live_s']} s = {q['fraction_until_live']:.1%}", ""),
+        ("3 maintd CPU until live (quiet-period mode)", share(q, "until_live"), ""),
         ("3 peak inotify watches (quiet-period mode)", str(q["peak_inotify_watches"]), "O(1)"),
         ("3 rsync CPU, second run (require_marker)", f"{m['rsync_cpu_s']} s", ""),
-        ("3 maintd CPU during it (require_marker)", f"{m['maintd_cpu_during_rsync_s']} s = {m['fraction_during_rsync']:.1%}", "< 2%"),
+        ("3 maintd CPU during it (require_marker)", share(m, "during_rsync"), "< 2%"),
         ("3 peak inotify watches (require_marker)", str(m["peak_inotify_watches"]), "O(1)"),
         ("4 idle RSS", f"{f['rss_mb']} MB", "< 40 MB"),
         ("4 idle wake-ups per minute (all threads)", str(f["wakeups_per_minute"]), "no busy polling"),
@@ -354,11 +360,13 @@ def main() -> None:
     global MEMCACHED
     from maintd import log
 
-    log.configure("json", stream=open(os.devnull, "w"))  # in-process deploys log as the daemon does, unread
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - for the whole run: in-process deploys log as the daemon does
+    log.configure("json", stream=devnull)
     # No passenger-config: the touch alone, like the shell script (asking a Passenger costs ~0.2 s of Ruby).
     os.environ["PATH"] = str(path_without("passenger-config"))
     MEMCACHED = Memcached()
-    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+    results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                                 "python": platform.python_version(),
                                  "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
     try:
         print("1/6 maintenance window", flush=True)

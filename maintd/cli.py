@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .commands import COMMANDS, show_json, step_line
 
@@ -47,7 +48,8 @@ def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from .tree import Tree
 
-    problems, warnings = [], []
+    problems: list[str] = []
+    warnings: list[str] = []
     tree = Tree(config.root)
     if not config.root.is_dir():
         problems.append(f"root {config.root} is not a directory")
@@ -136,9 +138,9 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     command = COMMANDS[args.command]
     values = vars(args)
-    request = {"cmd": command.name, "args": command.wire(values)}
+    request: dict[str, Any] = {"cmd": command.name, "args": command.wire(values)}
 
-    def on_event(event: dict) -> None:
+    def on_event(event: dict[str, Any]) -> None:
         if values.get("follow"):
             print(step_line(event), flush=True)
 
@@ -158,7 +160,7 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
 def socket_path(args: argparse.Namespace) -> str:
     """--socket, else the socket named by --config (or the only file in /etc/maintd), read with tomllib alone."""
     if args.socket:
-        return args.socket
+        return str(args.socket)
     config = args.config
     if not config:
         candidates = sorted(Path("/etc/maintd").glob("*.toml"))
@@ -176,8 +178,8 @@ def socket_path(args: argparse.Namespace) -> str:
     return str(control.get("socket") or f"/run/maintd/{data.get('app', '')}.sock")
 
 
-def call(path: str, request: dict[str, object], on_event: Callable[[dict], None] | None = None,
-         timeout: float | None = ANSWER_TIMEOUT) -> dict:
+def call(path: str, request: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None] | None = None,
+         timeout: float | None = ANSWER_TIMEOUT) -> dict[str, Any]:
     """Send one request and read up to its final answer, handing event lines to `on_event` as they come."""
     import json
     import socket
@@ -193,7 +195,7 @@ def call(path: str, request: dict[str, object], on_event: Callable[[dict], None]
         with sock, sock.makefile("rb") as answers:
             sock.sendall(json.dumps(request).encode() + b"\n")
             for line in answers:
-                message = json.loads(line)
+                message: dict[str, Any] = json.loads(line)
                 if "event" not in message:
                     return message
                 if on_event:

@@ -9,19 +9,17 @@ disagree). Standard library only: maintctl imports this and must start in a few 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 
 class BadRequest(Exception):
     """A request that cannot be carried out as sent; the message goes back to the peer."""
 
 
-@dataclass(frozen=True)
-class Arg:
-    """One argument: a key of the request's `args` and an option (or positional) of maintctl."""
+class Arg(NamedTuple):
+    """One argument: a key of the request's `args` and an option (or positional) of maintctl. (Named tuples, not
+    dataclasses: importing `dataclasses` would cost maintctl a third of its start-up.)"""
 
     name: str
     type: type = str  # str, int or bool (a flag)
@@ -56,8 +54,7 @@ def _never(args: Mapping[str, Any]) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str
     help: str
     action: str  # what a refused peer was not allowed to do: "turn maintenance on or off"
@@ -84,7 +81,7 @@ class Command:
 def table(header: list[str], rows: list[list[object]]) -> str:
     cells = [header, *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
 def duration(ms: float) -> str:
@@ -102,6 +99,8 @@ def size(value: float | None) -> str:
 
 
 def when(epoch: float | None) -> str:
+    from datetime import datetime
+
     return datetime.fromtimestamp(epoch).isoformat(sep=" ", timespec="seconds") if epoch else "-"
 
 
@@ -166,6 +165,8 @@ def show_paused(result: Mapping[str, Any]) -> str:
 
 
 def show_json(result: Any) -> str:
+    import json
+
     return json.dumps(result, indent=2, default=str)
 
 

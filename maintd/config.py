@@ -10,9 +10,10 @@ from __future__ import annotations
 import grp
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -120,9 +121,10 @@ def _string(value: Any) -> str:
 
 
 def _nonempty(value: Any) -> str:
-    if not _string(value):
+    text = _string(value)
+    if not text:
         raise ValueError("must not be empty")
-    return value
+    return text
 
 
 def _bool(value: Any) -> bool:
@@ -149,9 +151,10 @@ def _count(value: Any) -> int:
 
 def _one_of(*choices: str) -> Check:
     def check(value: Any) -> str:
-        if _string(value) not in choices:
+        text = _string(value)
+        if text not in choices:
             raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, not {value!r}")
-        return value
+        return text
 
     return check
 
@@ -206,30 +209,34 @@ def _servers(value: Any) -> tuple[str, ...]:
 
 
 def _mode(value: Any) -> str:
-    if not re.fullmatch(r"0?[0-7]{3}", _string(value)):
+    text = _string(value)
+    if not re.fullmatch(r"0?[0-7]{3}", text):
         raise ValueError(f"must be an octal file mode such as \"0660\", not {value!r}")
-    return value
+    return text
 
 
 def _group(value: Any) -> str:
-    if _string(value):
+    text = _string(value)
+    if text:
         try:
-            grp.getgrnam(value)
+            grp.getgrnam(text)
         except KeyError:
             raise ValueError(f"names no group on this machine: {value!r}") from None
-    return value
+    return text
 
 
 def _absolute(value: Any) -> str:
-    if not _nonempty(value).startswith("/"):
+    text = _nonempty(value)
+    if not text.startswith("/"):
         raise ValueError(f"must be an absolute path, not {value!r}")
-    return value
+    return text
 
 
 def _app_name(value: Any) -> str:
-    if not RELEASE_NAME.fullmatch(_nonempty(value)):
+    text = _nonempty(value)
+    if not RELEASE_NAME.fullmatch(text):
         raise ValueError(f"must be a plain name (letters, digits, . _ -), not {value!r}")
-    return value
+    return text
 
 
 def _kind(value: Any) -> str:

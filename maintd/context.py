@@ -48,9 +48,9 @@ class Context:
         try:
             if missing := self.tree.missing(name, upload.required):
                 return f"required path missing: {', '.join(missing)}"
-            if (self.tree.releases / name / upload.manifest).is_file():
-                if problem := self.tree.verify_manifest(name, upload.manifest, self.written_by_maintd()):
-                    return f"manifest does not verify: {problem}"
+            manifest = (self.tree.releases / name / upload.manifest).is_file()
+            if manifest and (problem := self.tree.verify_manifest(name, upload.manifest, self.written_by_maintd())):
+                return f"manifest does not verify: {problem}"
         except ReleaseError as exc:
             return str(exc)
         except OSError as exc:

@@ -15,8 +15,9 @@ import asyncio
 import fcntl
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from . import log
 from .config import Config, ConfigError
@@ -193,7 +194,8 @@ def acquire_lock(state_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise AlreadyRunning(f"another maintd (pid {holder}) already runs this app (lock {state_dir / 'lock'})")
+        raise AlreadyRunning(
+            f"another maintd (pid {holder}) already runs this app (lock {state_dir / 'lock'})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -7,8 +7,9 @@ A handler gets the running daemon, the request's args (already typed and checked
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from .commands import COMMANDS
 from .maintenance import Notice

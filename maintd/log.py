@@ -85,4 +85,5 @@ def configure(fmt: str | None = None, stream: TextIO = sys.stderr, level: int = 
 
 
 def get(**context: Any) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(**context)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**context)
+    return logger

@@ -8,7 +8,8 @@ the status line. The automatic policy lives here too: the newest complete upload
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import log
 from .context import Context
@@ -59,7 +60,8 @@ class DeployRunner:
         async with self.lock:
             self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
             loop = asyncio.get_running_loop()
-            deploy = Deploy(self.ctx, name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
+            deploy = Deploy(self.ctx, name, actor, kind,
+                            lambda record: loop.call_soon_threadsafe(self._stepped, record))
             self.current, self._steps_done = deploy, []
             self._followers = {on_step} if on_step else set()
             outcome_future = self._outcome = loop.create_future()

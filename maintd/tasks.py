@@ -6,7 +6,8 @@ asyncio keeps only weak references to tasks: one nobody holds can be garbage-col
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 
 class Tasks:

@@ -36,7 +36,7 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def name_key(name: str) -> tuple:
+def name_key(name: str) -> tuple[tuple[int, int, str], ...]:
     """Sort key that orders release names as people read them: v9 before v10, timestamps by time."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 

@@ -24,13 +24,22 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable
 
-from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
@@ -79,7 +88,7 @@ class _Handler(FileSystemEventHandler):
             for change in self.classify(event):
                 if self._worth_passing_on(change):
                     self.deliver(change)
-        except Exception as exc:  # noqa: BLE001 - an escaping exception silently stops all event delivery
+        except Exception as exc:
             self.on_error(exc)
 
     def _worth_passing_on(self, change: Change) -> bool:

@@ -12,8 +12,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ class Memcached:
         self.proc = subprocess.Popen(["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-u", "root"])
         wait_until(lambda: port_open(self.port), 10, f"memcached on {self.port}")
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         from pymemcache.client.base import Client
 
         return Client(("127.0.0.1", self.port), connect_timeout=2, timeout=2)
@@ -280,6 +281,37 @@ def start_daemon(app: App) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.stop(signal.SIGKILL)
+
+
+def run_deploy(app: App, name: str, extra: str = "", actor: str = "alice", kind: str = "deploy", top: str = "",
+               state: Path | None = None) -> tuple[Any, list[Event], Any]:
+    """One deploy in-process, the pipeline against the real tree: (outcome, its log events, its context)."""
+    from structlog.testing import capture_logs
+
+    from maintd.config import load
+    from maintd.context import Context
+    from maintd.pipeline import Deploy
+    from maintd.state import Store
+
+    app.write_config(extra, top=top)
+    config = load(app.config)
+    ctx = Context.build(config, Store(state or config.state_dir))
+    with capture_logs() as events:
+        outcome = Deploy(ctx, name, actor, kind).run()
+    return outcome, events, ctx
+
+
+def maintctl(app: App, *args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    """The real maintctl on the app's socket; `check_rc` asserts its exit code."""
+    done = subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), *args], capture_output=True,
+                          text=True, timeout=120)
+    if check_rc is not None:
+        assert done.returncode == check_rc, (done.stdout, done.stderr)
+    return done
+
+
+def maintctl_json(app: App, *args: str) -> Any:
+    return json.loads(maintctl(app, *args, "--json", check_rc=0).stdout)
 
 
 def rsync(src: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:

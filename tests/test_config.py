@@ -12,7 +12,8 @@ MINIMAL = 'app = "shop"\nroot = "/srv/shop"\n'
 def test_defaults_are_the_contracts():
     config = parse(MINIMAL)
     assert config.keep_releases == 5
-    assert (config.upload.marker, config.upload.require_marker, config.upload.quiet_period) == (".maintd-ready", False, 5.0)
+    upload = config.upload
+    assert (upload.marker, upload.require_marker, upload.quiet_period) == (".maintd-ready", False, 5.0)
     assert (config.upload.manifest, config.upload.required) == (".maintd-manifest", ())
     assert (config.maintenance.file, config.maintenance.when) == ("tmp/maintenance.txt", "always")
     assert config.maintenance.keep_on_failure is False

@@ -16,19 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, maintctl_json
+from conftest import maintctl as root_maintctl
 from maintd.commands import COMMANDS
 
 PROBE_USER, OPERATOR_USER, OPS_GROUP = "maintd-probe", "maintd-operator", "maintd-ops"
 
 
 def maintctl(app, *args, user=None, check_rc=None):
-    cmd = [str(BIN / "maintctl"), "--socket", str(app.socket), *args]
-    if user:
-        entry = pwd.getpwnam(user)
-        cmd = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
-               *public_maintctl(), "--socket", str(app.socket), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    """As root (conftest's), or as `user` through setpriv."""
+    if not user:
+        return root_maintctl(app, *args, check_rc=check_rc)
+    entry = pwd.getpwnam(user)
+    done = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+                           *public_maintctl(), "--socket", str(app.socket), *args],
+                          capture_output=True, text=True, timeout=120)
     if check_rc is not None:
         assert done.returncode == check_rc, (done.stdout, done.stderr)
     return done
@@ -51,10 +53,6 @@ def public_maintctl() -> list[str]:
                "sys.exit(maintctl_main())"
         _PUBLIC.extend([os.path.realpath(sys.executable), "-c", code])
     return _PUBLIC
-
-
-def ok_json(app, *args):
-    return json.loads(maintctl(app, *args, "--json", check_rc=0).stdout)
 
 
 def raw(app, payload: bytes):
@@ -80,7 +78,7 @@ def live(app, start_daemon):
 
 
 def test_status_json_has_the_contract_fields(app, live):
-    status = ok_json(app, "status")
+    status = maintctl_json(app, "status")
     assert status["app"] == "shop" and status["current"] == "r1"
     assert status["maintenance"] == {**status["maintenance"], "on": False, "reason": None, "since": None, "by": None}
     assert status["paused"] is False and status["deploying"] is None
@@ -94,7 +92,7 @@ def test_releases_lists_every_release_with_its_state(app, live):
     app.make_release("r2", marker=False)
     (app.releases / "r2" / ".maintd-manifest").write_text("nonsense\n")
     live.wait_for(release="r2", result="refused")
-    rows = {r["name"]: r for r in ok_json(app, "releases")}
+    rows = {r["name"]: r for r in maintctl_json(app, "releases")}
     assert rows["r1"]["state"] == "live" and rows["r1"]["size"] > 0 and rows["r1"]["uploaded_at"]
     assert rows["r2"]["state"] == "refused" and "manifest" in rows["r2"]["reason"]
     assert "r2    refused" in maintctl(app, "releases", check_rc=0).stdout
@@ -110,10 +108,10 @@ def test_deploy_follow_prints_every_step_in_order_and_rollback_goes_back(app, li
                      "health", "hooks_after", "maintenance_off", "cleanup"]
     assert done.stdout.splitlines()[-1].startswith("release r2 is live")
     assert app.live() == "r2"
-    assert [e["actor"] for e in live.steps(live.deployed("r2")["deploy_id"])][0] == "root"
+    assert live.steps(live.deployed("r2")["deploy_id"])[0]["actor"] == "root"
     maintctl(app, "rollback", check_rc=0)
     assert app.live() == "r1"
-    history = ok_json(app, "history", "-n", "2")
+    history = maintctl_json(app, "history", "-n", "2")
     assert [(h["kind"], h["release"]) for h in history] == [("deploy", "r2"), ("rollback", "r1")]
     assert "rolled back to release r1" in (app.root / "revisions.log").read_text()
 
@@ -167,7 +165,7 @@ def test_one_deploy_at_a_time(app, start_daemon):
 def test_operator_maintenance_survives_a_deploy(app, live):
     done = maintctl(app, "maintenance", "on", "--reason", "db upgrade", "--until", "22:00", check_rc=0)
     assert "db upgrade" in done.stdout
-    status = ok_json(app, "status")
+    status = maintctl_json(app, "status")
     assert status["maintenance"]["on"] and status["maintenance"]["by"] == "root"
     assert status["maintenance"]["reason"] == "db upgrade" and status["maintenance"]["since"]
     app.make_release("r2")
@@ -176,7 +174,7 @@ def test_operator_maintenance_survives_a_deploy(app, live):
     assert "22:00" in (app.current / "tmp" / "maintenance.html").read_text()
     maintctl(app, "maintenance", "off", check_rc=0)
     assert not (app.current / "tmp" / "maintenance.txt").exists()
-    assert ok_json(app, "status")["maintenance"]["on"] is False
+    assert maintctl_json(app, "status")["maintenance"]["on"] is False
 
 
 def test_pause_survives_a_restart_and_resume_deploys_what_waited(app, live):
@@ -188,8 +186,8 @@ def test_pause_survives_a_restart_and_resume_deploys_what_waited(app, live):
     try:
         app.make_release("r2")
         daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
-        assert ok_json(app, "status")["paused"] is True
-        assert {r["name"]: r["state"] for r in ok_json(app, "releases")}["r2"] == "complete"
+        assert maintctl_json(app, "status")["paused"] is True
+        assert {r["name"]: r["state"] for r in maintctl_json(app, "releases")}["r2"] == "complete"
         assert app.live() == "r1"
         maintctl(app, "resume", check_rc=0)
         assert daemon.deployed("r2")["result"] == "ok"
@@ -223,7 +221,7 @@ def test_a_daemon_that_does_not_answer_exits_3_and_is_fine_once_it_does(app, liv
         assert "did not answer within 0.5s" in done.stderr
     finally:
         os.kill(live.proc.pid, signal.SIGCONT)
-    assert ok_json(app, "status")["current"] == "r1"
+    assert maintctl_json(app, "status")["current"] == "r1"
 
 
 def test_maintctl_imports_none_of_the_daemons_heavy_modules():
@@ -244,14 +242,14 @@ def test_bad_requests_get_errors_and_the_daemon_carries_on(app, live):
     huge = raw(app, b'{"cmd": "status", "pad": "' + b"x" * 70000 + b'"}\n')
     assert huge == [{"ok": False, "error": "request over 65536 bytes"}]
     assert raw(app, b'{"cmd": "status"}\n{"cmd": "status"}\n')[1]["result"]["current"] == "r1"
-    assert ok_json(app, "status")["current"] == "r1"
+    assert maintctl_json(app, "status")["current"] == "r1"
 
 
 def test_a_silent_client_is_dropped_and_others_are_served_meanwhile(app, live):
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.connect(str(app.socket))
     silent.sendall(b'{"cmd": "sta')  # and never a newline
-    assert ok_json(app, "status")["current"] == "r1"
+    assert maintctl_json(app, "status")["current"] == "r1"
     silent.settimeout(30)
     answer = silent.recv(4096)
     assert b"no request within" in answer
@@ -292,7 +290,7 @@ def test_a_client_gone_mid_stream_does_not_stop_the_deploy(app, start_daemon):
     app.gate.wait_entered()  # the deploy carries on after its follower is gone ...
     app.gate.open()
     assert daemon.deployed("r2")["result"] == "ok"  # ... to the end
-    assert ok_json(app, "status")["current"] == "r2"
+    assert maintctl_json(app, "status")["current"] == "r2"
 
 
 def test_stale_socket_is_replaced_but_a_live_one_is_not_stolen(app, start_daemon, tmp_path):
@@ -301,14 +299,14 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not_stolen(app, start_daemon
     first.stop(signal.SIGKILL)  # leaves its socket file behind
     assert app.socket.is_socket()
     second = start_daemon()
-    assert ok_json(app, "status")["current"] == "r1"
+    assert maintctl_json(app, "status")["current"] == "r1"
     other_state = tmp_path / "state2"
     text = app.config.read_text().replace(f'dir = "{app.state}"', f'dir = "{other_state}"')
     (tmp_path / "other.toml").write_text(text)
     thief = subprocess.run([str(BIN / "maintd"), "run", "--config", str(tmp_path / "other.toml"),
                             "--log-format", "json"], capture_output=True, text=True, timeout=30)
     assert thief.returncode == 1 and "another daemon is listening" in thief.stderr
-    assert ok_json(app, "status")["current"] == "r1"
+    assert maintctl_json(app, "status")["current"] == "r1"
     second.stop()
 
 
@@ -362,10 +360,10 @@ def test_other_users_may_read_but_not_change(open_app, users, start_daemon):
         done = maintctl(app, *args, user=probe, check_rc=1)
         assert f"user {probe} is not allowed to {COMMANDS[args[0]].action}: only root and members of " \
                f"control.group ({OPS_GROUP})" in done.stderr
-    assert ok_json(app, "status")["paused"] is False
+    assert maintctl_json(app, "status")["paused"] is False
     maintctl(app, "pause", user=operator, check_rc=0)
     assert daemon.wait_for(event="automatic deploys paused")["actor"] == operator
-    assert ok_json(app, "status")["paused"] is True
+    assert maintctl_json(app, "status")["paused"] is True
 
 
 def test_mode_0660_keeps_other_users_out(open_app, users, start_daemon):
@@ -393,7 +391,7 @@ def test_follow_attaches_to_a_deploy_an_upload_started(app, start_daemon):
     assert steps == ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush",
                      "health", "hooks_after", "maintenance_off", "cleanup"]
     assert "release r1 is live" in lines[-1]
-    assert [e["actor"] for e in daemon.steps(daemon.deployed("r1")["deploy_id"])][0] == "upload"
+    assert daemon.steps(daemon.deployed("r1")["deploy_id"])[0]["actor"] == "upload"
 
 
 def test_rollback_refuses_a_refused_or_uploading_release(app, live):

@@ -9,16 +9,13 @@ import random
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from structlog.testing import capture_logs
 
-from conftest import App, BIN
-from maintd.config import load
-from maintd.context import Context
+from conftest import BIN, App, maintctl_json, run_deploy
 from maintd.pipeline import Deploy
 from maintd.state import InFlight, Store
 
@@ -34,12 +31,6 @@ def assert_consistent(app: App, expected: str | None = None) -> None:
     assert flags == [], f"maintenance left on: {flags}"
     assert not (app.state / "deploy.json").exists()
     assert not list(app.root.glob(".current.tmp-*"))
-
-
-def status(app: App) -> dict:
-    done = subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), "status", "--json"],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
 
 
 @pytest.mark.parametrize("step", [*STEPS, "end"])
@@ -58,7 +49,7 @@ def test_kill_9_at_every_step_boundary(app, start_daemon, step):
     assert recovery["result"] == ("ok" if swapped else "rolled_back")
     assert recovery["interrupted_step"] == (step if step != "end" else "cleanup")
     assert_consistent(app, expected)
-    last = status(app)["last_deploy"]
+    last = maintctl_json(app, "status")["last_deploy"]
     assert last["kind"] == "recovery" and last["release"] == "r2" and "cut off" in last["error"]
     assert [h["kind"] for h in app.history()][-1] == "recovery"
     app.make_release("r3")
@@ -98,15 +89,6 @@ def test_kill_9_at_random_moments_during_50_deploys(app, start_daemon):
 # --- faults inside one deploy (in-process: the pipeline against the real tree) -----------------------------------
 
 
-def run_deploy(app: App, name: str, extra: str = "", root: Path | None = None, state: Path | None = None):
-    app.write_config(extra)
-    config = load(app.config)
-    ctx = Context.build(config, Store(state or config.state_dir))
-    with capture_logs() as events:
-        outcome = Deploy(ctx, name, "test").run()
-    return outcome, events, ctx
-
-
 @pytest.fixture
 def tmpfs(tmp_path):
     """A 2 MiB tmpfs of the test's own, to fill for real."""
@@ -131,7 +113,7 @@ def test_disk_full_while_raising_maintenance_aborts_before_the_swap(tmp_path, me
     assert run_deploy(app, "r1")[0].result == "ok"
     app.make_release("r2")
     filler = fill(tmpfs)
-    outcome, events, ctx = run_deploy(app, "r2")
+    outcome, _, _ = run_deploy(app, "r2")
     assert outcome.result == "failed" and "maintenance_on" in outcome.error and "No space left" in outcome.error
     assert_consistent(app, "r1")
     leftovers = [p.name for p in app.releases.glob("*/tmp/.*")]
@@ -161,7 +143,7 @@ def test_restart_command_failing_or_hanging_rolls_back(app, command, problem):
     app.make_release("r1")
     assert run_deploy(app, "r1")[0].result == "ok"
     app.make_release("r2")
-    outcome, events, ctx = run_deploy(app, "r2", f'[restart]\nmethod = "command"\ncommand = {command}\n'
+    outcome, _, ctx = run_deploy(app, "r2", f'[restart]\nmethod = "command"\ncommand = {command}\n'
                                                  '[hooks]\ntimeout = 0.3\n')
     assert outcome.result == "rolled_back" and problem in outcome.error
     assert_consistent(app, "r1")
@@ -210,7 +192,7 @@ def test_release_deleted_while_being_validated(app):
             f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(path)}\n" for p in files))
         remover = threading.Thread(target=shutil.rmtree, args=(path / "app",), kwargs={"ignore_errors": True})
         remover.start()
-        wait_until(lambda: not all(p.exists() for p in files), 10, "the deletion under way")
+        wait_until(lambda files=files: not all(p.exists() for p in files), 10, "the deletion under way")
         outcome, _, _ = run_deploy(app, name)
         remover.join()
         assert outcome.result == "failed" and outcome.error.startswith("validate: "), outcome.error

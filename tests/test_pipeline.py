@@ -7,26 +7,14 @@ import sys
 import textwrap
 
 import pytest
-from structlog.testing import capture_logs
 
+from conftest import free_port, run_deploy
 from maintd.config import load
-from maintd.context import Context
-from maintd.pipeline import Deploy
 from maintd.maintenance import Notice
+from maintd.pipeline import Deploy
 from maintd.state import Store
 
-from conftest import free_port
-
 FIELDS = {"app", "deploy_id", "release", "step", "result", "duration_ms", "actor"}
-
-
-def deploy(app, name, extra="", actor="alice", kind="deploy", top=""):
-    app.write_config(extra, top=top)
-    config = load(app.config)
-    ctx = Context.build(config, Store(config.state_dir))
-    with capture_logs() as events:
-        outcome = Deploy(ctx, name, actor, kind).run()
-    return outcome, events, ctx
 
 
 def flag(app, name):
@@ -35,10 +23,10 @@ def flag(app, name):
 
 def test_steps_run_in_order_each_one_event_with_the_audit_fields(app):
     app.make_release("r1")
-    outcome, events, _ = deploy(app, "r1")
+    outcome, events, _ = run_deploy(app, "r1")
     steps = [e for e in events if "step" in e]
     assert [e["step"] for e in steps] == list(Deploy.STEPS)
-    assert all(FIELDS <= e.keys() for e in steps)
+    assert all(e.keys() >= FIELDS for e in steps)
     assert {e["deploy_id"] for e in steps} == {outcome.deploy_id}
     assert {e["actor"] for e in steps} == {"alice"}
     results = {e["step"]: e["result"] for e in steps}
@@ -52,9 +40,9 @@ def test_steps_run_in_order_each_one_event_with_the_audit_fields(app):
 def test_deploy_records_history_and_revisions_log(app):
     app.make_release("r1")
     app.make_release("r2")
-    deploy(app, "r1")
-    outcome, _, ctx = deploy(app, "r2")
-    [first, second] = app.history()
+    run_deploy(app, "r1")
+    _, _, ctx = run_deploy(app, "r2")
+    [_, second] = app.history()
     assert (second["release"], second["previous"], second["result"]) == ("r2", "r1", "ok")
     assert [s["step"] for s in second["steps"]] == list(Deploy.STEPS)
     assert all("duration_ms" in s for s in second["steps"])
@@ -67,7 +55,7 @@ def test_deploy_flushes_memcached(app, memcached):
     client = memcached.client()
     client.set("views/home", b"old", noreply=False)
     app.make_release("r1")
-    deploy(app, "r1")
+    run_deploy(app, "r1")
     assert client.get("views/home") is None
 
 
@@ -75,7 +63,7 @@ def test_memcached_down_is_a_warning_and_the_deploy_completes(app, own_memcached
     app.memcached = own_memcached.address
     own_memcached.stop()
     app.make_release("r1")
-    outcome, events, _ = deploy(app, "r1")
+    outcome, events, _ = run_deploy(app, "r1")
     assert outcome.result == "ok" and app.live() == "r1"
     [warning] = [e for e in events if e["log_level"] == "warning"]
     assert "not flushed" in warning["event"] and warning["step"] == "flush"
@@ -84,9 +72,10 @@ def test_memcached_down_is_a_warning_and_the_deploy_completes(app, own_memcached
 def test_failing_health_check_rolls_back(app):
     app.make_release("r1")
     app.make_release("r2")
-    deploy(app, "r1")
+    run_deploy(app, "r1")
     port = free_port()  # nothing listens there
-    outcome, events, ctx = deploy(app, "r2", f'[restart]\nhealth_url = "http://127.0.0.1:{port}/up"\nhealth_timeout = 0.5\n')
+    outcome, events, ctx = run_deploy(app, "r2",
+                                  f'[restart]\nhealth_url = "http://127.0.0.1:{port}/up"\nhealth_timeout = 0.5\n')
     assert outcome.result == "rolled_back" and app.live() == "r1"
     assert outcome.error.startswith("health: health check")
     rollback = [e for e in events if e.get("step") == "rollback"]
@@ -99,8 +88,9 @@ def test_failing_health_check_rolls_back(app):
 def test_failing_hook_before_swap_changes_nothing_and_keeps_its_output(app):
     app.make_release("r1")
     app.make_release("r2")
-    deploy(app, "r1")
-    outcome, events, _ = deploy(app, "r2", '[hooks]\nbefore_swap = [["sh", "-c", "echo migration exploded; exit 3"]]\n')
+    run_deploy(app, "r1")
+    hook = '[hooks]\nbefore_swap = [["sh", "-c", "echo migration exploded; exit 3"]]\n'
+    outcome, events, _ = run_deploy(app, "r2", hook)
     assert outcome.result == "failed" and app.live() == "r1"
     [failed] = [e for e in events if e.get("result") == "failed" and e.get("step") == "hooks_before"]
     assert "exited with status 3" in failed["event"] and "migration exploded" in failed["output"]
@@ -109,7 +99,7 @@ def test_failing_hook_before_swap_changes_nothing_and_keeps_its_output(app):
 
 def test_hanging_hook_is_killed_at_the_timeout(app):
     app.make_release("r1")
-    outcome, _, _ = deploy(app, "r1", '[hooks]\nbefore_swap = [["sleep", "60"]]\ntimeout = 0.3\n')
+    outcome, _, _ = run_deploy(app, "r1", '[hooks]\nbefore_swap = [["sleep", "60"]]\ntimeout = 0.3\n')
     assert outcome.result == "failed" and "did not finish in time" in outcome.error
     assert app.live() is None
 
@@ -118,7 +108,7 @@ def test_maintenance_holds_across_the_swap(app):
     """A separate process polls current/tmp/maintenance.txt through the deploy: one unbroken block of 'on'."""
     app.make_release("r1")
     app.make_release("r2")
-    deploy(app, "r1")
+    run_deploy(app, "r1")
     poller = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, sys
         seen = []
@@ -132,7 +122,7 @@ def test_maintenance_holds_across_the_swap(app):
     """)], stdout=subprocess.PIPE, text=True)
     assert poller.stdout.readline() == "ready\n"
     slow = '[hooks]\nbefore_swap = [["sleep", "0.3"]]\nafter_swap = [["sleep", "0.3"]]\n'
-    outcome, _, _ = deploy(app, "r2", slow)
+    outcome, _, _ = run_deploy(app, "r2", slow)
     (app.base / "stop").touch()
     runs = json.loads(poller.communicate(timeout=30)[0])
     assert outcome.result == "ok"
@@ -142,12 +132,12 @@ def test_maintenance_holds_across_the_swap(app):
 def test_operator_maintenance_stays_on_through_a_deploy(app):
     app.make_release("r1")
     app.make_release("r2")
-    deploy(app, "r1")
+    run_deploy(app, "r1")
     app.write_config()
     store = Store(load(app.config).state_dir)
     store.memory.maintenance = Notice("db upgrade", "2026-11-23T20:00:00+00:00", "root", "22:00")
     store.save()
-    outcome, events, _ = deploy(app, "r2")
+    outcome, events, _ = run_deploy(app, "r2")
     assert outcome.result == "ok" and app.live() == "r2"
     assert flag(app, "r2")
     assert "db upgrade" in (app.releases / "r2" / "tmp" / "maintenance.txt").read_text()
@@ -165,14 +155,14 @@ def test_maintenance_when(app, when, migrate_r2, expected):
         path = app.make_release(name)
         (path / "db" / "migrate").mkdir(parents=True)
         (path / "db" / "migrate" / migration).write_text("class M; end\n")
-    deploy(app, "r1")
-    _, events, _ = deploy(app, "r2", f'[maintenance]\nwhen = "{when}"\n')
+    run_deploy(app, "r1")
+    _, events, _ = run_deploy(app, "r2", f'[maintenance]\nwhen = "{when}"\n')
     assert [e["result"] for e in events if e.get("step") == "maintenance_on"] == [expected]
 
 
 def test_keep_on_failure_leaves_the_page_up(app):
     app.make_release("r1")
-    outcome, _, _ = deploy(app, "r1", '[maintenance]\nkeep_on_failure = true\n[hooks]\nbefore_swap = [["false"]]\n')
+    outcome, _, _ = run_deploy(app, "r1", '[maintenance]\nkeep_on_failure = true\n[hooks]\nbefore_swap = [["false"]]\n')
     assert outcome.result == "failed" and flag(app, "r1")
 
 
@@ -181,7 +171,7 @@ def test_cleanup_keeps_the_newest_live_ones_and_never_unreleased(app):
         app.make_release(f"r{i}")
     app.make_release("waiting", marker=False)
     for i in range(1, 8):
-        outcome, _, _ = deploy(app, f"r{i}", top="keep_releases = 3")
+        outcome, _, _ = run_deploy(app, f"r{i}", top="keep_releases = 3")
         assert outcome.result == "ok"
     remaining = sorted(os.listdir(app.releases))
     assert remaining == ["r5", "r6", "r7", "waiting"]
@@ -192,6 +182,6 @@ def test_shared_files_are_linked_before_the_swap(app):
     (app.shared / "config").mkdir()
     (app.shared / "config" / "database.yml").write_text("production: {}\n")
     app.make_release("r1")
-    outcome, _, _ = deploy(app, "r1", '[shared]\nfiles = ["config/database.yml"]\n')
+    outcome, _, _ = run_deploy(app, "r1", '[shared]\nfiles = ["config/database.yml"]\n')
     assert outcome.result == "ok"
     assert (app.current / "config" / "database.yml").read_text() == "production: {}\n"

@@ -211,7 +211,7 @@ def test_newest_of_several_complete_uploads_wins_others_left_alone(app, start_da
     app.gate.wait_entered()
     for name in ("r2", "r4", "r3"):  # arrive while r1 deploys
         app.make_release(name)
-        daemon.wait_for(release=name, event=lambda e: e.startswith(f"upload of release {name} is complete"))
+        daemon.wait_for(release=name, event=lambda e, name=name: e.startswith(f"upload of release {name} is complete"))
     app.gate.open()
     assert daemon.deployed("r1")["result"] == "ok"
     assert daemon.deployed("r4")["result"] == "ok"
@@ -255,7 +255,7 @@ Subsystem sftp internal-sftp
         self.ssh = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                     "-o", "LogLevel=ERROR", "-i", str(self.key)]
 
-    def scp(self, *args: str, wait: bool = True):  # noqa: ANN201
+    def scp(self, *args: str, wait: bool = True):
         cmd = ["scp", "-q", "-P", str(self.port), *self.ssh, *args]
         if wait:
             return subprocess.run(cmd, check=True, capture_output=True)

@@ -264,7 +264,7 @@ def stack(request):
     return request.getfixturevalue(request.param)
 
 
-def went_live(daemon: Daemon, release: str):  # noqa: ANN201
+def went_live(daemon: Daemon, release: str):
     return lambda: any(e.get("release") == release and "went live" in e.get("event", "") for e in list(daemon.events))
 
 
