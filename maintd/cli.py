@@ -69,6 +69,7 @@ def check(config: Config) -> int:
 def run(config: Config, log_format: str | None) -> int:
     import asyncio
 
+    from . import config as config_module
     from . import log
     from .control import ControlServer
     from .daemon import AlreadyRunning, Daemon
@@ -78,7 +79,7 @@ def run(config: Config, log_format: str | None) -> int:
     logger = log.get(app=config.app)
     try:
         daemon = Daemon(config)
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, config_module.ConfigError) as exc:
         logger.error(str(exc))
         return EXIT_FAILED
     except OSError as exc:

@@ -7,6 +7,7 @@ it on ourselves.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import re
 import tomllib
@@ -107,6 +108,20 @@ class Config:
     @property
     def socket_mode(self) -> int:
         return int(self.control.mode, 8)
+
+
+def changed_keys(old: Config, new: Config, keys: tuple[str, ...]) -> list[str]:
+    """Which of `keys` (top-level keys or tables) differ between two configs, as dotted keys: what a reload
+    names when it refuses to change something that needs a restart."""
+    found = []
+    for key in keys:
+        before, after = getattr(old, key), getattr(new, key)
+        if dataclasses.is_dataclass(before):
+            found += [f"{key}.{f.name}" for f in dataclasses.fields(before)
+                      if getattr(before, f.name) != getattr(after, f.name)]
+        elif before != after:
+            found.append(key)
+    return found
 
 
 # --- value checks -------------------------------------------------------------------------------------------------

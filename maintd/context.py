@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, restart
-from .config import Config
+from . import cache, proc, restart
+from .config import Config, ConfigError
 from .maintenance import Flags, default_template
-from .results import Skipped
+from .results import Skipped, StepFailed
 from .state import Store
 from .tree import ReleaseError, Tree
 
@@ -30,9 +30,13 @@ class Context:
 
     @classmethod
     def build(cls, config: Config, store: Store) -> Context:
-        """Reads the maintenance template: a missing one is an OSError, which refuses a start or a reload."""
+        """Reads the maintenance template: one that cannot be read refuses a start or a reload, naming the key."""
         m = config.maintenance
-        template = Path(m.template).read_text(encoding="utf-8") if m.template else default_template()
+        try:
+            template = Path(m.template).read_text(encoding="utf-8") if m.template else default_template()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{config.source}: maintenance.template {m.template}: cannot read: {reason}") from None
         return cls(config, Tree(config.root), Flags(m.file, template), store)
 
     def written_by_maintd(self) -> tuple[str, ...]:
@@ -76,6 +80,19 @@ class Context:
                            server=outcome.server)
         what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
         return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
+
+    def run_hooks(self, commands: tuple[tuple[str, ...], ...], release: Path, env: dict[str, str],
+                  logger: Any) -> str:
+        """`hooks.before_swap` or `hooks.after_swap`, in the release's directory, each bounded by `hooks.timeout`."""
+        if not commands:
+            raise Skipped("no hooks configured")
+        for argv in commands:
+            ran = proc.run(argv, cwd=release, timeout=self.config.hooks.timeout, env=env)
+            if not ran.ok:
+                raise StepFailed(f"hook {ran.describe()}", ran.output)
+            if ran.output:
+                logger.info(f"hook {argv[0]} said", output=ran.output)
+        return f"ran {len(commands)} hook(s)"
 
     def check_health(self, release: str) -> str:
         """The `health` step: the new release's own answer, when `restart.health_url` is set."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import log
-from .config import Config, ConfigError
+from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
 from .context import Context
 from .intake import Intake
@@ -110,10 +110,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config.source or "")
-            if fixed := [key for key in FIXED if getattr(new, key) != getattr(self.config, key)]:
+            if fixed := changed_keys(self.config, new, FIXED):
                 raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
             ctx = Context.build(new, self.store)
-        except (ConfigError, OSError) as exc:
+        except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
         else:
             self.config, self.ctx = new, ctx

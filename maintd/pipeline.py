@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import log, proc
+from . import log
 from .context import Context
 from .maintenance import Notice
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
@@ -63,19 +63,6 @@ class Deploy:
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
         self.crash_at = os.environ.get("MAINTD_CRASH_AT", "")
-
-    @classmethod
-    def resume(cls, ctx: Context, inflight: InFlight) -> Deploy:
-        """The deploy a crash cut off, as its journal left it, to be finished or undone by recovery."""
-        deploy = cls(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
-        deploy.id, deploy.previous, deploy.started = inflight.deploy_id, inflight.previous, inflight.started
-        deploy.log = deploy.log.bind(deploy_id=inflight.deploy_id)
-        deploy.swapped = ctx.tree.live() == inflight.release
-        # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours may
-        # be up whatever it says, and lowering a flag that is not there costs nothing.
-        owner = MaintenanceOwner(inflight.maintenance)
-        deploy.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
-        return deploy
 
     # --- the run --------------------------------------------------------------------------------------------------
 
@@ -159,12 +146,13 @@ class Deploy:
         when = self.cfg.maintenance.when
         if when == "never":
             raise Skipped('maintenance.when = "never"')
-        if when == "migrations" and not self._migrations_differ():
+        previous = self.ctx.tree.path(self.previous) if self.previous else None
+        if when == "migrations" and not migrations_differ(self.path, previous):
             raise Skipped("db/migrate is the same as the live release's")
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
         self.maintenance = MaintenanceOwner.OURS
         self.ctx.flags.raise_in(self.path, notice)
-        if self.previous and (previous := self.ctx.tree.path(self.previous)).is_dir():
+        if previous and previous.is_dir():
             self.ctx.flags.raise_in(previous, notice)
         return "maintenance on"
 
@@ -250,28 +238,15 @@ class Deploy:
                         self.maintenance)
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
-        if not commands:
-            raise Skipped("no hooks configured")
         env = {"MAINTD_APP": self.cfg.app, "MAINTD_RELEASE": self.release, "MAINTD_PREVIOUS": self.previous or "",
                "MAINTD_ROOT": str(self.cfg.root), "MAINTD_DEPLOY_ID": self.id}
-        for argv in commands:
-            ran = proc.run(argv, cwd=self.path, timeout=self.cfg.hooks.timeout, env=env)
-            if not ran.ok:
-                raise StepFailed(f"hook {ran.describe()}", ran.output)
-            if ran.output:
-                self.log.info(f"hook {argv[0]} said", step=self.step, output=ran.output)
-        return f"ran {len(commands)} hook(s)"
+        return self.ctx.run_hooks(commands, self.path, env, self.log.bind(step=self.step))
 
     def _lower_flags(self) -> None:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
         self.maintenance = MaintenanceOwner.NONE
-
-    def _migrations_differ(self) -> bool:
-        if not self.previous:
-            return True
-        return _tree_digest(self.path / "db/migrate") != _tree_digest(self.ctx.tree.path(self.previous) / "db/migrate")
 
 
 def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: Any) -> None:
@@ -304,6 +279,11 @@ def revision_line(outcome: Outcome, release: Path) -> str:
 
 def _crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def migrations_differ(release: Path, previous: Path | None) -> bool:
+    """Whether `db/migrate` of the new release differs from the live one's (or there is no live one)."""
+    return previous is None or _tree_digest(release / "db/migrate") != _tree_digest(previous / "db/migrate")
 
 
 def _tree_digest(directory: Path) -> str | None:

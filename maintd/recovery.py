@@ -16,7 +16,8 @@ import time
 
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
-from .results import Outcome, StepResult
+from .results import DeployKind, Outcome, StepResult
+from .state import InFlight, MaintenanceOwner
 
 FINISH = ("restart", "flush", "health", "maintenance_off")
 
@@ -27,7 +28,7 @@ def recover(ctx: Context) -> Outcome | None:
     if inflight is None:
         return None
     t0 = time.perf_counter()
-    deploy = Deploy.resume(ctx, inflight)
+    deploy = _resumed(ctx, inflight)
     cut_off = f"{inflight.kind} of {inflight.release} was cut off before {inflight.step}"
     notes = [cut_off]
     problem = ctx.release_problem(inflight.release) if deploy.swapped else None
@@ -54,3 +55,16 @@ def recover(ctx: Context) -> Outcome | None:
         f"recovery: {outcome.error}", step="recovery", result=result, duration_ms=outcome.duration_ms,
         interrupted_step=inflight.step)
     return outcome
+
+
+def _resumed(ctx: Context, inflight: InFlight) -> Deploy:
+    """The deploy a crash cut off, as its journal left it."""
+    deploy = Deploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
+    deploy.id, deploy.previous, deploy.started = inflight.deploy_id, inflight.previous, inflight.started
+    deploy.log = deploy.log.bind(deploy_id=inflight.deploy_id)
+    deploy.swapped = ctx.tree.live() == inflight.release
+    # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours may be up
+    # whatever it says, and lowering a flag that is not there costs nothing.
+    owner = MaintenanceOwner(inflight.maintenance)
+    deploy.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
+    return deploy

@@ -101,6 +101,29 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(app, start_daemon):
     assert daemon.deployed("r1")["result"] == "ok"
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda app: app.write_config(control='mode = "0660"'), "control.mode cannot change without a restart"),
+    (lambda app: app.write_config('[maintenance]\ntemplate = "/nonexistent/page.html"\n'),
+     "maintenance.template /nonexistent/page.html: cannot read: No such file or directory"),
+])
+def test_reload_refuses_what_it_cannot_apply_naming_the_key(app, start_daemon, change, named):
+    daemon = start_daemon()
+    change(app)
+    mark = daemon.mark()
+    daemon.proc.send_signal(signal.SIGHUP)
+    refused = daemon.wait_for(since=mark, event=lambda e: e.startswith("reload refused"))
+    assert named in refused["event"]
+
+
+def test_reload_applies_the_settings_of_the_next_deploy(app, start_daemon, tmp_path):
+    daemon = start_daemon()
+    witness = tmp_path / "after-swap-ran"
+    app.write_config(f'[hooks]\nafter_swap = [["touch", "{witness}"]]\n')
+    daemon.reload()
+    app.make_release("r1")
+    assert daemon.deployed("r1")["result"] == "ok" and witness.exists()
+
+
 def test_sigterm_mid_deploy_finishes_it_then_exits_0(app, start_daemon):
     app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     daemon = start_daemon()
