@@ -46,6 +46,8 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
 
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
+    from .config import ConfigError
+    from .runas import resolve
     from .tree import Tree
 
     problems: list[str] = []
@@ -57,6 +59,13 @@ def check(config: Config) -> int:
         (problems if found[1] else warnings).append(found[0])
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
+    try:
+        runas = resolve(config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    else:
+        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method == "command":
+            print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
     for line in warnings:
         print(f"maintd: warning: {line}", file=sys.stderr)
     for line in problems:

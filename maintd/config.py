@@ -68,6 +68,8 @@ class Hooks:
     before_swap: tuple[tuple[str, ...], ...] = ()
     after_swap: tuple[tuple[str, ...], ...] = ()
     timeout: float = 600.0
+    user: str = ""  # "": the owner of <root>/releases (see runas.py)
+    env: tuple[tuple[str, str], ...] = ()  # (name, value) pairs, in the file's order
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,17 @@ def _argvs(value: Any) -> tuple[tuple[str, ...], ...]:
     return commands
 
 
+def _environment(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table of NAME = \"value\", not {_kind(value)}")
+    for name, item in value.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"names an impossible environment variable: {name!r}")
+        if not isinstance(item, str):
+            raise ValueError(f"{name} must be a string, not {_kind(item)}")
+    return tuple(value.items())
+
+
 def _servers(value: Any) -> tuple[str, ...]:
     servers = _strings(value)
     for server in servers:
@@ -269,7 +282,8 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
                           "health_expect": _string, "health_timeout": _positive}),
     "memcached": (Memcached, {"servers": _servers, "flush": _one_of("all", "namespace", "none"),
                               "namespace_key": _nonempty, "timeout": _positive}),
-    "hooks": (Hooks, {"before_swap": _argvs, "after_swap": _argvs, "timeout": _positive}),
+    "hooks": (Hooks, {"before_swap": _argvs, "after_swap": _argvs, "timeout": _positive, "user": _nonempty,
+                      "env": _environment}),
     "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
     "state": (State, {"dir": _absolute}),
 }

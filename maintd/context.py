@@ -17,6 +17,7 @@ from . import cache, proc, restart
 from .config import Config, ConfigError
 from .maintenance import Flags, default_template
 from .results import Skipped, StepFailed
+from .runas import RunAs, resolve
 from .state import Store
 from .tree import ReleaseError, Tree
 
@@ -27,6 +28,7 @@ class Context:
     tree: Tree
     flags: Flags
     store: Store
+    runas: RunAs  # who runs hooks and restart.command
 
     @classmethod
     def build(cls, config: Config, store: Store) -> Context:
@@ -37,7 +39,7 @@ class Context:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"{config.source}: maintenance.template {m.template}: cannot read: {reason}") from None
-        return cls(config, Tree(config.root), Flags(m.file, template), store)
+        return cls(config, Tree(config.root), Flags(m.file, template, config.root), store, resolve(config))
 
     def written_by_maintd(self) -> tuple[str, ...]:
         """Paths maintd itself puts into a release (and an uploader's manifest therefore cannot list)."""
@@ -65,7 +67,7 @@ class Context:
         """The `restart` step, also `maintctl restart` on the live release."""
         r, root = self.config.restart, self.config.root
         if r.method == "command":
-            return restart.command(r.command, root, self.config.hooks.timeout, release)
+            return restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
         return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
 
     def flush_cache(self, logger: Any) -> str:
@@ -87,7 +89,7 @@ class Context:
         if not commands:
             raise Skipped("no hooks configured")
         for argv in commands:
-            ran = proc.run(argv, cwd=release, timeout=self.config.hooks.timeout, env=env)
+            ran = proc.run(argv, cwd=release, timeout=self.config.hooks.timeout, env=env, runas=self.runas)
             if not ran.ok:
                 raise StepFailed(f"hook {ran.describe()}", ran.output)
             if ran.output:

@@ -30,7 +30,7 @@ from .recovery import recover
 from .runner import DeployRunner
 from .state import Memory, Store
 from .tasks import Tasks
-from .tree import ReleaseError, name_key, name_problem
+from .tree import ReleaseError, make_dirs, name_key, name_problem
 from .upload import UploadTracker
 
 FIXED = ("app", "root", "state", "control")  # what a reload cannot change: the daemon's identity and its socket
@@ -69,7 +69,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)  # from the start: SIGHUP's default is to die
-        self.ctx.tree.releases.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.ctx.tree.releases, self.ctx.tree.root, self.ctx.tree.root)  # the tree's owner's, like root
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
         recover(self.ctx)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .tree import write_atomically
+from .tree import make_dirs, write_atomically
 
 PAGE_NAME = "maintenance.html"
 
@@ -47,9 +47,10 @@ def render(template: str, notice: Notice) -> str:
 class Flags:
     """Puts the flag and its page into release directories, and the flag away again."""
 
-    def __init__(self, flag: str, template: str) -> None:
+    def __init__(self, flag: str, template: str, root: Path) -> None:
         self.flag = flag
         self.template = template
+        self.root = root  # the app's tree, which the flag's directory must not lead out of
 
     def paths(self, release: Path) -> tuple[Path, Path]:
         flag = release / self.flag
@@ -58,7 +59,7 @@ class Flags:
     def raise_in(self, release: Path, notice: Notice) -> None:
         """Write the page first, then the flag, so the flag never points the web server at a missing page."""
         flag, page = self.paths(release)
-        flag.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(flag.parent, release, self.root)
         write_atomically(page, render(self.template, notice), durable=False)
         write_atomically(flag, notice.body(), durable=False)
 

@@ -7,6 +7,10 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runas import RunAs
 
 OUTPUT_LIMIT = 8192  # bytes of output kept for the log: the end, where errors are
 
@@ -30,14 +34,19 @@ class Ran:
         return f"{self.argv[0]} exited with status {self.returncode}"
 
 
-def run(argv: tuple[str, ...], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> Ran:
-    """Run `argv` in its own process group, so that at the time limit everything it started is killed too."""
+def run(argv: tuple[str, ...], cwd: Path, timeout: float, env: dict[str, str] | None = None,
+        runas: RunAs | None = None) -> Ran:
+    """Run `argv` in its own process group, so that at the time limit everything it started is killed too.
+
+    With `runas`, as that user and with only the environment it gives (hooks, restart commands: code that came
+    with an upload); without, as the daemon with its environment plus `env` (maintd's own tools)."""
+    environment = runas.environment(env or {}) if runas else {**os.environ, **(env or {})}
     try:
         child = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, **(env or {})})
-    except OSError as exc:
-        return Ran(argv, 127, f"cannot run {argv[0]}: {exc.strerror}")
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=environment,
+                                 **(runas.popen_args() if runas else {}))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Ran(argv, 127, f"cannot run {argv[0]}: {getattr(exc, 'strerror', None) or exc}")
     try:
         output, _ = child.communicate(timeout=timeout)
         returncode: int | None = child.returncode

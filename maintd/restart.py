@@ -7,6 +7,7 @@ after maintenance see the old code. Where `passenger-config` is installed it is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import urllib.error
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from . import proc
 from .results import StepFailed
+from .runas import RunAs
+from .tree import make_dirs
 
 RESTART_FILE = "tmp/restart.txt"
 PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
@@ -24,8 +27,16 @@ HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a
 def passenger(root: Path, release: Path, timeout: float) -> str:
     """Touch `tmp/restart.txt` in the release and ask Passenger to restart now; returns what was done."""
     restart_file = release / RESTART_FILE
-    restart_file.parent.mkdir(parents=True, exist_ok=True)
-    restart_file.touch()  # Passenger restarts on any change of its mtime
+    owner = os.stat(make_dirs(restart_file.parent, release, root))
+    # Passenger restarts on any change of its mtime. Never through a symlink (it could point anywhere root can
+    # write), and owned by the app's user, whose own `touch tmp/restart.txt` must keep working.
+    fd = os.open(restart_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.utime(fd)
+        if os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+    finally:
+        os.close(fd)
     tool = shutil.which("passenger-config")
     if not tool:
         return f"touched {RESTART_FILE}"
@@ -38,9 +49,9 @@ def passenger(root: Path, release: Path, timeout: float) -> str:
     return f"touched {RESTART_FILE} and ran passenger-config restart-app"
 
 
-def command(argv: tuple[str, ...], root: Path, timeout: float, release: str) -> str:
-    """Run the configured restart command in `<root>/current`."""
-    ran = proc.run(argv, cwd=root / "current", timeout=timeout, env={"MAINTD_RELEASE": release})
+def command(argv: tuple[str, ...], root: Path, timeout: float, release: str, runas: RunAs) -> str:
+    """Run the configured restart command in `<root>/current`, as `hooks.user`."""
+    ran = proc.run(argv, cwd=root / "current", timeout=timeout, env={"MAINTD_RELEASE": release}, runas=runas)
     if not ran.ok:
         raise StepFailed(f"restart command {ran.describe()}", ran.output)
     return f"ran {' '.join(argv)}"

@@ -171,7 +171,7 @@ class Tree:
             if not source.exists():
                 raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
             target = release / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent, release, self.root)
             wanted = os.path.relpath(source, target.parent)
             if target.is_symlink() and os.readlink(target) == wanted:
                 continue
@@ -280,6 +280,36 @@ def _files_under(root: Path) -> list[str]:
             if os.path.islink(os.path.join(directory, entry)):
                 found.append(os.path.relpath(os.path.join(directory, entry), root))
     return found
+
+
+def make_dirs(path: Path, top: Path, bound: Path) -> Path:
+    """Create `path` and its missing parents below `top`, owned by `top`'s owner, and refuse a `path` that leads
+    out of `bound` (the app's tree).
+
+    maintd runs as root and writes into releases an uploader made: a `tmp/` it creates for its flag must stay the
+    uploader's, or the app could not write its own tmp/cache there; and a release whose `tmp` is a symlink to some
+    other app's tree must not get root to write there."""
+    missing = []
+    walk = path
+    while not os.path.lexists(walk) and walk != top:
+        missing.append(walk)
+        walk = walk.parent
+    owner = os.stat(top)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        if os.geteuid() == 0:
+            os.chown(directory, owner.st_uid, owner.st_gid)
+    if not _inside(path, bound):
+        raise ReleaseError(f"{path} leads out of {bound} ({os.path.realpath(path)}): maintd will not write there")
+    return path
+
+
+def _inside(path: Path, bound: Path) -> bool:
+    real, limit = os.path.realpath(path), os.path.realpath(bound)
+    return real == limit or real.startswith(limit + os.sep)
 
 
 def write_atomically(path: Path, text: str, durable: bool) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -124,7 +126,13 @@ class App:
         self.write_config()
 
     def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "", control: str = "",
-                     upload: str = "") -> Path:
+                     upload: str = "", hooks_user: str | None = "root") -> Path:
+        """The app's config; `extra` adds tables at the end. The tests' trees are root's, so hooks run as root
+        only because this says `hooks.user = "root"` (pass None to leave it unsaid)."""
+        if hooks_user:
+            said = f'user = "{hooks_user}"\n'
+            extra = extra.replace("[hooks]\n", "[hooks]\n" + said) if "[hooks]\n" in extra else \
+                extra + "\n[hooks]\n" + said
         self.config.write_text(f"""
 app = "shop"
 root = "{self.root}"
@@ -273,8 +281,9 @@ class Daemon:
 def start_daemon(app: App) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-        daemon = Daemon(app, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True, on: App | None = None) -> Daemon:
+        """`maintd run` on the test's app (or `on` another one), stopped with SIGKILL at the end of the test."""
+        daemon = Daemon(on or app, *args, env=env)
         started.append(daemon)
         return daemon.ready() if wait else daemon
 
@@ -316,6 +325,62 @@ def maintctl_json(app: App, *args: str) -> Any:
 
 def rsync(src: Path, dest: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["rsync", "-a", *args, f"{src}/", f"{dest}/"], check=True, capture_output=True)
+
+
+def public_dir(prefix: str) -> Path:
+    """A temporary directory other users can enter: pytest's own live under /tmp/pytest-of-root, mode 0700."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+_PUBLIC_MAINTCTL: list[str] = []
+
+
+def public_maintctl() -> list[str]:
+    """maintctl as another user can run it: the checkout may live in a directory only root can enter (/root is
+    0700 on Debian), so the package is copied to a world-readable directory and run by the system's Python, which
+    maintctl's standard-library-only imports allow."""
+    if not _PUBLIC_MAINTCTL:
+        public = public_dir("maintd-maintctl-")
+        shutil.copytree(Path(__file__).parent.parent / "maintd", public / "maintd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        atexit.register(shutil.rmtree, public, True)
+        code = f"import sys; sys.path.insert(0, {str(public)!r}); from maintd.cli import maintctl_main; " \
+               "sys.exit(maintctl_main())"
+        _PUBLIC_MAINTCTL.extend([os.path.realpath(sys.executable), "-c", code])
+    return _PUBLIC_MAINTCTL
+
+
+DEPLOY_USER = "maintd-deploy"
+
+
+@pytest.fixture(scope="session")
+def deploy_user() -> Iterator[pwd.struct_passwd]:
+    """The person who uploads releases, as a real user with a home of its own; removed again afterwards."""
+    home = public_dir("maintd-home-")
+    try:
+        pwd.getpwnam(DEPLOY_USER)
+        subprocess.run(["usermod", "--home", str(home), DEPLOY_USER], check=True)  # left by a killed run
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--home-dir", str(home), "--no-create-home", "--shell", "/bin/bash",
+                        DEPLOY_USER], check=True)
+    entry = pwd.getpwnam(DEPLOY_USER)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    yield entry
+    subprocess.run(["userdel", DEPLOY_USER], check=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def deploy_app(memcached: Memcached, deploy_user: pwd.struct_passwd) -> Iterator[App]:
+    """An app whose tree the deploy user owns, in a directory it can reach; maintd itself runs as root."""
+    base = public_dir("maintd-app-")
+    app = App(base, memcached.address)
+    for path in (app.root, app.releases, app.shared):
+        os.chown(path, deploy_user.pw_uid, deploy_user.pw_gid)
+    yield app
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def have(program: str) -> bool:

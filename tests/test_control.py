@@ -1,6 +1,5 @@
 """maintctl and the control socket, end to end: the real CLI, the real socket, a real daemon, real users."""
 
-import atexit
 import grp
 import json
 import os
@@ -10,13 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, maintctl_json
+from conftest import BIN, maintctl_json, public_dir, public_maintctl
 from conftest import maintctl as root_maintctl
 from maintd.commands import COMMANDS
 
@@ -34,25 +31,6 @@ def maintctl(app, *args, user=None, check_rc=None):
     if check_rc is not None:
         assert done.returncode == check_rc, (done.stdout, done.stderr)
     return done
-
-
-_PUBLIC: list[str] = []
-
-
-def public_maintctl() -> list[str]:
-    """maintctl as another user can run it: the checkout may live in a directory only root can enter (/root is
-    0700 on Debian), so the package is copied to a world-readable directory and run by the system's Python, which
-    maintctl's standard-library-only imports allow."""
-    if not _PUBLIC:
-        public = Path(tempfile.mkdtemp(prefix="maintd-maintctl-"))
-        public.chmod(0o755)
-        shutil.copytree(Path(__file__).parent.parent / "maintd", public / "maintd",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        atexit.register(shutil.rmtree, public, True)
-        code = f"import sys; sys.path.insert(0, {str(public)!r}); from maintd.cli import maintctl_main; " \
-               "sys.exit(maintctl_main())"
-        _PUBLIC.extend([os.path.realpath(sys.executable), "-c", code])
-    return _PUBLIC
 
 
 def raw(app, payload: bytes):
@@ -339,8 +317,7 @@ def users():
 @pytest.fixture
 def open_app(app):
     """The app's socket in a directory other users can reach (pytest's own are private to root)."""
-    public = Path(tempfile.mkdtemp(prefix="maintd-sock-"))
-    public.chmod(0o755)
+    public = public_dir("maintd-sock-")
     app.socket = public / "shop.sock"
     yield app
     shutil.rmtree(public, ignore_errors=True)

@@ -258,7 +258,7 @@ def test_units_pass_systemd_analyze_verify(units):
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
-EXPOSURE_LIMIT = 2.1  # what the shipped service reaches; a change that loosens the sandbox fails here
+EXPOSURE_LIMIT = 2.7  # what the shipped service reaches (issue 13's bound is 4.0); a looser sandbox fails here
 
 
 def test_service_sandbox_exposure_does_not_grow(units):
@@ -274,7 +274,7 @@ def test_units_say_what_the_contract_says():
                  "ExecStart=/usr/local/bin/maintd run --config /etc/maintd/%i.toml",
                  "ExecReload=/bin/kill -HUP $MAINPID",
                  "Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
-                 "ProtectHome=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
         assert line in service.splitlines()
     assert re.search(r"^WatchdogSec=\d+", service, re.M)
     socket_unit = (UNITS / "maintd@.socket").read_text()
@@ -316,19 +316,20 @@ def nspawn_install():
     shutil.rmtree(NSPAWN_PREFIX, ignore_errors=True)
 
 
-def test_under_a_real_systemd(tmp_path, nspawn_install):
-    """Boots systemd as PID 1 in a container over the host's /usr; the shipped units run a real deploy."""
-    bin_dir = nspawn_install
+def boot(tmp_path: Path, bin_dir: Path, script: str, config: str) -> tuple[Path, dict[str, str], str]:
+    """Boots systemd as PID 1 in a container over the host's /usr, with the shipped units, `config` as
+    /etc/maintd/demo.toml, and tests/nspawn/`script` run as a unit that powers the container off when it is done.
+    Returns the results directory, the steps the script recorded, and context for assertion messages."""
     units, conf, results = tmp_path / "units", tmp_path / "etc-maintd", tmp_path / "results"
     for d in (units, conf, results):
         d.mkdir()
+    results.chmod(0o777)  # hooks write there as the container's deploy user
     for unit in UNITS.glob("maintd@.*"):
         (units / unit.name).write_text(unit.read_text().replace("/usr/local/bin/", f"{bin_dir}/"))
     check_dir = Path(__file__).parent / "nspawn"
     check_unit = (check_dir / "check.service").read_text().replace("@BIN@", str(bin_dir))
-    (units / "maintd-check.service").write_text(check_unit)
-    (conf / "demo.toml").write_text('app = "demo"\nroot = "/srv/demo"\n[upload]\nquiet_period = 0.5\n'
-                                    '[memcached]\nflush = "none"\n')
+    (units / "maintd-check.service").write_text(check_unit.replace("/check/check.sh", f"/check/{script}"))
+    (conf / "demo.toml").write_text(config.replace("@BIN@", str(bin_dir)))
     binds = [f"--bind-ro={NSPAWN_PREFIX}", f"--bind-ro={conf}:/etc/maintd", f"--bind-ro={check_dir}:/check",
              f"--bind={results}:/results"]
     binds += [f"--bind-ro={units / name}:/etc/systemd/system/{name}"
@@ -345,6 +346,14 @@ def test_under_a_real_systemd(tmp_path, nspawn_install):
         pytest.skip(f"this machine refuses the namespaces systemd-nspawn needs: {booted.stderr[-300:]}")
     steps = dict(line.split("=", 1) for line in _read(results / "steps").splitlines())
     context = f"steps: {steps}\njournal:\n{_read(results / 'journal.txt')[-4000:]}"
+    return results, steps, context
+
+
+def test_under_a_real_systemd(tmp_path, nspawn_install):
+    """The shipped units run a real deploy, answer maintctl, reload and stop, and log every step to journald."""
+    results, steps, context = boot(tmp_path, nspawn_install, "check.sh",
+                                   'app = "demo"\nroot = "/srv/demo"\n[upload]\nquiet_period = 0.5\n'
+                                   '[memcached]\nflush = "none"\n')
     assert steps.get("done") == "yes", context
     assert steps["start"] == "0" and steps["active_after_start"] == "active", context
     assert _read(results / "status_text_ready").startswith("idle; live none"), context
@@ -359,6 +368,49 @@ def test_under_a_real_systemd(tmp_path, nspawn_install):
     assert all(e["MAINTD_APP"] == "demo" and e["MAINTD_ACTOR"] == "upload" and e["MAINTD_DEPLOY_ID"]
                and "MAINTD_DURATION_MS" in e and e["MAINTD_RESULT"] in ("ok", "skipped") for e in deploy_steps)
     assert any("configuration reloaded" in e.get("MESSAGE", "") for e in journal), context
+
+
+HOOKS_CONFIG = """app = "demo"
+root = "/srv/demo"
+[upload]
+quiet_period = 0.5
+[memcached]
+flush = "none"
+[restart]
+method = "command"
+command = ["bin/probe", "restart"]
+[hooks]
+before_swap = [["bin/probe", "before"]]
+env = { PATH = "/home/deploy/.rbenv/shims:/usr/local/bin:/usr/bin:/bin", GREETING = "hello", MAINTCTL = "@BIN@/maintctl" }
+"""
+
+
+def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
+    """A release uploaded by `deploy`, its hooks run by the shipped unit: as deploy, with the app's tooling
+    working, and no route out of deploy's rights."""
+    results, steps, context = boot(tmp_path, nspawn_install, "hooks.sh", HOOKS_CONFIG)
+    assert steps.get("done") == "yes", context
+    assert steps["current"] == "releases/r1" and steps["maintenance_after"] == "off", context
+    for run in ("before", "restart"):
+        seen = dict(line.split("=", 1) for line in _read(results / f"hook-{run}").splitlines() if "=" in line)
+        context_run = f"{run}: {seen}\n{context}"
+        assert seen.get("probe") == "done", context_run
+        assert (seen["user"], seen["home"], seen["USER"], seen["LOGNAME"], seen["SHELL"], seen["greeting"]) == (
+            "deploy", "/home/deploy", "deploy", "deploy", "/bin/bash", "hello"), context_run
+        # the tooling apps run in hooks
+        assert seen["node"] == "ok" and seen["java"] == "0" and seen["yjit"] == "true", context_run
+        assert seen["ruby_from"] == "ruby from /home/deploy" and seen["git"] == "Deploy Bot", context_run
+        assert (seen["cp_a"], seen["cp_a_owner"], seen["install_o"], seen["tmp_cache"]) == ("0", "deploy", "0", "0")
+        # no route out of deploy's rights
+        for attempt in ("write_etc", "write_root", "write_other_app", "systemd_run", "su", "signal_pid1",
+                        "maintctl_maintenance_on"):
+            assert seen[attempt] != "0", f"{attempt} succeeded\n{context_run}"
+        assert seen["setuid_root_id"] == seen["uid"], context_run  # NoNewPrivileges: the setuid bit gives nothing
+    for path in ("/etc/written-by-hook", "/root/written-by-hook", "/srv/other/written-by-hook",
+                 "/srv/escaped-systemd-run", "/srv/escaped-su"):
+        assert steps[f"exists:{path}"] == "no", f"{path}\n{context}"
+    exposure = float(re.search(r"exposure level for \S+: ([0-9.]+)", _read(results / "security")).group(1))
+    assert exposure <= 4.0, _read(results / "security")
 
 
 def _read(path: Path) -> str:
