@@ -381,7 +381,10 @@ method = "command"
 command = ["bin/probe", "restart"]
 [hooks]
 before_swap = [["bin/probe", "before"]]
-env = { PATH = "/home/deploy/.rbenv/shims:/usr/local/bin:/usr/bin:/bin", GREETING = "hello", MAINTCTL = "@BIN@/maintctl" }
+[hooks.env]
+PATH = "/home/deploy/.rbenv/shims:/usr/local/bin:/usr/bin:/bin"
+GREETING = "hello"
+MAINTCTL = "@BIN@/maintctl"
 """
 
 
