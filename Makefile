@@ -4,7 +4,8 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
-             systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger
+             systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger \
+             nodejs git default-jre-headless
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 

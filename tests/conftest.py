@@ -92,8 +92,11 @@ class Gate:
     """A hook that holds a deploy open until the test says so: tests wait on events, never on a hook's `sleep`."""
 
     def __init__(self, base: Path) -> None:
-        self.opened = base / "gate-open"
-        self.entered = base / "gate-entered"
+        directory = base / "gate"
+        directory.mkdir(mode=0o777, parents=True, exist_ok=True)
+        directory.chmod(0o777)  # the hook may run as the app's user
+        self.opened = directory / "open"
+        self.entered = directory / "entered"
 
     def hook(self) -> str:
         """The hook's argv as TOML: it says it is in, then waits for the gate to open."""

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,8 @@ run lambda { |env| [200, {"content-type" => "text/plain", "cache-control" => "no
 
 
 def rack_release(app: App, name: str, marker: bool = True) -> Path:
-    """A release of the tiny Rack app, written under a staging name and renamed into place (as uploaders do)."""
+    """A release of the tiny Rack app, written under a staging name and renamed into place (as uploaders do), owned
+    by the owner of releases/ (the uploader)."""
     staging = app.releases / f".incoming-{name}"
     (staging / "public").mkdir(parents=True)
     (staging / "tmp").mkdir()
@@ -32,6 +32,8 @@ def rack_release(app: App, name: str, marker: bool = True) -> Path:
     (staging / "public" / "app.css").write_text("body { color: #333 }\n")
     if marker:
         (staging / ".maintd-ready").touch()
+    owner = app.releases.stat()
+    subprocess.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", str(staging)], check=True)
     staging.rename(app.releases / name)
     return app.releases / name
 
@@ -82,13 +84,10 @@ def assert_users_never_saw_an_error(samples: list[tuple], old: str, new: str, ma
 
 
 @pytest.fixture
-def web_app(memcached):
-    """A deploy tree in a directory the web servers' unprivileged workers can read."""
-    base = Path(tempfile.mkdtemp(prefix="maintd-web-"))
-    base.chmod(0o755)
-    app = App(base, memcached.address)
-    yield app
-    shutil.rmtree(base, ignore_errors=True)
+def web_app(deploy_app):
+    """A deploy tree the deploy user owns (so Passenger runs the app as deploy, and Puma is started as deploy),
+    in a directory the web servers' unprivileged workers can read."""
+    return deploy_app
 
 
 def go_live_by_hand(app: App, name: str) -> None:
@@ -104,10 +103,12 @@ class NginxPuma:
         self.base = app.base / "web"
         self.base.mkdir()
         self.puma_port, self.port = free_port(), free_port()
-        self.pidfile = self.base / "puma.pid"
+        self.pidfile = app.shared / "puma.pid"  # written by Puma, which runs as the app's user
         # Puma runs in `current`, not in the release it resolves to: USR2 re-executes it there, so it loads the
         # release `current` points at after the swap (started in a resolved path, it would reload the old one).
-        self.puma = subprocess.Popen(["puma", "--dir", str(app.current), "-b", f"tcp://127.0.0.1:{self.puma_port}",
+        owner = app.releases.stat()
+        as_owner = ["setpriv", f"--reuid={owner.st_uid}", f"--regid={owner.st_gid}", "--init-groups"]
+        self.puma = subprocess.Popen([*as_owner, "puma", "--dir", str(app.current), "-b", f"tcp://127.0.0.1:{self.puma_port}",
                                       "--pidfile", str(self.pidfile), "-e", "production", "-t", "1:4"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: port_open(self.puma_port), 30, "puma")
@@ -160,7 +161,7 @@ def nginx_puma(web_app):
 
 def start(app: App, port: int, extra: str, env: dict | None = None, hold: bool = False) -> Daemon:
     """maintd on the web app; with `hold`, deploys wait at their before-swap hook until `app.gate` opens."""
-    app.write_config(f"""{extra}
+    app.write_config(hooks_user=None, extra=f"""{extra}
 health_url = "http://127.0.0.1:{port}/"
 health_expect = "release {{release}}"
 health_timeout = 20
@@ -238,6 +239,18 @@ def apache_passenger(web_app):
     wait_until(lambda: get(stack.port)[:2] == (200, "release A\n"), 60, "Passenger serving release A")
     yield stack
     stack.stop()
+
+
+def test_passenger_config_restarts_the_app_only_as_root(web_app, apache_passenger, deploy_user):
+    """Why maintd runs `passenger-config restart-app` itself, as root, and not as hooks.user: Passenger's admin
+    password is root's. As the app's user it refuses, and still exits 0 (measured), so maintd could not even tell."""
+    argv = ["passenger-config", "restart-app", str(web_app.root), "--ignore-app-not-running"]
+    env = {**os.environ, **apache_passenger.env}
+    as_user = subprocess.run(["setpriv", f"--reuid={deploy_user.pw_uid}", f"--regid={deploy_user.pw_gid}",
+                              "--init-groups", *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert "not authorized" in as_user.stdout + as_user.stderr
+    as_root = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert as_root.returncode == 0 and "Restarting" in as_root.stdout
 
 
 def operator_maintenance_checks(app: App, port: int) -> None:
