@@ -124,8 +124,9 @@ def maintctl_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():
         parsers = {"": sub.add_parser(command.name, help=command.help)}
         for arg in command.args:
-            if arg.choices:  # a sub-command: `maintenance on`, `maintenance off`
-                choice = parsers[""].add_subparsers(dest=arg.name, required=True, metavar="|".join(arg.choices))
+            if arg.choices:  # a sub-command: `maintenance on`, `maintenance off`; `cluster` alone is `cluster show`
+                choice = parsers[""].add_subparsers(dest=arg.name, required=arg.default is None,
+                                                    metavar="|".join(arg.choices))
                 parsers.update({name: choice.add_parser(name) for name in arg.choices})
             elif arg.positional:
                 parsers[arg.of].add_argument(arg.name, nargs="?", default=arg.default, metavar=arg.name.upper(),

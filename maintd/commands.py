@@ -34,7 +34,7 @@ class Arg(NamedTuple):
     def check(self, raw: Mapping[str, Any]) -> Any:
         value = raw.get(self.name)
         if value is None:
-            if self.choices:
+            if self.choices and self.default is None:
                 raise BadRequest(f"args.{self.name} must be one of {', '.join(repr(c) for c in self.choices)}")
             return self.default
         if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -60,7 +60,7 @@ class Command(NamedTuple):
     action: str  # what a refused peer was not allowed to do: "turn maintenance on or off"
     show: Callable[[Any], str]  # the answer as maintctl prints it without --json
     args: tuple[Arg, ...] = ()
-    changes: bool = True  # only root and control.group may run it; others get status, releases, history
+    changes: Callable[[Mapping[str, Any]], bool] = _always  # only root and control.group may; others only read
     waits: Callable[[Mapping[str, Any]], bool] = _never  # may wait for a deploy in progress (maintctl: no timeout)
 
     def check(self, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,6 +164,21 @@ def show_paused(result: Mapping[str, Any]) -> str:
     return "automatic deploys paused" if result["paused"] else "automatic deploys resumed"
 
 
+def show_cluster(c: Mapping[str, Any]) -> str:
+    if "aborted" in c:
+        return f"switch {c['aborted']['id']} of release {c['aborted']['release']} aborted"
+    members = table(["MEMBER", "ALIVE", "CURRENT", "STATE"],
+                    [[m["name"] + (" (this one)" if m["name"] == c["member"] else ""), "yes" if m["alive"] else "NO",
+                      m["current"] or "-", m["state"]] for m in c["members"]])
+    switch = c["switch"]
+    if not switch:
+        return members + "\nswitch: none in progress"
+    return members + (f"\nswitch: {switch['id']}: {switch['kind']} of release {switch['release']} "
+                      f"(digest {switch['digest'][:12]}), begun by {switch['by']} for {switch['actor']} at "
+                      f"{when(switch['since'])}; decision: {switch['decision'] or 'none yet'}"
+                      + (f" ({switch['reason']})" if switch.get("reason") else ""))
+
+
 def show_json(result: Any) -> str:
     import json
 
@@ -177,10 +192,10 @@ WAIT = Arg("wait", bool, False, "wait for a running deploy instead of refusing")
 
 COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("status", "live release, maintenance, deploy in progress", "read the status", show_status,
-            (JSON,), changes=False),
-    Command("releases", "every release and its state", "list releases", show_releases, (JSON,), changes=False),
+            (JSON,), changes=_never),
+    Command("releases", "every release and its state", "list releases", show_releases, (JSON,), changes=_never),
     Command("history", "past deploys and rollbacks", "read the history", show_history,
-            (Arg("n", int, 20, "how many, newest last", short="-n"), JSON), changes=False),
+            (Arg("n", int, 20, "how many, newest last", short="-n"), JSON), changes=_never),
     Command("deploy", "deploy NAME (default: the newest complete release)", "deploy releases", show_went_live,
             (RELEASE, FOLLOW, WAIT), waits=_always),
     Command("rollback", "back to NAME (default: the previous release)", "roll back", show_went_live,
@@ -192,6 +207,10 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
             waits=lambda args: args.get("state") == "off"),
     Command("restart", "restart the app on the live release", "restart the app", show_single_step, waits=_always),
     Command("flush", "flush memcached", "flush memcached", show_single_step, waits=_always),
+    Command("cluster", "every member and the switch in progress (cluster mode); `cluster abort` ends the switch",
+            "abort the cluster's switch", show_cluster,
+            (Arg("action", str, "show", positional=True, choices=("show", "abort")), JSON),
+            changes=lambda args: args.get("action") == "abort"),
     Command("pause", "stop automatic deploys of uploads", "pause automatic deploys", show_paused),
     Command("resume", "restart automatic deploys", "resume automatic deploys", show_paused),
 )}

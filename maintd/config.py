@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,20 @@ class State:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Contract §7: this server is one `member` of `members`, which switch together through etcd."""
+
+    members: tuple[str, ...]
+    member: str
+    etcd: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = ""
+    primary: str = ""
+    lease_ttl: float = 10.0
+    prepare_timeout: float = 900.0
+    switch_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     app: str
     root: Path
@@ -97,6 +112,7 @@ class Config:
     hooks: Hooks = field(default_factory=Hooks)
     control: Control = field(default_factory=Control)
     state: State = field(default_factory=State)
+    cluster: Cluster | None = None  # no [cluster] table: a single server, and nothing of contract §7 applies
     source: Path | None = None
 
     @property
@@ -227,6 +243,35 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(value.items())
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    names = _strings(value)
+    if not names:
+        raise ValueError("must name at least one member")
+    for name in names:
+        if not RELEASE_NAME.fullmatch(name):
+            raise ValueError(f"must hold plain names (letters, digits, . _ -), not {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("names a member twice")
+    return names
+
+
+def _urls(value: Any) -> tuple[str, ...]:
+    urls = _strings(value)
+    if not urls:
+        raise ValueError("must list at least one etcd client URL")
+    for url in urls:
+        if not re.fullmatch(r"https?://[^/\s]+:\d+/?", url):
+            raise ValueError(f"must list URLs as http://HOST:PORT, not {url!r}")
+    return tuple(url.rstrip("/") for url in urls)
+
+
+def _prefix(value: Any) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/") or text.endswith("/"):
+        raise ValueError(f"must start with / and not end with one, not {value!r}")
+    return text
+
+
 def _servers(value: Any) -> tuple[str, ...]:
     servers = _strings(value)
     for server in servers:
@@ -287,6 +332,11 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
     "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
     "state": (State, {"dir": _absolute}),
 }
+OPTIONAL: dict[str, tuple[type, dict[str, Check]]] = {  # tables whose absence means something
+    "cluster": (Cluster, {"members": _names, "member": _app_name, "etcd": _urls, "prefix": _prefix,
+                          "primary": _app_name, "lease_ttl": _positive, "prepare_timeout": _positive,
+                          "switch_timeout": _positive}),
+}
 TOP_LEVEL: dict[str, Check] = {"app": _app_name, "root": _absolute, "keep_releases": _count}
 
 
@@ -322,10 +372,10 @@ def parse(text: str, path: Path | None = None) -> Config:
     top: dict[str, Any] = {}
     sections: dict[str, Any] = {}
     for key, value in data.items():
-        if key in SECTIONS:
+        if key in SECTIONS or key in OPTIONAL:
             if not isinstance(value, dict):
                 raise fail(None, key, f"must be a table ([{key}]), not {_kind(value)}")
-            section_type, checks = SECTIONS[key]
+            section_type, checks = SECTIONS.get(key) or OPTIONAL[key]
             values = {}
             for sub, sub_value in value.items():
                 if sub not in checks:
@@ -341,7 +391,7 @@ def parse(text: str, path: Path | None = None) -> Config:
             except ValueError as exc:
                 raise fail(None, key, str(exc)) from None
         else:
-            known = ", ".join([*TOP_LEVEL, *(f"[{s}]" for s in SECTIONS)])
+            known = ", ".join([*TOP_LEVEL, *(f"[{s}]" for s in (*SECTIONS, *OPTIONAL))])
             raise fail(None, key, f"is not a known key (known: {known})")
     for key in ("app", "root"):
         if key not in top:
@@ -358,8 +408,27 @@ def parse(text: str, path: Path | None = None) -> Config:
         built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
     if built["restart"].method == "command" and not built["restart"].command:
         raise fail("restart", "command", 'must be set when restart.method = "command"', line_key="method")
-    return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5),
+    cluster = _cluster(sections["cluster"], app, fail) if "cluster" in sections else None
+    return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5), cluster=cluster,
                   source=path, **built)
+
+
+def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError]) -> Cluster:
+    """[cluster]: `members` required; `member` defaults to this host's short name and must be one of them."""
+    if "members" not in values:
+        raise fail(None, "cluster", "needs members = [...] (every server of this app)")
+    members = values["members"]
+    member = values.get("member") or socket.gethostname().split(".")[0]
+    if member not in members:
+        said = "member" in values
+        raise fail("cluster", "member" if said else "members",
+                   f"{member!r} is not one of members ({', '.join(members)})"
+                   + ("" if said else ": this host's name is the default member; set member"))
+    primary = values.get("primary") or members[0]
+    if primary not in members:
+        raise fail("cluster", "primary", f"{primary!r} is not one of members ({', '.join(members)})")
+    return Cluster(**{**values, "member": member, "primary": primary,
+                      "prefix": values.get("prefix") or f"/maintd/{app}"})
 
 
 def _line_of(text: str, table: str | None, key: str) -> int | None:

@@ -125,7 +125,7 @@ class ControlServer:
         try:
             command, args = parse(line)
             group = self.daemon.config.control.group
-            if command.changes and not may_change(peer, group):
+            if command.changes(args) and not may_change(peer, group):
                 raise Refused(f"user {peer.name} is not allowed to {command.action}: only root and members of "
                               f"control.group ({group or 'none set'}) may change things")
             return {"ok": True, "result": await HANDLERS[command.name](self.daemon, args, peer, emit)}

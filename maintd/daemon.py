@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import log
+from .cluster import Coordinator, Membership
 from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
 from .context import Context
+from .etcd import Etcd
 from .intake import Intake
 from .inventory import Inventory
+from .joiner import Joiner
 from .notify import Notifier, watchdog_interval
 from .recovery import recover
 from .runner import DeployRunner
@@ -33,7 +36,8 @@ from .tasks import Tasks
 from .tree import ReleaseError, make_dirs, name_key, name_problem
 from .upload import UploadTracker
 
-FIXED = ("app", "root", "state", "control")  # what a reload cannot change: the daemon's identity and its socket
+# What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
+FIXED = ("app", "root", "state", "control", "cluster")
 
 
 class AlreadyRunning(Exception):
@@ -55,8 +59,11 @@ class Daemon:
         self.tasks = Tasks()
         upload = config.upload
         self.inventory = Inventory(self.ctx.tree, self.store, UploadTracker(upload.quiet_period, upload.require_marker))
-        self.runner = DeployRunner(self.ctx, self.inventory, self.tasks, self.announce)
+        self.coordinator = Coordinator(config.cluster, Etcd(config.cluster.etcd)) if config.cluster else None
+        self.runner = DeployRunner(self.ctx, self.inventory, self.tasks, self.announce, self.coordinator)
         self.intake = Intake(self.ctx, self.inventory, self.tasks, self.runner.kick)
+        self.membership: Membership | None = None
+        self.etcd_trouble = ""  # why etcd cannot be reached, while it cannot
         self.stopping = asyncio.Event()
         self.serving = False  # READY=1 was sent
 
@@ -72,7 +79,13 @@ class Daemon:
         make_dirs(self.ctx.tree.releases, self.ctx.tree.root, self.ctx.tree.root)  # the tree's owner's, like root
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
-        recover(self.ctx)
+        if self.coordinator:
+            self.membership = Membership(self.coordinator, self._etcd_problem)
+            self.membership.start()
+        inflight = self.store.in_flight()
+        switch_cut_off = bool(inflight and inflight.switch and self.coordinator)
+        if not switch_cut_off:
+            recover(self.ctx, self.coordinator)  # quick without a switch to obey: before anything else
         if found := self.ctx.tree.current_problem():
             self.log.error(found[0])
         started = [await server(self) for server in servers or []]
@@ -81,8 +94,13 @@ class Daemon:
                       paused=self.memory.paused)
         self.serving = True
         self.notifier.ready(self.status_line())
-        self.runner.kick()
         chores = [self.tasks.spawn(self.intake.rescan_periodically())]
+        if switch_cut_off:  # may wait for etcd as long as it takes: after READY, shown in `status`
+            self.tasks.spawn(self.runner.recover())
+        else:
+            self.runner.kick()
+        if self.coordinator:
+            chores.append(self.tasks.spawn(Joiner(self.coordinator, self.inventory, self.runner, self.tasks).run()))
         if interval := watchdog_interval():
             chores.append(self.tasks.spawn(self._keep_watchdog_fed(interval)))
         await self.stopping.wait()
@@ -95,7 +113,17 @@ class Daemon:
             for server in started:
                 server.close()
             self.intake.stop()
+            if self.membership:
+                await asyncio.to_thread(self.membership.stop)
         self.log.info("stopped")
+
+    def _etcd_problem(self, problem: str) -> None:
+        """From the membership thread: etcd went away (or came back)."""
+        if problem:
+            self.log.error(f"etcd cannot be reached: {problem}")
+        else:
+            self.log.info("etcd answers again")
+        self.etcd_trouble = problem
 
     async def _keep_watchdog_fed(self, interval: float) -> None:
         """Ping systemd's watchdog from the loop itself, and only while the watcher thread lives: a hung loop or a
@@ -130,7 +158,9 @@ class Daemon:
         """systemd's STATUS=: what `systemctl status` shows in one line."""
         live = self.ctx.tree.live() or "none"
         if deploy := self.runner.current:
-            return f"deploying {deploy.release}: {deploy.step or 'starting'} (live {live})"
+            waiting = getattr(deploy, "waiting", "")
+            return (f"deploying {deploy.release}: {deploy.step or 'starting'}" + (f", {waiting}" if waiting else "")
+                    + f" (live {live})")
         if self.memory.maintenance:
             return f"maintenance: {self.memory.maintenance.reason} (live {live})"
         return f"{'paused' if self.memory.paused else 'idle'}; live {live}"
@@ -154,6 +184,8 @@ class Daemon:
             "deploying": self.runner.describe(),
             "last_deploy": self.memory.last_deploy,
             "uploading": sorted(self.inventory.tracker.uploads, key=name_key),
+            **({"cluster": {"member": self.coordinator.me, "etcd": self.etcd_trouble or "ok"}}
+               if self.coordinator else {}),
         }
 
     def set_paused(self, paused: bool, actor: str) -> dict[str, bool]:

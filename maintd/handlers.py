@@ -7,11 +7,14 @@ A handler gets the running daemon, the request's args (already typed and checked
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .cluster import Decision, Move
 from .commands import COMMANDS
+from .etcd import EtcdUnavailable
 from .maintenance import Notice
 from .pipeline import now_iso
 from .results import DeployKind, Outcome, Refused, Skipped, StepRecord
@@ -116,6 +119,33 @@ async def restart(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
 @handles("flush")
 async def flush(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
     return await _on_live(daemon, "flush", lambda live: daemon.ctx.flush_cache(daemon.log), peer)
+
+
+@handles("cluster")
+async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    """Every member and the switch in progress, read from etcd; `abort` records the decision abort (while there is
+    none yet, or it is go), which every member obeys."""
+    co = daemon.coordinator
+    if co is None:
+        raise Refused("this maintd is not in cluster mode (its config has no [cluster] table)")
+    try:
+        view = await asyncio.to_thread(co.view)
+        if args["action"] == "show":
+            return view.as_json(co.me)
+        switch = view.switch
+        if switch is None or view.finished():
+            raise Refused("no switch is in progress")
+        if view.decision in (Decision.COMMIT, Decision.ABORT):
+            raise Refused(f"switch {switch.id} is decided already: {view.decision}")
+        reason = f"aborted by {peer.name} on {co.me}"
+        if not await asyncio.to_thread(co.decide, switch.id, Move(Decision.ABORT, reason), switch.release,
+                                       time.time()):
+            raise Refused(f"switch {switch.id} was decided meanwhile; see `maintctl cluster`")
+    except EtcdUnavailable as exc:
+        raise Refused(f"etcd cannot be reached: {exc}") from None
+    daemon.log.warning(f"switch {switch.id} of release {switch.release} {reason}", switch_id=switch.id,
+                       actor=peer.name)
+    return {"aborted": {"id": switch.id, "release": switch.release}}
 
 
 @handles("pause")

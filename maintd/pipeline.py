@@ -42,8 +42,8 @@ OnStep = Callable[[StepRecord], object]  # what it returns is ignored
 class Deploy:
     """One deploy or rollback of `release`, asked for by `actor` ("upload" or a user name)."""
 
-    STEPS = ("validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush", "health",
-             "hooks_after", "maintenance_off", "cleanup")
+    STEPS: tuple[str, ...] = ("validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart",
+                              "flush", "health", "hooks_after", "maintenance_off", "cleanup")
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
                  on_step: OnStep | None = None) -> None:
@@ -59,6 +59,8 @@ class Deploy:
         self.step: str | None = None
         self.maintenance = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
         self.swapped = False
+        self.blame = True  # a failure marks the release bad (not when it merely could not start, in a cluster)
+        self.notes: list[str] = []  # failures after the point of no return, which did not end the deploy
         self.path = ctx.tree.path(release)
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
@@ -81,13 +83,17 @@ class Deploy:
         return outcome
 
     def run_steps(self, steps: Iterable[str]) -> tuple[list[StepRecord], str]:
-        """Run `steps` in order; the first that fails is undone (`undo`). Returns the records and the error."""
+        """Run `steps` in order; the first that fails is undone (`undo`), unless there is no way back any more
+        (`beyond_return`): then the rest still run and the failure is only noted. Returns the records and the
+        error that ended the deploy."""
         records: list[StepRecord] = []
         for name in steps:
             record, output = self._run_step(name)
             self._report(record, output)
             records.append(record)
-            if record.result is StepResult.FAILED:
+            if record.result is StepResult.FAILED and self.beyond_return():
+                self.notes.append(f"{name}: {record.message}")
+            elif record.result is StepResult.FAILED:
                 error = f"{name}: {record.message}"
                 records.append(self.undo(error))
                 self.step = None
@@ -95,10 +101,17 @@ class Deploy:
         self.step = None
         return records, ""
 
+    def leave(self) -> None:
+        """Done, forward: nothing more for a lone server (a cluster member leaves its switch)."""
+
+    def beyond_return(self) -> bool:
+        """Whether a failure can no longer be undone; a lone server can always go back."""
+        return False
+
     def outcome(self, error: str, records: list[StepRecord], t0: float) -> Outcome:
         result = StepResult.OK if not error else StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error, records)
+                       error or "; ".join(self.notes), records)
 
     def _run_step(self, name: str) -> tuple[StepRecord, str]:
         self.step = name
@@ -202,7 +215,8 @@ class Deploy:
         """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
         The release is marked bad, so no upload can make maintd deploy it (or crash on it) in a loop."""
         t0 = time.perf_counter()
-        self.ctx.store.record(self.release).bad = error
+        if self.blame:
+            self.ctx.store.record(self.release).bad = error
         notes = []
         if self.swapped and self.previous:
             try:
@@ -235,7 +249,12 @@ class Deploy:
 
     def _in_flight(self, step: str) -> InFlight:
         return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
-                        self.maintenance)
+                        self.maintenance, self.switch_id)
+
+    @property
+    def switch_id(self) -> str:
+        """The cluster switch this deploy is part of; none for a lone server."""
+        return ""
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
         env = {"MAINTD_APP": self.cfg.app, "MAINTD_RELEASE": self.release, "MAINTD_PREVIOUS": self.previous or "",

@@ -6,6 +6,8 @@ tree says the rest. `current` is only ever replaced by an fsynced rename, so it 
   `restart`, `flush`, `health` and `maintenance_off` steps;
 - otherwise (or if one of those fails): the deploy's own undo: back to the previous release, restarted and flushed,
   out of maintenance, and the release marked bad, so an upload that kills maintd cannot make it crash in a loop.
+In a cluster the switch's decision in etcd decides instead: forward after `commit`; after anything else the switch is
+aborted (if nobody has yet: this member failed it by crashing) and undone.
 After-swap hooks are not run again: a hook that killed maintd would kill it on every start.
 The outcome is one `recovery` log entry and one history entry, beside the steps' own entries.
 """
@@ -13,27 +15,34 @@ The outcome is one `recovery` log entry and one history entry, beside the steps'
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+from .cluster import Coordinator, Decision, SwitchRecord
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
 from .results import DeployKind, Outcome, StepResult
 from .state import InFlight, MaintenanceOwner
+from .switch import ClusterDeploy
 
 FINISH = ("restart", "flush", "health", "maintenance_off")
 
 
-def recover(ctx: Context) -> Outcome | None:
-    """Finish or undo the deploy the journal names; None when none was in flight."""
+def recover(ctx: Context, coordinator: Coordinator | None = None,
+            on_start: Callable[[Deploy], object] | None = None) -> Outcome | None:
+    """Finish or undo the deploy the journal names; None when none was in flight. In a cluster, the switch's
+    recorded decision says which (waiting for etcd as long as it takes), never this member's own reading."""
     inflight = ctx.store.in_flight()
     if inflight is None:
         return None
     t0 = time.perf_counter()
-    deploy = _resumed(ctx, inflight)
+    deploy = _resumed(ctx, inflight, coordinator)
+    if on_start:
+        on_start(deploy)
     cut_off = f"{inflight.kind} of {inflight.release} was cut off before {inflight.step}"
     notes = [cut_off]
-    problem = ctx.release_problem(inflight.release) if deploy.swapped else None
-    if deploy.swapped and problem is None:
-        records, error = deploy.run_steps(FINISH)
+    forward, problem = _forward(ctx, deploy, inflight)
+    if forward:
+        records, error = deploy.run_steps((*(() if deploy.swapped else ("swap",)), *FINISH))
         notes += [r.message for r in records]
         if not error:
             notes.append(f"finished forward: {inflight.release} is live")
@@ -47,6 +56,7 @@ def recover(ctx: Context) -> Outcome | None:
     if result is StepResult.OK:
         record = ctx.store.record(inflight.release)
         record.went_live = record.went_live or time.time()
+        deploy.leave()
     outcome = deploy.outcome(error, records, t0)
     outcome.result, outcome.error = result, "; ".join(notes)
     record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, deploy.path),
@@ -57,9 +67,31 @@ def recover(ctx: Context) -> Outcome | None:
     return outcome
 
 
-def _resumed(ctx: Context, inflight: InFlight) -> Deploy:
+def _forward(ctx: Context, deploy: Deploy, inflight: InFlight) -> tuple[bool, str]:
+    """Whether to finish forward, and if not, why."""
+    if isinstance(deploy, ClusterDeploy):
+        if not inflight.switch:
+            return False, "cut off before joining the switch"
+        view = deploy.keep_trying(lambda: deploy.co.view(inflight.switch), "read the switch's decision")
+        if view.decision is Decision.COMMIT:
+            deploy.committed = True
+            return True, ""
+        return False, ("the switch was aborted: " + view.reason if view.decision is Decision.ABORT
+                       else "the switch was not committed")
+    problem = ctx.release_problem(inflight.release) if deploy.swapped else None
+    return deploy.swapped and problem is None, problem or ""
+
+
+def _resumed(ctx: Context, inflight: InFlight, coordinator: Coordinator | None) -> Deploy:
     """The deploy a crash cut off, as its journal left it."""
-    deploy = Deploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
+    deploy: Deploy
+    if coordinator:  # cut off before it joined a switch, it still aborts the switch of its release (if any)
+        deploy = ClusterDeploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY, None, coordinator)
+        if inflight.switch:
+            deploy.switch = SwitchRecord(inflight.switch, inflight.release, "", inflight.kind, "", "", 0.0)
+            deploy.log = deploy.log.bind(switch_id=inflight.switch)
+    else:
+        deploy = Deploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
     deploy.id, deploy.previous, deploy.started = inflight.deploy_id, inflight.previous, inflight.started
     deploy.log = deploy.log.bind(deploy_id=inflight.deploy_id)
     deploy.swapped = ctx.tree.live() == inflight.release

@@ -12,16 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from . import log
+from .cluster import Coordinator
 from .context import Context
 from .inventory import Inventory
 from .pipeline import Deploy, OnStep
+from .recovery import recover
 from .results import DeployKind, Outcome, Refused, StepRecord
+from .switch import ClusterDeploy
 from .tasks import Tasks
 
 
 class DeployRunner:
-    def __init__(self, ctx: Context, inventory: Inventory, tasks: Tasks, on_change: Callable[[], None]) -> None:
+    def __init__(self, ctx: Context, inventory: Inventory, tasks: Tasks, on_change: Callable[[], None],
+                 coordinator: Coordinator | None = None) -> None:
         self.ctx = ctx
+        self.coordinator = coordinator  # in a cluster, every deploy is this member's side of a switch
         self.inventory = inventory
         self.tasks = tasks
         self.on_change = on_change  # the status line may have changed
@@ -45,13 +50,14 @@ class DeployRunner:
 
     async def _automatic(self, name: str) -> None:
         try:
-            await self.deploy(name, "upload")
+            await self.deploy(name, "upload", automatic=True)
         except Refused as exc:  # changed between completing and its turn (written to again, say)
             self.log.info(f"automatic deploy of release {name} not started: {exc}", release=name)
 
     async def deploy(self, name: str, actor: str, kind: DeployKind = DeployKind.DEPLOY, wait: bool = True,
-                     on_step: OnStep | None = None) -> Outcome:
-        """Run one deploy; refuses at once when another runs and `wait` is false."""
+                     on_step: OnStep | None = None, automatic: bool = False) -> Outcome:
+        """Run one deploy; refuses at once when another runs and `wait` is false. An `automatic` one (an upload's,
+        or joining a cluster switch) is refused once its release is live: two of them may race for one release."""
         self.inventory.check_deployable(name, kind)
         if self.lock.locked() and not wait:
             running = self.current
@@ -59,9 +65,10 @@ class DeployRunner:
                           else "a deploy is running (use --wait)")
         async with self.lock:
             self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
+            if automatic and name == self.ctx.tree.live():
+                raise Refused(f"release {name} is live already")
             loop = asyncio.get_running_loop()
-            deploy = Deploy(self.ctx, name, actor, kind,
-                            lambda record: loop.call_soon_threadsafe(self._stepped, record))
+            deploy = self._new(name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
             self.current, self._steps_done = deploy, []
             self._followers = {on_step} if on_step else set()
             outcome_future = self._outcome = loop.create_future()
@@ -77,6 +84,23 @@ class DeployRunner:
             self.inventory.complete.pop(name, None)
         self.kick()
         return outcome
+
+    def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep) -> Deploy:
+        if self.coordinator:
+            return ClusterDeploy(self.ctx, name, actor, kind, on_step, self.coordinator)
+        return Deploy(self.ctx, name, actor, kind, on_step)
+
+    async def recover(self) -> None:
+        """Recovery of a cluster switch a crash cut off: it may wait for etcd as long as it takes, so it runs
+        like a deploy (one at a time, shown in `status`) instead of holding up the start."""
+        async with self.lock:
+            try:
+                await asyncio.to_thread(recover, self.ctx, self.coordinator,
+                                        lambda deploy: setattr(self, "current", deploy))
+            finally:
+                self.current = None
+                self.on_change()
+        self.kick()
 
     def _stepped(self, record: StepRecord) -> None:
         self._steps_done.append(record)
@@ -101,5 +125,8 @@ class DeployRunner:
         deploy = self.current
         if not deploy:
             return None
-        return {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
-                "actor": deploy.actor}
+        described = {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
+                     "actor": deploy.actor}
+        if isinstance(deploy, ClusterDeploy):
+            described |= {"switch_id": deploy.switch_id or None, "waiting": deploy.waiting or None}
+        return described

@@ -80,6 +80,7 @@ class InFlight:
     started: str
     step: str
     maintenance: str = MaintenanceOwner.NONE
+    switch: str = ""  # in a cluster: the switch this deploy is part of, whose recorded decision recovery obeys
 
 
 class Store:

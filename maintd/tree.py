@@ -255,6 +255,24 @@ class Tree:
                 return f"{rel} is not listed in the manifest"
         return None
 
+    def digest(self, name: str, ignore: tuple[str, ...]) -> str:
+        """A sha256 over the release as uploaded: every file's path and content (a link's target), as a manifest
+        would list them, less `ignore` (the marker, the manifest, and what maintd itself puts there, shared links
+        included, so that per-server shared files may differ). Equal on two servers means the same release."""
+        release = self.release_dir(name)
+        total = hashlib.sha256()
+        for rel in sorted(_files_under(release)):
+            if any(rel == skip or rel.startswith(skip + "/") for skip in ignore):
+                continue
+            path = release / rel
+            if path.is_symlink():
+                content = "link " + os.readlink(path)
+            else:
+                with open(path, "rb") as handle:
+                    content = hashlib.file_digest(handle, "sha256").hexdigest()
+            total.update(f"{content}  {rel}\n".encode())
+        return total.hexdigest()
+
     def remove(self, name: str) -> None:
         shutil.rmtree(self.release_dir(name))
 

@@ -1,0 +1,307 @@
+"""Cluster mode (contract §7): the keys in etcd, what they say, and the one rule for what a member does next.
+
+Key layout, under `cluster.prefix` (P):
+
+    P/alive/<m>                 lease-bound: the member is there (its lease expires `lease_ttl` after it goes quiet)
+    P/members/<m>               what the member last reported: its live release and its state, for `maintctl cluster`
+    P/switch                    the switch in progress: {"id", "release", "digest", "kind", "by", "since"};
+                                created only where absent, so there is one at a time
+    P/s/<id>/state/<m>          prepared:<digest> | maintenance | hooks_done | healthy | done | back
+    P/s/<id>/decision           go -> commit, or (absent or go) -> abort: written by one transaction each, the first
+                                writer wins, and every member obeys the record, never its own reading of the others
+    P/s/<id>/go_at, /reason     when go was decided (the switch timeout runs from there); why it was aborted
+    P/bad/<release>             a release the cluster abandoned: marked bad on every member, now or when it arrives
+
+`View` is one reading of those keys and `View.next_move` the pure rule that turns it into the transaction a waiting
+member tries (go, commit, abort, or nothing): tested without etcd, as the upload tracker is without inotify.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .config import Cluster
+from .etcd import Compare, Etcd, EtcdUnavailable, delete_op, put_op
+
+# Seconds between two readings of the keys while waiting for the others: from a few ms (a switch on loopback or a
+# LAN takes a handful of round trips, and every wait sits inside the maintenance window) growing to a fifth of a
+# second while nothing changes (a member waiting for an upload to arrive elsewhere).
+POLL_FIRST, POLL_MOST = 0.004, 0.2
+
+
+class Decision(StrEnum):
+    GO = "go"
+    COMMIT = "commit"
+    ABORT = "abort"
+
+
+class MemberState(StrEnum):
+    """A member's progress through one switch, in order (`back` ends an aborted one)."""
+
+    PREPARED = "prepared"
+    MAINTENANCE = "maintenance"
+    HOOKS_DONE = "hooks_done"
+    HEALTHY = "healthy"
+    DONE = "done"
+    BACK = "back"
+
+
+IN_MAINTENANCE = (MemberState.MAINTENANCE, MemberState.HOOKS_DONE, MemberState.HEALTHY)
+FINISHED = (MemberState.DONE, MemberState.BACK)
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    id: str
+    release: str
+    digest: str
+    kind: str
+    by: str  # the member that began it
+    actor: str  # "upload", or the operator who asked for it
+    since: float
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> SwitchRecord:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def alive(self, member: str) -> str:
+        return f"{self.prefix}/alive/{member}"
+
+    def report(self, member: str) -> str:
+        return f"{self.prefix}/members/{member}"
+
+    @property
+    def switch(self) -> str:
+        return f"{self.prefix}/switch"
+
+    def state(self, switch: str, member: str) -> str:
+        return f"{self.prefix}/s/{switch}/state/{member}"
+
+    def decision(self, switch: str) -> str:
+        return f"{self.prefix}/s/{switch}/decision"
+
+    def go_at(self, switch: str) -> str:
+        return f"{self.prefix}/s/{switch}/go_at"
+
+    def reason(self, switch: str) -> str:
+        return f"{self.prefix}/s/{switch}/reason"
+
+    def bad(self, release: str) -> str:
+        return f"{self.prefix}/bad/{release}"
+
+
+@dataclass(frozen=True)
+class Move:
+    """A transaction to try: `decision` with the conditions under which it may be written."""
+
+    decision: Decision
+    reason: str = ""
+
+
+@dataclass
+class View:
+    """One reading of everything under the prefix."""
+
+    members: tuple[str, ...]
+    alive: set[str] = field(default_factory=set)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    switch: SwitchRecord | None = None
+    states: dict[str, str] = field(default_factory=dict)  # of the switch in progress (or the one asked about)
+    decision: Decision | None = None
+    go_at: float | None = None
+    reason: str = ""
+    bad: dict[str, str] = field(default_factory=dict)
+
+    def state_of(self, member: str) -> MemberState | None:
+        raw = self.states.get(member, "")
+        try:
+            return MemberState(raw.split(":", 1)[0])
+        except ValueError:
+            return None
+
+    def digest_of(self, member: str) -> str:
+        raw = self.states.get(member, "")
+        return raw.split(":", 1)[1] if raw.startswith(f"{MemberState.PREPARED}:") else ""
+
+    def all_in(self, states: tuple[MemberState, ...]) -> bool:
+        return all(self.state_of(m) in states for m in self.members)
+
+    def finished(self) -> bool:
+        """The switch is decided for good and every member still there is through with it."""
+        return self.decision in (Decision.COMMIT, Decision.ABORT) and all(
+            self.state_of(m) in FINISHED for m in self.members if m in self.alive)
+
+    def as_json(self, me: str) -> dict[str, Any]:
+        """`maintctl cluster --json`: every member (alive or not, its live release, its state in the switch) and
+        the switch in progress."""
+        active = self.switch is not None and not self.finished()
+        members = []
+        for name in self.members:
+            report = self.reports.get(name, {})
+            state = self.states.get(name, "not prepared").split(":", 1)[0] if active else report.get("state", "idle")
+            members.append({"name": name, "alive": name in self.alive, "current": report.get("current"),
+                            "state": state})
+        switch = None
+        if self.switch:
+            switch = {**asdict(self.switch), "decision": self.decision, "reason": self.reason or None,
+                      "finished": not active}
+        return {"member": me, "members": members, "switch": switch}
+
+    def next_move(self, cluster: Cluster, now: float) -> Move | None:
+        """What a member waiting in this switch tries now: the whole rule of contract §7 in one place."""
+        if self.switch is None or self.decision in (Decision.COMMIT, Decision.ABORT):
+            return None
+        gone = [m for m in self.members if m not in self.alive]
+        if gone:
+            return Move(Decision.ABORT, f"member {', '.join(gone)} is gone (no lease: down, or cut off from etcd)")
+        if self.decision is None:
+            digests = {self.digest_of(m) for m in self.members if self.digest_of(m)}
+            if len(digests) > 1:
+                return Move(Decision.ABORT, "the members' digests differ: " + ", ".join(
+                    f"{m} {self.digest_of(m)[:12]}" for m in self.members if self.digest_of(m)))
+            if now - self.switch.since > cluster.prepare_timeout:
+                missing = [m for m in self.members if self.state_of(m) is not MemberState.PREPARED]
+                return Move(Decision.ABORT, f"not prepared by every member within prepare_timeout "
+                                            f"({cluster.prepare_timeout:g}s): {', '.join(missing)}")
+            if self.all_in((MemberState.PREPARED,)) and digests == {self.switch.digest}:
+                return Move(Decision.GO)
+            return None
+        if self.go_at is not None and now - self.go_at > cluster.switch_timeout:
+            return Move(Decision.ABORT, f"not committed within switch_timeout ({cluster.switch_timeout:g}s)")
+        if self.all_in((MemberState.HEALTHY,)):
+            return Move(Decision.COMMIT)
+        return None
+
+
+class Coordinator:
+    """This member's side of the keys: reading them, writing its own, and the decision transactions."""
+
+    def __init__(self, cluster: Cluster, etcd: Etcd) -> None:
+        self.cluster = cluster
+        self.etcd = etcd
+        self.keys = Keys(cluster.prefix)
+        self.me = cluster.member
+
+    def view(self, switch_id: str | None = None) -> View:
+        """Everything under the prefix in one range read; the states of `switch_id` (default: the switch in
+        progress)."""
+        found = self.etcd.get_prefix(self.cluster.prefix + "/")
+        view = View(self.cluster.members)
+        p = self.cluster.prefix
+        for key, value in found.items():
+            rest = key[len(p) + 1:]
+            head, _, tail = rest.partition("/")
+            if head == "alive":
+                view.alive.add(tail)
+            elif head == "members":
+                view.reports[tail] = _json(value)
+            elif head == "bad":
+                view.bad[tail] = value
+            elif rest == "switch":
+                view.switch = SwitchRecord.parse(value)
+        wanted = switch_id or (view.switch.id if view.switch else None)
+        if wanted:
+            base = f"s/{wanted}/"
+            for key, value in found.items():
+                rest = key[len(p) + 1:]
+                if rest.startswith(base + "state/"):
+                    view.states[rest[len(base) + 6:]] = value
+            decision = found.get(self.keys.decision(wanted))
+            view.decision = Decision(decision) if decision else None
+            go_at = found.get(self.keys.go_at(wanted))
+            view.go_at = float(go_at) if go_at else None
+            view.reason = found.get(self.keys.reason(wanted), "")
+        return view
+
+    def set_state(self, switch_id: str, state: MemberState, detail: str = "") -> None:
+        self.etcd.put(self.keys.state(switch_id, self.me), f"{state}:{detail}" if detail else str(state))
+
+    def begin(self, record: SwitchRecord) -> bool:
+        """Create the switch where none is in progress; whether this member's record is the one."""
+        return self.etcd.txn([Compare.absent(self.keys.switch)], [put_op(self.keys.switch, record.as_json())])
+
+    def end(self, record: SwitchRecord) -> bool:
+        """Remove a finished switch, if it is still this one, so that the next may begin."""
+        key = self.keys.switch
+        return self.etcd.txn([Compare.equals(key, record.as_json())], [delete_op(key)])
+
+    def decide(self, switch_id: str, move: Move, release: str, now: float) -> bool:
+        """Try to write `move.decision`; whether this member's transaction was the one that did."""
+        k, members = self.keys, self.cluster.members
+        decision = k.decision(switch_id)
+        if move.decision is Decision.GO:
+            return self.etcd.txn([Compare.absent(decision), *[Compare.present(k.alive(m)) for m in members]],
+                                 [put_op(decision, Decision.GO), put_op(k.go_at(switch_id), repr(now))])
+        if move.decision is Decision.COMMIT:
+            return self.etcd.txn([Compare.equals(decision, Decision.GO),
+                                  *[Compare.present(k.alive(m)) for m in members],
+                                  *[Compare.equals(k.state(switch_id, m), MemberState.HEALTHY) for m in members]],
+                                 [put_op(decision, Decision.COMMIT)])
+        abort = [put_op(decision, Decision.ABORT), put_op(k.reason(switch_id), move.reason),
+                 put_op(k.bad(release), move.reason)]
+        return (self.etcd.txn([Compare.absent(decision)], abort)
+                or self.etcd.txn([Compare.equals(decision, Decision.GO)], abort))
+
+    def report(self, current: str | None, state: str) -> None:
+        self.etcd.put(self.keys.report(self.me), json.dumps({"current": current, "state": state,
+                                                             "at": time.time()}))
+
+
+class Membership(threading.Thread):
+    """Keeps `P/alive/<me>` alive: a lease refreshed every third of its TTL, renewed if it ever expired."""
+
+    def __init__(self, coordinator: Coordinator, on_problem: Callable[[str], None]) -> None:
+        super().__init__(name="maintd-membership", daemon=True)
+        self.coordinator = coordinator
+        self.on_problem = on_problem
+        self.lease = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        ttl = self.coordinator.cluster.lease_ttl
+        etcd, key = self.coordinator.etcd, self.coordinator.keys.alive(self.coordinator.me)
+        trouble = ""
+        while not self.stopping.is_set():
+            try:
+                if not self.lease or etcd.keepalive(self.lease) <= 0:
+                    self.lease = etcd.grant(ttl)
+                    etcd.put(key, json.dumps({"since": time.time()}), lease=self.lease)
+                if trouble:
+                    self.on_problem("")
+                    trouble = ""
+            except EtcdUnavailable as exc:
+                if not trouble:
+                    self.on_problem(str(exc))
+                trouble = str(exc)
+            self.stopping.wait(ttl / 3)
+
+    def stop(self) -> None:
+        """Leave at once (revoke the lease) rather than letting the others wait for it to expire."""
+        self.stopping.set()
+        if self.lease:
+            try:
+                self.coordinator.etcd.revoke(self.lease)
+            except EtcdUnavailable:
+                pass
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

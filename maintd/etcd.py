@@ -1,0 +1,129 @@
+"""etcd for cluster mode, through etcd3gw (the JSON gateway of etcd's v3 API), wrapped thinly.
+
+What the wrapper adds, because etcd3gw leaves it out (checked in its 2.7.0 source): a client speaks to one endpoint,
+so every call is tried on each configured endpoint in turn, starting with the last that answered; every call has a
+timeout; a requests Session is not shared between threads, so each thread gets its own clients. No watch is used:
+etcd3gw's watch can end silently or hang on a dropped stream, and the keys read by polling are the truth anyway.
+Anything that fails on every endpoint is `EtcdUnavailable`: the caller decides what waiting means.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import Etcd3Exception
+
+T = TypeVar("T")
+TIMEOUT = 2.0  # seconds for one call to one endpoint
+
+
+class EtcdUnavailable(Exception):
+    """No endpoint answered: quorum lost, or the network to etcd gone."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@dataclass(frozen=True)
+class Compare:
+    """One condition of a transaction, in the gateway's JSON."""
+
+    body: dict[str, Any]
+
+    @classmethod
+    def absent(cls, key: str) -> Compare:
+        return cls({"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0})
+
+    @classmethod
+    def present(cls, key: str) -> Compare:
+        return cls({"key": _b64(key), "target": "CREATE", "result": "GREATER", "create_revision": 0})
+
+    @classmethod
+    def equals(cls, key: str, value: str) -> Compare:
+        return cls({"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)})
+
+
+def put_op(key: str, value: str, lease: int = 0) -> dict[str, Any]:
+    return {"request_put": {"key": _b64(key), "value": _b64(value), **({"lease": lease} if lease else {})}}
+
+
+def delete_op(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+class Etcd:
+    def __init__(self, endpoints: tuple[str, ...], timeout: float = TIMEOUT) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self._preferred = 0  # the endpoint that answered last
+        self._local = threading.local()
+
+    def _client(self, index: int) -> Etcd3Client:
+        clients: dict[int, Etcd3Client] = self._local.__dict__.setdefault("clients", {})
+        if index not in clients:
+            url = urlsplit(self.endpoints[index])
+            clients[index] = Etcd3Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
+                                         protocol=url.scheme, timeout=self.timeout, api_path="/v3/")
+        return clients[index]
+
+    def _call(self, what: Callable[[Etcd3Client], T]) -> T:
+        """`what` on the endpoint that answered last, then on each other one; EtcdUnavailable if none does."""
+        problems = []
+        count = len(self.endpoints)
+        for step in range(count):
+            index = (self._preferred + step) % count
+            try:
+                result = what(self._client(index))
+            except (Etcd3Exception, OSError, ValueError, KeyError) as exc:
+                problems.append(f"{self.endpoints[index]}: {type(exc).__name__} {getattr(exc, 'detail_text', '')}"
+                                .strip())
+                continue
+            self._preferred = index
+            return result
+        raise EtcdUnavailable("etcd did not answer (" + "; ".join(problems) + ")")
+
+    def get(self, key: str) -> str | None:
+        values = self._call(lambda client: client.get(key))
+        return values[0].decode() if values else None
+
+    def get_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under `prefix` (with the trailing slash), with its value."""
+        found = self._call(lambda client: client.get_prefix(prefix))
+        return {meta["key"].decode(): value.decode() for value, meta in found}
+
+    def put(self, key: str, value: str, lease: int = 0) -> None:
+        self.txn([], [put_op(key, value, lease)])
+
+    def delete(self, key: str) -> None:
+        self._call(lambda client: client.delete(key))
+
+    def txn(self, compare: list[Compare], success: list[dict[str, Any]]) -> bool:
+        """One transaction: `success` happens if every `compare` holds; whether it did. etcd serialises them, so
+        of two racing transactions on the same keys exactly one sees its conditions hold."""
+        body = {"compare": [c.body for c in compare], "success": success, "failure": []}
+        return bool(self._call(lambda client: client.transaction(body)).get("succeeded", False))
+
+    def grant(self, ttl: float) -> int:
+        return self._call(lambda client: client.lease(ttl=max(1, round(ttl)))).id
+
+    def keepalive(self, lease: int) -> int:
+        """The lease's new TTL; -1 once it has expired (its keys are gone)."""
+        result = self._call(lambda client: client.post(client.get_url("/lease/keepalive"), json={"ID": lease}))
+        return int(result.get("result", {}).get("TTL", -1))
+
+    def revoke(self, lease: int) -> None:
+        self._call(lambda client: client.post(client.get_url("/kv/lease/revoke"), json={"ID": lease}))
+
+    def answers(self) -> bool:
+        try:
+            self._call(lambda client: client.status())
+        except EtcdUnavailable:
+            return False
+        return True

@@ -1,0 +1,88 @@
+"""A member's part in switches that other members began, and in the cluster's verdicts on releases.
+
+A switch begins on whichever member first has the release complete (or where an operator asked for it). Every
+other member learns of it here, by reading the keys a few times a second, and joins as soon as the release is
+complete on it too; a release that is refused here aborts the switch at once instead of leaving the others waiting
+for `prepare_timeout`. A release the cluster abandoned is marked bad here too, whether it is already here or comes
+later, so it is never deployed automatically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from . import log
+from .cluster import Coordinator, Decision, Move, View
+from .etcd import EtcdUnavailable
+from .inventory import Inventory, ReleaseState
+from .results import DeployKind, Refused
+from .runner import DeployRunner
+from .tasks import Tasks
+
+JOIN_POLL = 0.25  # seconds between two readings of the keys
+
+
+class Joiner:
+    def __init__(self, coordinator: Coordinator, inventory: Inventory, runner: DeployRunner, tasks: Tasks) -> None:
+        self.co = coordinator
+        self.inventory = inventory
+        self.runner = runner
+        self.tasks = tasks
+        self.log = log.get(app=runner.ctx.config.app)
+        self._said: set[str] = set()  # what was logged once already
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(JOIN_POLL)
+            try:
+                view = await asyncio.to_thread(self.co.view)
+            except EtcdUnavailable:
+                continue  # Membership reports it; nothing to join while etcd is away
+            self._mark_abandoned(view)
+            self._maybe_join(view)
+
+    def _mark_abandoned(self, view: View) -> None:
+        for release, reason in view.bad.items():
+            record = self.inventory.store.memory.releases.get(release)
+            here = (self.inventory.tree.releases / release).is_dir()
+            if here and not (record and record.bad):
+                self.inventory.store.record(release).bad = f"abandoned by the cluster: {reason}"
+                self.log.warning(f"release {release} marked bad: the cluster abandoned it: {reason}", release=release)
+
+    def _maybe_join(self, view: View) -> None:
+        switch, me = view.switch, self.co.me
+        if not switch or view.decision is not None or view.state_of(me) is not None or self.runner.lock.locked():
+            return
+        if self.inventory.store.memory.paused and switch.actor == "upload":
+            self._once(f"paused:{switch.id}", f"automatic deploys are paused here: not joining the switch of "
+                                              f"release {switch.release} begun by an upload on {switch.by}")
+            return
+        if not (self.inventory.tree.releases / switch.release).is_dir():
+            self._once(f"absent:{switch.id}", f"switch {switch.id} waits for release {switch.release} to be "
+                                              "uploaded here")
+            return
+        state = self.inventory.state_now(switch.release)
+        if state is ReleaseState.REFUSED:
+            reason = f"{me}: release {switch.release} is refused here: {self.inventory.reason(switch.release)}"
+            self.tasks.spawn(asyncio.to_thread(self._abort, switch.id, switch.release, reason))
+        elif state not in (ReleaseState.UPLOADING, ReleaseState.INCOMPLETE):
+            self.tasks.spawn(self._join(switch.release, switch.actor, DeployKind(switch.kind)))
+
+    async def _join(self, release: str, actor: str, kind: DeployKind) -> None:
+        try:
+            await self.runner.deploy(release, actor, kind, wait=False, automatic=True)
+        except Refused as exc:
+            self.log.info(f"not joining the switch of release {release}: {exc}", release=release)
+
+    def _abort(self, switch_id: str, release: str, reason: str) -> None:
+        try:
+            if self.co.decide(switch_id, Move(Decision.ABORT, reason), release, time.time()):
+                self.log.warning(f"switch aborted: {reason}", switch_id=switch_id, release=release)
+        except EtcdUnavailable:
+            pass  # tried again at the next reading
+
+    def _once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log.info(message)

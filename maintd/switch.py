@@ -1,0 +1,232 @@
+"""A deploy in cluster mode: the steps of contract §7, one member's side of a switch of every member together.
+
+`ClusterDeploy` is the single-server `Deploy` with two steps more (`prepare`, `commit`), a `hooks_before` that only
+the primary runs (after every member is in maintenance; the others wait for it), and a check of the decision
+before the swap. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
+transaction the rule says (`View.next_move`). While etcd cannot be reached it waits, never guessing: before
+maintenance nothing has happened, and in maintenance nobody can leave it without the decision.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from .cluster import IN_MAINTENANCE, POLL_FIRST, POLL_MOST, Coordinator, Decision, MemberState, Move, SwitchRecord, View
+from .config import Cluster
+from .context import Context
+from .etcd import EtcdUnavailable
+from .pipeline import Deploy, OnStep, new_deploy_id
+from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
+
+T = TypeVar("T")
+UNREACHABLE_PAUSE = 0.5  # seconds between two tries while etcd does not answer
+
+
+class ClusterDeploy(Deploy):
+    STEPS = ("validate", "link_shared", "prepare", "maintenance_on", "hooks_before", "swap", "restart", "flush",
+             "health", "commit", "hooks_after", "maintenance_off", "cleanup")
+
+    def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind, on_step: OnStep | None,
+                 coordinator: Coordinator) -> None:
+        super().__init__(ctx, release, actor, kind, on_step)
+        assert ctx.config.cluster
+        self.cluster: Cluster = ctx.config.cluster
+        self.co = coordinator
+        self.switch: SwitchRecord | None = None
+        self.planned_id = new_deploy_id()
+        self.committed = False
+        self.waiting = ""  # what the deploy waits for, for `status`
+        self._unreachable = ""
+
+    @property
+    def switch_id(self) -> str:
+        return self.switch.id if self.switch else ""
+
+    def beyond_return(self) -> bool:
+        """After commit every member serves the new release: a failure then is noted, not undone alone."""
+        return self.committed
+
+    def run(self) -> Outcome:
+        # Every entry of the switch carries its id from the first step on: the id of the switch of this release
+        # in progress, or the one this member will begin it under (it is re-bound in the rare race of two).
+        try:
+            view = self.co.view()
+            if view.switch and view.switch.release == self.release and view.decision is None:
+                self.planned_id = view.switch.id
+        except EtcdUnavailable:
+            pass
+        self.log = self.log.bind(switch_id=self.planned_id)
+        outcome = super().run()
+        if outcome.went_live:
+            self.leave()
+        self._report_member()
+        return outcome
+
+    def leave(self) -> None:
+        """Through the switch, forward: done, and the last member through removes it."""
+        if self.switch:
+            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.DONE), "record done")
+            self._finish_switch()
+
+    # --- the steps of contract §7 ---------------------------------------------------------------------------------
+
+    def prepare(self) -> str:
+        digest = self.ctx.tree.digest(self.release, self.ctx.written_by_maintd())
+        self.switch = self.keep_trying(lambda: self._join_or_begin(digest), "begin or join the switch")
+        self.log = self.log.bind(switch_id=self.switch.id)
+        self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.PREPARED, digest), "prepare")
+        self._await(lambda view: view.decision is Decision.GO, "every member to prepare the release")
+        return f"every member prepared release {self.release} ({digest[:12]}): go"
+
+    def maintenance_on(self) -> str:
+        try:
+            return super().maintenance_on()
+        finally:  # skipped or not, the others learn that this member is ready to swap
+            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.MAINTENANCE), "enter maintenance")
+
+    def hooks_before(self) -> str:
+        primary = self.cluster.primary
+        if self.cluster.member != primary:
+            self._await(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
+                                                                 MemberState.DONE),
+                        f"the primary, {primary}, to run the before-swap hooks")
+            raise Skipped(f"the before-swap hooks are run by the primary, {primary}")
+        self._await(lambda view: view.all_in(IN_MAINTENANCE), "every member to be in maintenance")
+        try:
+            return super().hooks_before()
+        finally:
+            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.HOOKS_DONE), "record the hooks")
+
+    def swap(self) -> str:
+        self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "the decision")  # or abort
+        return super().swap()
+
+    def commit(self) -> str:
+        self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.HEALTHY), "record health")
+        self._await(lambda view: view.decision is Decision.COMMIT, "every member to be healthy")
+        self.committed = True
+        return "every member swapped and is healthy: committed"
+
+    # --- going back -----------------------------------------------------------------------------------------------
+
+    def undo(self, error: str) -> StepRecord:
+        """A failure before commit aborts the switch for every member (if none has yet), then goes back here."""
+        if self.blame:
+            self.abort(error)
+        record = super().undo(error)
+        if self.switch:
+            try:
+                self.co.set_state(self.switch_id, MemberState.BACK)
+            except EtcdUnavailable:
+                pass  # the decision is what counts; recovery and the others read that
+            self._finish_switch()
+        return record
+
+    def abort(self, reason: str) -> None:
+        switch = self.switch
+        if switch is None:  # failed before joining: abort a switch of this release that the others began
+            try:
+                view = self.co.view()
+            except EtcdUnavailable:
+                return
+            if not view.switch or view.switch.release != self.release:
+                return
+            switch = view.switch
+        try:
+            if self.co.decide(switch.id, Move(Decision.ABORT, f"{self.cluster.member}: {reason}"), self.release,
+                              time.time()):
+                self.log.warning(f"switch aborted: {self.cluster.member}: {reason}", switch_id=switch.id)
+        except EtcdUnavailable as exc:
+            # Going back alone is safe before commit: commit needs this member healthy. The others abort at their
+            # timeout once etcd answers again.
+            self.log.error(f"could not record the abort in etcd ({exc}); going back here", switch_id=switch.id)
+
+    # --- waiting on the others ------------------------------------------------------------------------------------
+
+    def _join_or_begin(self, digest: str) -> SwitchRecord:
+        """The switch of this release in progress, or a new one; refuses while another release is switching."""
+        while True:
+            view = self.co.view()
+            if self.release in view.bad:
+                raise StepFailed(f"the cluster abandoned release {self.release}: {view.bad[self.release]}")
+            if view.switch is None:
+                record = SwitchRecord(self.planned_id, self.release, digest, self.kind, self.cluster.member,
+                                      self.actor, time.time())
+                if self.co.begin(record):
+                    self.log.info(f"switch {record.id} of release {self.release} begun", switch_id=record.id)
+                    return record
+            elif view.finished():
+                self.co.end(view.switch)
+            elif view.switch.release == self.release and view.decision is None:
+                return view.switch
+            else:
+                self.blame = False  # not this release's fault: it may be switched later
+                raise StepFailed(f"a switch of release {view.switch.release} is in progress "
+                                 f"({view.decision or 'preparing'})")
+
+    def _await(self, ready: Callable[[View], bool], what: str) -> View:
+        """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
+        step. While etcd does not answer: wait, and say so."""
+        assert self.switch
+        pause, last = POLL_FIRST, None
+        while True:
+            try:
+                view = self.co.view(self.switch.id)
+                move = view.next_move(self.cluster, time.time())
+                if move and self.co.decide(self.switch.id, move, self.release, time.time()):
+                    self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
+                                  switch_id=self.switch.id, decision=str(move.decision))
+                    continue
+            except EtcdUnavailable as exc:
+                self._unreachable_for(what, exc)
+                continue
+            self._reachable()
+            if view.decision is Decision.ABORT:
+                raise StepFailed(f"the switch was aborted: {view.reason}")
+            if ready(view):
+                self.waiting = ""
+                return view
+            self.waiting = f"waiting for {what}"
+            seen = (view.decision, sorted(view.states.items()), sorted(view.alive))
+            pause, last = (POLL_FIRST if seen != last else min(POLL_MOST, pause * 1.5)), seen
+            time.sleep(pause)
+
+    def keep_trying(self, action: Callable[[], T], what: str) -> T:
+        while True:
+            try:
+                result = action()
+            except EtcdUnavailable as exc:
+                self._unreachable_for(what, exc)
+                continue
+            self._reachable()
+            return result
+
+    def _unreachable_for(self, what: str, exc: EtcdUnavailable) -> None:
+        if not self._unreachable:
+            self.log.error(f"etcd cannot be reached; waiting to {what}, never guessing: {exc}",
+                           switch_id=self.switch_id)
+        self._unreachable = str(exc)
+        self.waiting = f"etcd unreachable: waiting to {what}"
+        time.sleep(UNREACHABLE_PAUSE)
+
+    def _reachable(self) -> None:
+        if self._unreachable:
+            self.log.info("etcd answers again", switch_id=self.switch_id)
+            self._unreachable = ""
+
+    def _finish_switch(self) -> None:
+        """The last member through a decided switch removes it, so that the next may begin."""
+        try:
+            view = self.co.view(self.switch_id)
+            if view.switch and view.switch.id == self.switch_id and view.finished():
+                self.co.end(view.switch)
+        except EtcdUnavailable:
+            pass  # the next switch to begin removes a finished one
+
+    def _report_member(self) -> None:
+        try:
+            self.co.report(self.ctx.tree.live(), "idle")
+        except EtcdUnavailable:
+            pass
