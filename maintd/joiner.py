@@ -13,7 +13,7 @@ import asyncio
 import time
 
 from . import log
-from .cluster import Coordinator, Decision, Move, View
+from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, View
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
 from .results import DeployKind, Refused
@@ -40,7 +40,10 @@ class Joiner:
             except EtcdUnavailable:
                 continue  # Membership reports it; nothing to join while etcd is away
             self._mark_abandoned(view)
+            self._settle(view)
             self._maybe_join(view)
+            if view.switch is None or view.finished():
+                self.runner.kick()  # an upload that could not begin its switch while another ran, begins it now
 
     def _mark_abandoned(self, view: View) -> None:
         for release, reason in view.bad.items():
@@ -49,6 +52,25 @@ class Joiner:
             if here and not (record and record.bad):
                 self.inventory.store.record(release).bad = f"abandoned by the cluster: {reason}"
                 self.log.warning(f"release {release} marked bad: the cluster abandoned it: {reason}", release=release)
+
+    def _settle(self, view: View) -> None:
+        """A decided switch this member went through but did not sign off (killed in the last instant) would
+        keep the next one from beginning: sign it off, when this member is where the decision says."""
+        switch, me = view.switch, self.co.me
+        if (not switch or view.decision not in (Decision.COMMIT, Decision.ABORT) or self.runner.lock.locked()
+                or view.state_of(me) in (None, *FINISHED)):
+            return
+        live = self.inventory.tree.live()
+        landed = live == switch.release if view.decision is Decision.COMMIT else live != switch.release
+        if landed:
+            state = MemberState.DONE if view.decision is Decision.COMMIT else MemberState.BACK
+            self.tasks.spawn(asyncio.to_thread(self._sign_off, switch.id, state))
+
+    def _sign_off(self, switch_id: str, state: MemberState) -> None:
+        try:
+            self.co.set_state(switch_id, state)
+        except EtcdUnavailable:
+            pass
 
     def _maybe_join(self, view: View) -> None:
         switch, me = view.switch, self.co.me

@@ -75,6 +75,8 @@ class Deploy:
         records, error = self.run_steps(self.STEPS)
         if self.crash_at == "end":
             _crash()
+        if not error:
+            self.leave()  # before the journal goes: a crash in between finds the journal, and recovery leaves again
         outcome = self.outcome(error, records, t0)
         record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.path), self.log)
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else outcome.result}"

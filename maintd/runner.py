@@ -14,7 +14,7 @@ from typing import Any
 from . import log
 from .cluster import Coordinator
 from .context import Context
-from .inventory import Inventory
+from .inventory import Inventory, ReleaseState
 from .pipeline import Deploy, OnStep
 from .recovery import recover
 from .results import DeployKind, Outcome, Refused, StepRecord
@@ -65,8 +65,10 @@ class DeployRunner:
                           else "a deploy is running (use --wait)")
         async with self.lock:
             self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
-            if automatic and name == self.ctx.tree.live():
-                raise Refused(f"release {name} is live already")
+            state = self.inventory.state_now(name)
+            if automatic and state in (ReleaseState.LIVE, ReleaseState.BAD):  # became so while this one waited
+                raise Refused(f"release {name} is {state}" + (f": {self.inventory.reason(name)}"
+                                                               if state is ReleaseState.BAD else ""))
             loop = asyncio.get_running_loop()
             deploy = self._new(name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
             self.current, self._steps_done = deploy, []
@@ -81,7 +83,10 @@ class DeployRunner:
                 self.current = None
                 self.on_change()
             outcome_future.set_result(outcome)
-            self.inventory.complete.pop(name, None)
+            if deploy.blame:
+                self.inventory.complete.pop(name, None)
+            else:  # it could not start (another release was switching): an upload's deploy is tried again
+                self.ctx.store.record(name).auto_considered = False
         self.kick()
         return outcome
 

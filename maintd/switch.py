@@ -59,15 +59,17 @@ class ClusterDeploy(Deploy):
             pass
         self.log = self.log.bind(switch_id=self.planned_id)
         outcome = super().run()
-        if outcome.went_live:
-            self.leave()
         self._report_member()
         return outcome
 
     def leave(self) -> None:
-        """Through the switch, forward: done, and the last member through removes it."""
+        """Through the switch, forward: done, and the last member through removes it. Not worth waiting for etcd
+        over: the site is out of maintenance already, and the joiner signs a switch off later if this could not."""
         if self.switch:
-            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.DONE), "record done")
+            try:
+                self.co.set_state(self.switch_id, MemberState.DONE)
+            except EtcdUnavailable:
+                return
             self._finish_switch()
 
     # --- the steps of contract §7 ---------------------------------------------------------------------------------

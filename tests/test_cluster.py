@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +104,11 @@ switch_timeout = {switch_timeout}
             assert (member.app.current / "REVISION").read_text().strip() == release
             assert not (member.app.current / "tmp" / "maintenance.txt").exists(), f"{member.name} in maintenance"
 
+    def events_tail(self, count: int = 25) -> str:
+        """What each member said last, for a failure's message."""
+        return "\n".join(f"{m.name}: {json.dumps(e)}" for m in self.members if m.daemon
+                         for e in m.daemon.events[-count:])
+
     def stop(self) -> None:
         for member in self.members:
             if member.daemon:
@@ -160,7 +166,10 @@ def crash_and_recover(cluster: Cluster, doomed: Member, step: str) -> str:
     doomed.daemon.stop(signal.SIGKILL)
     doomed.start(env={"MAINTD_CRASH_AT": step})
     cluster.upload("r1")
-    assert doomed.daemon.proc.wait(60) == -signal.SIGKILL
+    try:
+        assert doomed.daemon.proc.wait(60) == -signal.SIGKILL
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{doomed.name} never reached {step}:\n{cluster.events_tail()}") from None
     expected = "r1" if step in AFTER_COMMIT else "r0"
     for member in cluster.members:
         if member is not doomed:
