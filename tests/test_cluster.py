@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
 
-from conftest import App, Daemon, wait_until
+from conftest import App, Daemon, maintctl, wait_until
 
 MEMBERS = ("m1", "m2", "m3")
 pytestmark = pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` installs etcd-server)")
@@ -71,10 +71,15 @@ class Cluster:
         self.prefix = f"/maintd/test-{base.name}"
         self.members = [Member(name, App(base / name, memcached)) for name in MEMBERS]
 
-    def configure(self, lease_ttl: float = 1.5, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
-                  extra: str = "", **per_member: str) -> None:
+    def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
+                  extra: str = "", restart: str = '["true"]', **per_member: str) -> None:
+        """Every member's config; `restart` is the restart command (Passenger's tool would cost each switch a
+        few hundred ms of Ruby), `per_member` adds tables to one member's."""
         for member in self.members:
             member.app.write_config(extra + per_member.get(member.name, "") + f"""
+[restart]
+method = "command"
+command = {restart}""" + f"""
 [cluster]
 members = {json.dumps(list(MEMBERS))}
 member = "{member.name}"
@@ -192,3 +197,192 @@ def test_kill_9_of_the_primary_at_every_step(cluster, step):
     cluster.upload("r2")  # and the cluster switches again
     assert all(d["result"] == "ok" for d in cluster.deployed("r2"))
     cluster.assert_on("r2")
+
+
+@pytest.mark.parametrize("step", CLUSTER_STEPS)
+def test_kill_9_of_a_member_not_primary_at_every_step(cluster, step):
+    expected = crash_and_recover(cluster, cluster.members[1], step)
+    cluster.assert_on(expected)
+
+
+def hold_at_primary_hook(cluster: Cluster, **config: float) -> Member:
+    """r0 live everywhere, then r1 uploaded and held at the primary's before-swap hook: every member in
+    maintenance, nobody swapped. Returns the primary; `primary.app.gate.open()` lets the switch go on."""
+    primary = cluster.members[0]
+    cluster.configure(**config, m1=f"[hooks]\nbefore_swap = [{primary.app.gate.hook()}]\n")
+    primary.app.gate.open()
+    cluster.start()
+    cluster.upload("r0")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
+    primary.app.gate.opened.unlink()
+    cluster.upload("r1")
+    primary.app.gate.wait_entered()
+    wait_until(lambda: all((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members), 30,
+               "every member in maintenance")
+    return primary
+
+
+def assert_abandoned(cluster: Cluster, release: str = "r1", because: str = "") -> None:
+    """Every member back on r0, out of maintenance, and `release` bad everywhere, with the reason."""
+    for member in cluster.members:
+        result = member.daemon.deployed(release)["result"]
+        assert result in ("failed", "rolled_back"), f"{member.name}: {result}"
+    cluster.assert_on("r0")
+    for member in cluster.members:
+        bad = json.loads((member.app.state / "state.json").read_text())["releases"][release]["bad"]
+        assert because in bad, f"{member.name}: {bad}"
+
+
+def test_a_member_stopped_past_its_lease_is_gone_and_everyone_goes_back(cluster):
+    hold_at_primary_hook(cluster)
+    stopped = cluster.members[2]
+    stopped.daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        cluster.members[1].daemon.wait_for(event=lambda e: "decided: abort" in e and "m3 is gone" in e)
+    finally:
+        stopped.daemon.proc.send_signal(signal.SIGCONT)
+    cluster.members[0].app.gate.open()
+    assert_abandoned(cluster, because="m3 is gone")
+
+
+def test_the_etcd_leader_killed_mid_switch(cluster, etcd):
+    primary = hold_at_primary_hook(cluster)
+    etcd.kill(etcd.leader())
+    primary.app.gate.open()
+    assert all(d["result"] == "ok" for d in cluster.deployed("r1"))
+    cluster.assert_on("r1")
+
+
+def waiting_of(member: Member) -> str:
+    deploying = json.loads(maintctl(member.app, "status", "--json", check_rc=0).stdout)["deploying"] or {}
+    return deploying.get("waiting") or ""
+
+
+def test_quorum_lost_before_a_switch_begins_nothing_until_it_is_back(cluster, etcd):
+    go_live(cluster)
+    lost = etcd.names[:2]
+    for name in lost:
+        etcd.kill(name)
+    cluster.upload("r1")
+    for member in cluster.members:
+        member.daemon.wait_for(event=lambda e: e.startswith("etcd cannot be reached"))
+    wait_until(lambda: "etcd unreachable" in waiting_of(cluster.members[0]), 30, "status to say why it waits")
+    assert not any((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members)
+    for name in lost:
+        etcd.start(name)
+    assert all(d["result"] == "ok" for d in cluster.deployed("r1"))
+    cluster.assert_on("r1")
+
+
+def test_quorum_lost_mid_switch_keeps_everyone_in_maintenance_until_it_is_back(cluster, etcd):
+    primary = hold_at_primary_hook(cluster)
+    lost = etcd.names[:2]
+    for name in lost:
+        etcd.kill(name)
+    primary.app.gate.open()
+    for member in cluster.members:
+        member.daemon.wait_for(event=lambda e: e.startswith("etcd cannot be reached"))
+    wait_until(lambda: "etcd unreachable" in waiting_of(cluster.members[1]), 30, "status to say why it waits")
+    assert json.loads(maintctl(cluster.members[1].app, "status", "--json", check_rc=0).stdout)["maintenance"]["on"]
+    assert all((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members), \
+        "a member left maintenance without the decision"
+    for name in lost:
+        etcd.start(name)
+    outcomes = {d["result"] for d in cluster.deployed("r1")}
+    release = "r1" if outcomes == {"ok"} else "r0"
+    cluster.assert_on(release)  # one release everywhere, whichever the decision was
+
+
+@pytest.mark.parametrize("fault, because", [
+    ({"m2": '["false"]'}, "restart"),
+    ({"m3": "health"}, "health"),
+])
+def test_one_member_failing_after_the_swap_takes_every_member_back(cluster, fault, because):
+    per_member = {}
+    for name, what in fault.items():
+        per_member[name] = ('[restart]\nmethod = "command"\ncommand = ["true"]\nhealth_url = "http://127.0.0.1:9/"\n'
+                            'health_timeout = 0.3\n') if what == "health" else ""
+    cluster.configure()
+    cluster.start()
+    cluster.upload("r0")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
+    for name, what in fault.items():
+        member = next(m for m in cluster.members if m.name == name)
+        if what != "health":
+            text = member.app.config.read_text().replace('command = ["true"]', f"command = {what}")
+            member.app.config.write_text(text)
+        else:
+            text = member.app.config.read_text().replace('command = ["true"]', 'command = ["true"]\n'
+                                                          'health_url = "http://127.0.0.1:9/"\nhealth_timeout = 0.3')
+            member.app.config.write_text(text)
+        member.daemon.reload()
+    cluster.upload("r1")
+    assert_abandoned(cluster, because=because)
+
+
+def test_digests_that_differ_abandon_the_release(cluster):
+    go_live(cluster)
+    cluster.upload("r1", to=("m1", "m2"))
+    odd = cluster.members[2].app.make_release("r1", marker=False)
+    (odd / "config.ru").write_text("run ->(env) { [200, {}, ['not the same']] }\n")
+    (odd / ".maintd-ready").touch()
+    assert_abandoned(cluster, because="digests differ")
+
+
+def test_a_release_that_never_reaches_one_member_is_abandoned_at_prepare_timeout(cluster):
+    cluster.configure(prepare_timeout=2.0)
+    cluster.start()
+    cluster.upload("r0")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
+    cluster.upload("r1", to=("m1", "m2"))
+    for member in cluster.members[:2]:
+        assert member.daemon.deployed("r1")["result"] == "failed"
+    cluster.assert_on("r0")
+    late = cluster.members[2]
+    late.app.make_release("r1")  # arrives after the cluster gave up on it: bad here too, never switched
+    late.daemon.wait_for(release="r1", event=lambda e: "abandoned" in e)
+    assert not (late.app.current / "tmp" / "maintenance.txt").exists() and late.app.live() == "r0"
+    rows = {r["name"]: r for r in json.loads(maintctl(late.app, "releases", "--json", check_rc=0).stdout)}
+    assert rows["r1"]["state"] == "bad" and "prepare_timeout" in rows["r1"]["reason"]
+
+
+def test_maintctl_cluster_abort_ends_a_switch_by_hand(cluster):
+    primary = hold_at_primary_hook(cluster)
+    done = maintctl(cluster.members[2].app, "cluster", "abort", check_rc=0)
+    assert "aborted" in done.stdout
+    primary.app.gate.open()
+    assert_abandoned(cluster, because="aborted by root on m3")
+
+
+def test_maintctl_cluster_shows_every_member_and_the_switch(cluster):
+    primary = hold_at_primary_hook(cluster)
+    shown = json.loads(maintctl(cluster.members[1].app, "cluster", "--json", check_rc=0).stdout)
+    assert [m["name"] for m in shown["members"]] == list(MEMBERS) and all(m["alive"] for m in shown["members"])
+    assert all(m["current"] == "r0" for m in shown["members"])
+    assert {m["state"] for m in shown["members"]} == {"maintenance"}
+    assert shown["switch"]["release"] == "r1" and shown["switch"]["decision"] == "go" and shown["switch"]["id"]
+    text = maintctl(cluster.members[1].app, "cluster", check_rc=0).stdout
+    assert "m2 (this one)" in text and "decision: go" in text
+    primary.app.gate.open()
+    cluster.deployed("r1")
+    shown = json.loads(maintctl(cluster.members[0].app, "cluster", "--json", check_rc=0).stdout)
+    assert all(m["current"] == "r1" for m in shown["members"])
+
+
+def test_deploy_and_rollback_from_any_member_switch_every_member(cluster):
+    go_live(cluster)
+    for member in cluster.members:
+        maintctl(member.app, "pause", check_rc=0)
+    cluster.upload("r1")
+    for member in cluster.members:
+        member.daemon.wait_for(event=lambda e: e.startswith("upload of release r1 is complete"))
+    done = maintctl(cluster.members[2].app, "deploy", "r1", check_rc=0)
+    assert "release r1 is live" in done.stdout
+    assert all(d["result"] == "ok" for d in cluster.deployed("r1"))
+    cluster.assert_on("r1")
+    done = maintctl(cluster.members[1].app, "rollback", check_rc=0)
+    assert "release r0 is live" in done.stdout
+    wait_until(lambda: all(m.app.live() == "r0" for m in cluster.members), 30, "every member back on r0")
+    for member in cluster.members:
+        member.daemon.wait_for(release="r0", event=lambda e: e.startswith("rollback of release r0 went live"))
+    cluster.assert_on("r0")
