@@ -24,8 +24,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-test: deps lint
+test: deps lint $(ETCD)
 	$(BIN)/python -m pytest -q
+
+# etcd for the cluster tests, unpacked from Debian's own packages rather than installed: installing etcd-server
+# starts a system etcd on port 2379 wherever systemd runs, and the tests start their own on free ports.
+ETCD := .deps/etcd/usr/bin/etcd
+$(ETCD):
+	rm -rf .deps/download && mkdir -p .deps/download
+	cd .deps/download && (apt-get download -q etcd-server etcd-client 2>/dev/null || \
+		(apt-get update -qq && apt-get download -q etcd-server etcd-client 2>/dev/null))
+	for deb in .deps/download/*.deb; do dpkg-deb -x $$deb .deps/etcd; done
+	rm -rf .deps/download
+	test -x $@
 
 # ruff (style, bugs, imports) and mypy --strict over the package; configured in pyproject.toml.
 lint: deps
@@ -36,7 +47,7 @@ demo: deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	rm -rf $(VENV) .deps build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
 # (pointing at $(PREFIX)/bin), the example config, the web snippets and the maintenance page.

@@ -66,6 +66,13 @@ def check(config: Config) -> int:
     else:
         if config.hooks.before_swap or config.hooks.after_swap or config.restart.method == "command":
             print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
+    if cluster := config.cluster:
+        from .etcd import Etcd
+
+        print(f"cluster: member {cluster.member} of {', '.join(cluster.members)} (primary {cluster.primary}), "
+              f"keys under {cluster.prefix}")
+        if not Etcd(cluster.etcd, timeout=1.0).answers():
+            warnings.append(f"etcd does not answer at {', '.join(cluster.etcd)}: no switch can begin until it does")
     for line in warnings:
         print(f"maintd: warning: {line}", file=sys.stderr)
     for line in problems:

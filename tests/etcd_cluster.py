@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 from conftest import free_port, wait_until
 
-ETCD, ETCDCTL = "/usr/bin/etcd", "/usr/bin/etcdctl"
+# Debian's binaries as `make test` unpacks them (see the Makefile), else any on the PATH.
+UNPACKED = Path(__file__).resolve().parent.parent / ".deps" / "etcd" / "usr" / "bin"
+ETCD, ETCDCTL = (str(UNPACKED / name) if (UNPACKED / name).exists() else shutil.which(name) or f"/usr/bin/{name}"
+                 for name in ("etcd", "etcdctl"))
 
 
 class EtcdCluster:
@@ -80,10 +84,3 @@ class EtcdCluster:
             if entry["Status"]["leader"] == entry["Status"]["header"]["member_id"]:
                 return next(n for n in self.names if self.url(n) == entry["Endpoint"])
         raise AssertionError(f"no leader: {done.stdout} {done.stderr}")
-
-    def keys(self, prefix: str) -> dict[str, str]:
-        done = self.etcdctl("get", "--prefix", prefix, "--write-out", "json")
-        found = json.loads(done.stdout).get("kvs", [])
-        import base64
-
-        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode() for kv in found}

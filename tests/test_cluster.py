@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
 
-from conftest import App, Daemon, maintctl, wait_until
+from conftest import BIN, App, Daemon, maintctl, wait_until
 
 MEMBERS = ("m1", "m2", "m3")
 pytestmark = pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` installs etcd-server)")
@@ -386,3 +386,17 @@ def test_deploy_and_rollback_from_any_member_switch_every_member(cluster):
     for member in cluster.members:
         member.daemon.wait_for(release="r0", event=lambda e: e.startswith("rollback of release r0 went live"))
     cluster.assert_on("r0")
+
+
+def test_maintd_check_checks_the_cluster_table_and_etcd(cluster, etcd):
+    cluster.configure()
+    app = cluster.members[0].app
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "cluster: member m1 of m1, m2, m3 (primary m1)" in done.stdout, done.stderr
+    assert "etcd does not answer" not in done.stderr
+    etcd.stop_all()
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: etcd does not answer" in done.stderr
+    app.config.write_text(app.config.read_text().replace('member = "m1"', 'member = "m9"'))
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 1 and "cluster.member 'm9' is not one of members (m1, m2, m3)" in done.stderr

@@ -27,6 +27,18 @@ def test_defaults_are_the_contracts():
     assert config.socket_mode == 0o666
 
 
+def test_cluster_defaults_are_the_contracts():
+    import socket
+
+    host = socket.gethostname().split(".")[0]
+    config = parse(MINIMAL + f'[cluster]\nmembers = ["{host}", "other"]\n')
+    cluster = config.cluster
+    assert cluster and (cluster.member, cluster.primary, cluster.prefix) == (host, host, "/maintd/shop")
+    assert (cluster.etcd, cluster.lease_ttl, cluster.prepare_timeout, cluster.switch_timeout) == (
+        ("http://127.0.0.1:2379",), 10.0, 900.0, 300.0)
+    assert parse(MINIMAL).cluster is None
+
+
 def test_full_example_parses():
     example = Path(__file__).parent.parent / "etc" / "maintd" / "example.toml"
     config = load(example)
@@ -50,6 +62,14 @@ def test_full_example_parses():
     ('root = "/srv/x"\n', "app is required"),
     ('app = "shop"\nroot = "relative"\n', ":2: root must be an absolute path"),
     (MINIMAL + "[upload\n", "line 3"),
+    (MINIMAL + "[hooks]\nenv = { 1PATH = \"x\" }\n", ":4: hooks.env names an impossible environment variable"),
+    (MINIMAL + "[hooks]\nenv = { PATH = 1 }\n", ":4: hooks.env PATH must be a string"),
+    (MINIMAL + "[cluster]\nmember = \"a\"\n", "cluster needs members"),
+    (MINIMAL + "[cluster]\nmembers = [\"a\", \"a\"]\n", ":4: cluster.members names a member twice"),
+    (MINIMAL + "[cluster]\nmembers = [\"a\", \"b\"]\nmember = \"c\"\n", ":5: cluster.member 'c' is not one of"),
+    (MINIMAL + "[cluster]\nmembers = [\"a\"]\nmember = \"a\"\nprimary = \"z\"\n", ":6: cluster.primary 'z'"),
+    (MINIMAL + "[cluster]\nmembers = [\"a\"]\netcd = [\"127.0.0.1:2379\"]\n", ":5: cluster.etcd must list URLs"),
+    (MINIMAL + "[cluster]\nmembers = [\"a\"]\nprefix = \"x/\"\n", ":5: cluster.prefix must start with /"),
 ])
 def test_errors_name_key_and_line(text, expected):
     with pytest.raises(ConfigError) as caught:
