@@ -9,7 +9,7 @@ DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-co
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
-.PHONY: test lint demo bench deps install clean
+.PHONY: test lint demo demo-cluster bench deps install clean
 
 deps: $(STAMP)
 
@@ -45,6 +45,10 @@ lint: deps
 
 demo: deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+# Three app servers on this machine and a 3-member etcd: one upload to all three switches them together.
+demo-cluster: deps $(ETCD)
+	$(BIN)/python scripts/demo_cluster.py
 
 clean:
 	rm -rf $(VENV) .deps build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
