@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests"))  # conftest's fixtures and the etcd cluster of the tests
 sys.path.insert(0, str(HERE.parent))
 
 from conftest import App, Daemon, Memcached, make_source  # noqa: E402
@@ -303,6 +303,56 @@ def scaling() -> dict:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
+# --- 7. a cluster switch ------------------------------------------------------------------------------------------
+
+
+def cluster_window() -> dict:
+    """The maintenance window (flag written -> flag removed, from each daemon's own log) of every member of a
+    3-member switch through a real 3-member etcd, against a lone maintd's measured the same way in the same run."""
+    from etcd_cluster import EtcdCluster
+
+    base = Path(tempfile.mkdtemp(prefix="maintd-bench-cluster-"))
+    etcd = EtcdCluster(base / "etcd")
+    members = ("m1", "m2", "m3")
+    same = '[restart]\nmethod = "command"\ncommand = ["true"]\n'
+    lone = App(base / "lone", MEMCACHED.address)
+    lone.write_config(same)
+    apps = [App(base / name, MEMCACHED.address) for name in members]
+    for name, app in zip(members, apps, strict=True):
+        app.write_config(same + f"""[cluster]
+members = {json.dumps(list(members))}
+member = "{name}"
+etcd = {json.dumps(etcd.endpoints)}
+prefix = "/maintd/bench"
+lease_ttl = 2.0
+""")
+    daemons = [Daemon(app).ready() for app in (lone, *apps)]
+    windows: dict[str, list[float]] = {"lone": [], **{name: [] for name in members}}
+    try:
+        for i in range(max(5, RUNS // 3) + 1):
+            name = f"r{i:03d}"
+            for app, daemon, key in zip((lone, *apps), daemons, ("lone", *members), strict=True):
+                mark = daemon.mark()
+                app.make_release(name)
+                if key == "lone":
+                    daemon.deployed(name, since=mark)
+            for daemon, key in zip(daemons, ("lone", *members), strict=True):
+                done = daemon.deployed(name, timeout=60)
+                assert done["result"] == "ok", done
+                steps = {e["step"]: e for e in daemon.steps(done["deploy_id"])}
+                if i:  # the first switch has no live release
+                    windows[key].append((ts(steps["maintenance_off"]) - ts(steps["maintenance_on"])) * 1000)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        etcd.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+    lone_median = statistics.median(windows["lone"])
+    return {"lone_ms": summary(windows["lone"]),
+            **{f"{name}_ms": summary(windows[name]) for name in members},
+            "added_ms": round(max(statistics.median(windows[name]) for name in members) - lone_median, 3)}
+
+
 def spread(stat: dict) -> str:
     return f"{stat['median']} ms ({stat['min']}-{stat['max']})"
 
@@ -314,6 +364,7 @@ def share(mode: dict, when: str) -> str:
 def table(results: dict) -> str:
     w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
                                                "control_socket", "scaling"))
+    cl = results.get("cluster")
     q, m = c["quiet_period_mode"], c["require_marker_mode"]
     rows = [
         ("1 maintenance window (maintd)", spread(w["maintd_ms"]), "≤ 0.5× script, < 5 ms"),
@@ -338,6 +389,10 @@ def table(results: dict) -> str:
           for n in (10, 100, 1000)],
         ("6 cleanup of 100 old releases", f"{sc['cleanup_ms_for_100_old_releases']} ms", ""),
     ]
+    if cl:
+        rows += [("7 window, lone maintd (same config, same run)", spread(cl["lone_ms"]), "")]
+        rows += [(f"7 window, cluster member {name}", spread(cl[f"{name}_ms"]), "") for name in ("m1", "m2", "m3")]
+        rows += [("7 added by the coordination (worst member)", f"{cl['added_ms']} ms", "≤ 50 ms")]
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
     lines += [f"| {name.ljust(width)} | {value} | {target} |" for name, value, target in rows]
@@ -369,10 +424,10 @@ def main() -> None:
                                  "python": platform.python_version(),
                                  "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
     try:
-        print("1/6 maintenance window", flush=True)
+        print("1/7 maintenance window", flush=True)
         os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
         results["maintenance_window"] = maintenance_window()
-        print("2/6 detection latency", flush=True)
+        print("2/7 detection latency", flush=True)
         results["detection"] = detection()
         print(f"3/6 upload cost ({UPLOAD_FILES:,} files)", flush=True)
         source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
@@ -380,12 +435,14 @@ def main() -> None:
         results["upload_cost"] = {"quiet_period_mode": upload_cost(source / "big", require_marker=False),
                                   "require_marker_mode": upload_cost(source / "big", require_marker=True)}
         shutil.rmtree(source, ignore_errors=True)
-        print("4/6 footprint", flush=True)
+        print("4/7 footprint", flush=True)
         results["footprint"] = footprint()
-        print("5/6 control socket", flush=True)
+        print("5/7 control socket", flush=True)
         results["control_socket"] = control_socket()
-        print("6/6 scaling", flush=True)
+        print("6/7 scaling", flush=True)
         results["scaling"] = scaling()
+        print("7/7 a cluster switch (3 members, 3 etcd)", flush=True)
+        results["cluster"] = cluster_window()
     finally:
         MEMCACHED.stop()
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")

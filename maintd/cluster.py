@@ -29,10 +29,10 @@ from typing import Any
 from .config import Cluster
 from .etcd import Compare, Etcd, EtcdUnavailable, delete_op, put_op
 
-# Seconds between two readings of the keys while waiting for the others: from a few ms (a switch on loopback or a
-# LAN takes a handful of round trips, and every wait sits inside the maintenance window) growing to a fifth of a
-# second while nothing changes (a member waiting for an upload to arrive elsewhere).
-POLL_FIRST, POLL_MOST = 0.004, 0.2
+# Seconds between two readings of the keys while waiting for the others: from a few ms (a switch takes a handful of
+# round trips, and every wait sits inside the maintenance window) growing to 50 ms while nothing changes. The
+# ceiling is also how late a member may learn of `go`, and an early member's window waits for the latest one.
+POLL_FIRST, POLL_MOST = 0.004, 0.05
 
 
 class Decision(StrEnum):
@@ -197,34 +197,35 @@ class Coordinator:
         self.me = cluster.member
 
     def view(self, switch_id: str | None = None) -> View:
-        """Everything under the prefix in one range read; the states of `switch_id` (default: the switch in
-        progress)."""
-        found = self.etcd.get_prefix(self.cluster.prefix + "/")
+        """One consistent reading of the keys that matter now, in one round trip (two when the switch in progress
+        is not known yet): the members, the abandoned releases, and the switch `switch_id` (default: the one in
+        progress) with its states and decision; `switch` is None once that switch is no longer the one in P/switch."""
+        p, k = self.cluster.prefix, self.keys
+        base = [f"{p}/alive/", f"{p}/members/", f"{p}/bad/", k.switch]
+        found = self.etcd.read(base + ([f"{p}/s/{switch_id}/"] if switch_id else []))
+        if not switch_id and k.switch in found:
+            switch_id = SwitchRecord.parse(found[k.switch]).id
+            found.update(self.etcd.read([f"{p}/s/{switch_id}/"]))
         view = View(self.cluster.members)
-        p = self.cluster.prefix
         for key, value in found.items():
-            rest = key[len(p) + 1:]
-            head, _, tail = rest.partition("/")
+            head, _, tail = key[len(p) + 1:].partition("/")
             if head == "alive":
                 view.alive.add(tail)
             elif head == "members":
                 view.reports[tail] = _json(value)
             elif head == "bad":
                 view.bad[tail] = value
-            elif rest == "switch":
-                view.switch = SwitchRecord.parse(value)
-        wanted = switch_id or (view.switch.id if view.switch else None)
-        if wanted:
-            base = f"s/{wanted}/"
-            for key, value in found.items():
-                rest = key[len(p) + 1:]
-                if rest.startswith(base + "state/"):
-                    view.states[rest[len(base) + 6:]] = value
-            decision = found.get(self.keys.decision(wanted))
+            elif key == k.switch:
+                record = SwitchRecord.parse(value)
+                view.switch = record if record.id == switch_id else None  # another switch is not this one's
+            elif switch_id and key.startswith(f"{p}/s/{switch_id}/state/"):
+                view.states[key.rsplit("/", 1)[1]] = value
+        if switch_id:
+            decision = found.get(k.decision(switch_id))
             view.decision = Decision(decision) if decision else None
-            go_at = found.get(self.keys.go_at(wanted))
+            go_at = found.get(k.go_at(switch_id))
             view.go_at = float(go_at) if go_at else None
-            view.reason = found.get(self.keys.reason(wanted), "")
+            view.reason = found.get(k.reason(switch_id), "")
         return view
 
     def set_state(self, switch_id: str, state: MemberState, detail: str = "") -> None:

@@ -50,6 +50,11 @@ class Compare:
         return cls({"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)})
 
 
+def _after(prefix: str) -> str:
+    """The end of the range of keys that start with `prefix`: its last byte plus one."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 def put_op(key: str, value: str, lease: int = 0) -> dict[str, Any]:
     return {"request_put": {"key": _b64(key), "value": _b64(value), **({"lease": lease} if lease else {})}}
 
@@ -93,10 +98,17 @@ class Etcd:
         values = self._call(lambda client: client.get(key))
         return values[0].decode() if values else None
 
-    def get_prefix(self, prefix: str) -> dict[str, str]:
-        """Every key under `prefix` (with the trailing slash), with its value."""
-        found = self._call(lambda client: client.get_prefix(prefix))
-        return {meta["key"].decode(): value.decode() for value, meta in found}
+    def read(self, wanted: list[str]) -> dict[str, str]:
+        """Several keys and prefixes (those ending in "/") in one round trip, as one consistent snapshot: a
+        transaction with no condition whose every operation is a range read."""
+        ops = [{"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))} if key.endswith("/")
+                                                          else {})}} for key in wanted]
+        result = self._call(lambda client: client.transaction({"compare": [], "success": ops, "failure": []}))
+        found = {}
+        for response in result.get("responses", []):
+            for kv in response.get("response_range", {}).get("kvs", []):
+                found[base64.b64decode(kv["key"]).decode()] = base64.b64decode(kv.get("value", "")).decode()
+        return found
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self.txn([], [put_op(key, value, lease)])

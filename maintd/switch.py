@@ -21,6 +21,7 @@ from .pipeline import Deploy, OnStep, new_deploy_id
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
 
 T = TypeVar("T")
+FRESH = 0.05  # seconds for which the decision a wait just read stands in for reading it again
 UNREACHABLE_PAUSE = 0.5  # seconds between two tries while etcd does not answer
 
 
@@ -39,6 +40,7 @@ class ClusterDeploy(Deploy):
         self.committed = False
         self.waiting = ""  # what the deploy waits for, for `status`
         self._unreachable = ""
+        self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
 
     @property
     def switch_id(self) -> str:
@@ -102,7 +104,11 @@ class ClusterDeploy(Deploy):
             self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.HOOKS_DONE), "record the hooks")
 
     def swap(self) -> str:
-        self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "the decision")  # or abort
+        # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
+        # the primary ran its hooks stops every member here.
+        at, decision = self._seen
+        if decision is not Decision.GO or time.monotonic() - at > FRESH:
+            self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "the decision")
         return super().swap()
 
     def commit(self) -> str:
@@ -189,10 +195,14 @@ class ClusterDeploy(Deploy):
                 raise StepFailed(f"the switch was aborted: {view.reason}")
             if ready(view):
                 self.waiting = ""
+                self._seen = (time.monotonic(), view.decision)
                 return view
             self.waiting = f"waiting for {what}"
+            # After go every member is in (or entering) maintenance and every wait is inside the window: read at
+            # the quickest pace. Before it, slow down while nothing changes.
             seen = (view.decision, sorted(view.states.items()), sorted(view.alive))
-            pause, last = (POLL_FIRST if seen != last else min(POLL_MOST, pause * 1.5)), seen
+            quiet = seen == last and view.decision is None
+            pause, last = (min(POLL_MOST, pause * 1.5) if quiet else POLL_FIRST), seen
             time.sleep(pause)
 
     def keep_trying(self, action: Callable[[], T], what: str) -> T:
