@@ -133,6 +133,9 @@ class View:
         except ValueError:
             return None
 
+    def detail_of(self, member: str) -> str:
+        return self.states.get(member, "").partition(":")[2]
+
     def digest_of(self, member: str) -> str:
         raw = self.states.get(member, "")
         return raw.split(":", 1)[1] if raw.startswith(f"{MemberState.PREPARED}:") else ""
@@ -196,13 +199,14 @@ class Coordinator:
         self.keys = Keys(cluster.prefix)
         self.me = cluster.member
 
-    def view(self, switch_id: str | None = None) -> View:
+    def view(self, switch_id: str | None = None, writes: tuple[dict[str, Any], ...] = ()) -> View:
         """One consistent reading of the keys that matter now, in one round trip (two when the switch in progress
-        is not known yet): the members, the abandoned releases, and the switch `switch_id` (default: the one in
-        progress) with its states and decision; `switch` is None once that switch is no longer the one in P/switch."""
+        is not known yet), after `writes` if any: the members, the abandoned releases, and the switch `switch_id`
+        (default: the one in progress) with its states and decision; `switch` is None once that switch is no
+        longer the one in P/switch."""
         p, k = self.cluster.prefix, self.keys
         base = [f"{p}/alive/", f"{p}/members/", f"{p}/bad/", k.switch]
-        found = self.etcd.read(base + ([f"{p}/s/{switch_id}/"] if switch_id else []))
+        found = self.etcd.read(base + ([f"{p}/s/{switch_id}/"] if switch_id else []), writes)
         if not switch_id and k.switch in found:
             switch_id = SwitchRecord.parse(found[k.switch]).id
             found.update(self.etcd.read([f"{p}/s/{switch_id}/"]))
@@ -228,8 +232,10 @@ class Coordinator:
             view.reason = found.get(k.reason(switch_id), "")
         return view
 
-    def set_state(self, switch_id: str, state: MemberState, detail: str = "") -> None:
-        self.etcd.put(self.keys.state(switch_id, self.me), f"{state}:{detail}" if detail else str(state))
+    def set_state(self, switch_id: str, state: MemberState, detail: str = "") -> View:
+        """Record this member's state in the switch, and read the others' in the same round trip."""
+        value = f"{state}:{detail}" if detail else str(state)
+        return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), value),))
 
     def begin(self, record: SwitchRecord) -> bool:
         """Create the switch where none is in progress; whether this member's record is the one."""

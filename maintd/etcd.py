@@ -98,11 +98,12 @@ class Etcd:
         values = self._call(lambda client: client.get(key))
         return values[0].decode() if values else None
 
-    def read(self, wanted: list[str]) -> dict[str, str]:
+    def read(self, wanted: list[str], writes: tuple[dict[str, Any], ...] = ()) -> dict[str, str]:
         """Several keys and prefixes (those ending in "/") in one round trip, as one consistent snapshot: a
-        transaction with no condition whose every operation is a range read."""
-        ops = [{"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))} if key.endswith("/")
-                                                          else {})}} for key in wanted]
+        transaction with no condition whose every operation is a range read, after `writes` (put_op), if any:
+        a member says where it is and learns where the others are in the same round trip."""
+        ops = [*writes, *({"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))}
+                                                                    if key.endswith("/") else {})}} for key in wanted)]
         result = self._call(lambda client: client.transaction({"compare": [], "success": ops, "failure": []}))
         found = {}
         for response in result.get("responses", []):

@@ -41,6 +41,7 @@ class ClusterDeploy(Deploy):
         self.waiting = ""  # what the deploy waits for, for `status`
         self._unreachable = ""
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
+        self._said: View | None = None  # read with this member's last state: the next wait's first reading
 
     @property
     def switch_id(self) -> str:
@@ -80,28 +81,30 @@ class ClusterDeploy(Deploy):
         digest = self.ctx.tree.digest(self.release, self.ctx.written_by_maintd())
         self.switch = self.keep_trying(lambda: self._join_or_begin(digest), "begin or join the switch")
         self.log = self.log.bind(switch_id=self.switch.id)
-        self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.PREPARED, digest), "prepare")
+        self._say(MemberState.PREPARED, digest)
         self._await(lambda view: view.decision is Decision.GO, "every member to prepare the release")
         return f"every member prepared release {self.release} ({digest[:12]}): go"
 
     def maintenance_on(self) -> str:
         try:
             return super().maintenance_on()
-        finally:  # skipped or not, the others learn that this member is ready to swap
-            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.MAINTENANCE), "enter maintenance")
+        finally:  # skipped or not, the others learn that this member is ready to swap; a primary without hooks
+            # says so, and the others need not wait for it to have run none
+            self._say(MemberState.MAINTENANCE, "" if self._runs_hooks() else "nohooks")
 
     def hooks_before(self) -> str:
         primary = self.cluster.primary
         if self.cluster.member != primary:
             self._await(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
-                                                                 MemberState.DONE),
+                                                                 MemberState.DONE)
+                        or (view.detail_of(primary) == "nohooks" and view.all_in(IN_MAINTENANCE)),
                         f"the primary, {primary}, to run the before-swap hooks")
             raise Skipped(f"the before-swap hooks are run by the primary, {primary}")
         self._await(lambda view: view.all_in(IN_MAINTENANCE), "every member to be in maintenance")
         try:
             return super().hooks_before()
         finally:
-            self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.HOOKS_DONE), "record the hooks")
+            self._say(MemberState.HOOKS_DONE)
 
     def swap(self) -> str:
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
@@ -112,7 +115,7 @@ class ClusterDeploy(Deploy):
         return super().swap()
 
     def commit(self) -> str:
-        self.keep_trying(lambda: self.co.set_state(self.switch_id, MemberState.HEALTHY), "record health")
+        self._say(MemberState.HEALTHY)
         self._await(lambda view: view.decision is Decision.COMMIT, "every member to be healthy")
         self.committed = True
         return "every member swapped and is healthy: committed"
@@ -181,7 +184,7 @@ class ClusterDeploy(Deploy):
         pause, last = POLL_FIRST, None
         while True:
             try:
-                view = self.co.view(self.switch.id)
+                view, self._said = self._said or self.co.view(self.switch.id), None
                 move = view.next_move(self.cluster, time.time())
                 if move and self.co.decide(self.switch.id, move, self.release, time.time()):
                     self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
@@ -204,6 +207,13 @@ class ClusterDeploy(Deploy):
             quiet = seen == last and view.decision is None
             pause, last = (min(POLL_MOST, pause * 1.5) if quiet else POLL_FIRST), seen
             time.sleep(pause)
+
+    def _say(self, state: MemberState, detail: str = "") -> None:
+        """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
+        self._said = self.keep_trying(lambda: self.co.set_state(self.switch_id, state, detail), f"record {state}")
+
+    def _runs_hooks(self) -> bool:
+        return self.cluster.member == self.cluster.primary and bool(self.cfg.hooks.before_swap)
 
     def keep_trying(self, action: Callable[[], T], what: str) -> T:
         while True:
