@@ -18,7 +18,7 @@ from .context import Context
 from .inventory import Inventory
 from .tasks import Tasks
 from .tree import ReleaseError, name_key, name_problem
-from .upload import Verdict
+from .upload import STILL_CHANGING, Verdict
 from .watcher import Change, ChangeKind, ReleaseWatcher
 
 RESCAN_INTERVAL = 60.0  # seconds; a safety net under inotify, which can overflow
@@ -220,9 +220,10 @@ class Intake:
             self._forget(name)
             return
         before = list(self.tracker.uploads[name].reasons) if name in self.tracker else []
-        if self.tracker.judge(name, probe, marker.exists(), time.time()) is Verdict.WAIT:
+        manifest = (self.releases / name / self.ctx.config.upload.manifest).exists()
+        if self.tracker.judge(name, probe, marker.exists(), time.time(), manifest) is Verdict.WAIT:
             reasons = self.tracker.uploads[name].reasons
-            if reasons != before and reasons != ["still changing"]:
+            if reasons != before and reasons[:1] != [STILL_CHANGING]:
                 self.log.info(f"release {name} is not complete: {'; '.join(reasons)}", release=name)
             return
         problem = await asyncio.to_thread(self.ctx.release_problem, name)

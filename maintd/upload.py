@@ -20,6 +20,10 @@ from enum import Enum
 
 from .tree import Probe
 
+STILL_CHANGING = "still changing"
+UNGUARDED = ("no marker or manifest: a cut scp, or rsync with --partial, --inplace or --temp-dir, would look as "
+             "complete as this once quiet")
+
 
 class Verdict(Enum):
     COMPLETE = "complete"
@@ -51,6 +55,8 @@ class UploadTracker:
     def activity(self, name: str, now: float) -> None:
         """Something under the release changed: the quiet period starts again, and a broken upload resumed."""
         upload = self.uploads.setdefault(name, Upload(name, now))
+        if not upload.reasons and not self.require_marker:  # until the first look says more
+            upload.reasons = [STILL_CHANGING, UNGUARDED]
         upload.last_event = now
         upload.broken = False
         upload.due = None if self.require_marker else now + self.quiet_period
@@ -89,8 +95,9 @@ class UploadTracker:
     def next_due(self) -> float | None:
         return min((u.due for u in self.uploads.values() if u.due is not None), default=None)
 
-    def judge(self, name: str, probe: Probe, has_marker: bool, now: float) -> Verdict:
-        """Decide from a fresh probe whether the upload is complete; re-arms the timer when it is not."""
+    def judge(self, name: str, probe: Probe, has_marker: bool, now: float, has_manifest: bool = False) -> Verdict:
+        """Decide from a fresh probe whether the upload is complete; re-arms the timer when it is not. Without a
+        marker or a manifest, the reasons say what the quiet period cannot tell apart."""
         upload = self.uploads.setdefault(name, Upload(name, now))
         upload.due = None
         if has_marker:
@@ -103,7 +110,7 @@ class UploadTracker:
             return Verdict.WAIT
         last = max(probe.last_change, upload.last_event)
         if now - last < self.quiet_period:
-            upload.reasons = ["still changing"]
+            upload.reasons = [STILL_CHANGING] + ([] if has_manifest else [UNGUARDED])
             upload.due = last + self.quiet_period
             return Verdict.WAIT
         if probe.temp_files:

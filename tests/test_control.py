@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import BIN, maintctl_json, public_dir, public_maintctl
+from conftest import BIN, maintctl_json, public_dir, public_maintctl, wait_until
 from conftest import maintctl as root_maintctl
 from maintd.commands import COMMANDS
 
@@ -382,3 +382,13 @@ def test_rollback_refuses_a_refused_or_uploading_release(app, live):
     live.wait_for(release="slow", event=lambda e: "temporary file left" in e)
     assert "release slow is uploading" in maintctl(app, "deploy", "slow", check_rc=1).stderr
     assert app.live() == "r1"
+
+
+def test_releases_says_an_unmarked_upload_waiting_for_quiet_could_be_a_cut_one(app, live):
+    app.write_config(quiet_period=60)
+    live.reload()
+    app.make_release("r2", marker=False)
+    wait_until(lambda: any(r["name"] == "r2" and r["state"] == "uploading" for r in maintctl_json(app, "releases")),
+               20, "r2 to be seen")
+    [row] = [r for r in maintctl_json(app, "releases") if r["name"] == "r2"]
+    assert "a cut scp, or rsync with --partial, --inplace or --temp-dir, would look as complete" in row["reason"]

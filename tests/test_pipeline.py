@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -185,3 +186,22 @@ def test_shared_files_are_linked_before_the_swap(app):
     outcome, _, _ = run_deploy(app, "r1", '[shared]\nfiles = ["config/database.yml"]\n')
     assert outcome.result == "ok"
     assert (app.current / "config" / "database.yml").read_text() == "production: {}\n"
+
+
+@pytest.mark.skipif(not shutil.which("passenger-config"), reason="Passenger is not installed (make test installs it)")
+@pytest.mark.parametrize("instance, said", [
+    (False, "no Passenger instance is registered"),  # nothing spawned: the ~95 ms of Ruby stay out of the window
+    (True, "Passenger is not running"),  # a registered (here: stale) instance: passenger-config itself is asked
+])
+def test_passenger_is_asked_only_where_an_instance_is_registered(app, monkeypatch, tmp_path, instance, said):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    if instance:
+        (registry / "passenger.Stale01").mkdir()
+        (registry / "passenger.Stale01" / "creation_finalized").touch()
+    monkeypatch.setenv("PASSENGER_INSTANCE_REGISTRY_DIR", str(registry))
+    app.make_release("r1")
+    outcome, events, _ = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    [restart] = [e for e in events if e.get("step") == "restart"]
+    assert said in restart["event"], restart["event"]

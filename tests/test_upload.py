@@ -68,3 +68,12 @@ def test_doubt_after_lost_events_treats_every_upload_as_cut_off():
     tracker.doubt(now=1.0)
     assert all(u.broken for u in tracker.uploads.values())
     assert tracker.judge("a", probe(0.0), False, now=50.0) is Verdict.WAIT
+
+
+def test_waiting_for_quiet_without_marker_or_manifest_says_a_cut_would_look_the_same():
+    tracker = UploadTracker(quiet_period=5.0, require_marker=False)
+    tracker.activity("r1", 100.0)
+    assert tracker.judge("r1", probe(100.0), False, now=101.0) is Verdict.WAIT
+    assert "--inplace or --temp-dir" in "; ".join(tracker.uploads["r1"].reasons)
+    assert tracker.judge("r1", probe(100.0), False, now=101.0, has_manifest=True) is Verdict.WAIT
+    assert tracker.uploads["r1"].reasons == ["still changing"]
