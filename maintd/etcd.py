@@ -13,11 +13,11 @@ import base64
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
+if TYPE_CHECKING:  # imported where a client is made: a lone server never loads requests (~7 MB of RSS)
+    from etcd3gw.client import Etcd3Client
 
 T = TypeVar("T")
 TIMEOUT = 2.0  # seconds for one call to one endpoint
@@ -71,6 +71,8 @@ class Etcd:
         self._local = threading.local()
 
     def _client(self, index: int) -> Etcd3Client:
+        from etcd3gw.client import Etcd3Client
+
         clients: dict[int, Etcd3Client] = self._local.__dict__.setdefault("clients", {})
         if index not in clients:
             url = urlsplit(self.endpoints[index])
@@ -80,6 +82,8 @@ class Etcd:
 
     def _call(self, what: Callable[[Etcd3Client], T]) -> T:
         """`what` on the endpoint that answered last, then on each other one; EtcdUnavailable if none does."""
+        from etcd3gw.exceptions import Etcd3Exception
+
         problems = []
         count = len(self.endpoints)
         for step in range(count):
