@@ -277,6 +277,7 @@ class Membership(threading.Thread):
         self.on_problem = on_problem
         self.lease = 0
         self.stopping = threading.Event()
+        self.joined = threading.Event()  # the alive key exists: the others can count on this member
 
     def run(self) -> None:
         ttl = self.coordinator.cluster.lease_ttl
@@ -287,6 +288,7 @@ class Membership(threading.Thread):
                 if not self.lease or etcd.keepalive(self.lease) <= 0:
                     self.lease = etcd.grant(ttl)
                     etcd.put(key, json.dumps({"since": time.time()}), lease=self.lease)
+                    self.joined.set()
                 if trouble:
                     self.on_problem("")
                     trouble = ""

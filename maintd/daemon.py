@@ -38,6 +38,7 @@ from .upload import UploadTracker
 
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
 FIXED = ("app", "root", "state", "control", "cluster")
+JOIN_WAIT = 5.0  # seconds a cluster member waits at start for its lease
 
 
 class AlreadyRunning(Exception):
@@ -82,6 +83,9 @@ class Daemon:
         if self.coordinator:
             self.membership = Membership(self.coordinator, self._etcd_problem)
             self.membership.start()
+            # Before anything can begin a switch: a member without its alive key is gone to the others, and a
+            # switch begun meanwhile would be aborted. Bounded: with etcd away, nothing can begin anyway.
+            await asyncio.to_thread(self.membership.joined.wait, JOIN_WAIT)
         inflight = self.store.in_flight()
         switch_cut_off = bool(inflight and inflight.switch and self.coordinator)
         if not switch_cut_off:

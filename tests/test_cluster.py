@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
@@ -28,25 +29,36 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
     cluster.stop_all()
 
 
+class Sample(NamedTuple):
+    """What one look at a tree saw, and the interval it was seen in (threads share the GIL: the look itself may
+    happen well after `before`), so that orderings are only claimed when certain."""
+
+    before: float
+    after: float
+    flag: bool
+    release: str
+
+
 class Poller(threading.Thread):
     """Samples one tree as a web server would see it: is the flag there, which release answers."""
 
     def __init__(self, app: App) -> None:
         super().__init__(daemon=True)
         self.app = app
-        self.samples: list[tuple[float, bool, str]] = []
+        self.samples: list[Sample] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
         flag, revision = self.app.current / "tmp" / "maintenance.txt", self.app.current / "REVISION"
         while not self.stopping.is_set():
+            before = time.monotonic()
             try:
-                seen = (time.monotonic(), flag.exists(), revision.read_text().strip())
+                on, release = flag.exists(), revision.read_text().strip()
             except OSError:
                 continue
-            self.samples.append(seen)
+            self.samples.append(Sample(before, time.monotonic(), on, release))
 
-    def stop(self) -> list[tuple[float, bool, str]]:
+    def stop(self) -> list[Sample]:
         self.stopping.set()
         self.join(10)
         return self.samples
@@ -145,12 +157,16 @@ def test_one_upload_to_every_member_switches_them_as_one(cluster):
     timelines = [poller.stop() for poller in pollers]
     assert all(o["result"] == "ok" for o in outcomes)
     cluster.assert_on("r1")
-    first_swap = min(next(t for t, _, rev in tl if rev == "r1") for tl in timelines)
-    last_swap = max(next(t for t, _, rev in tl if rev == "r1") for tl in timelines)
-    all_in = max(next(t for t, flag, _ in tl if flag) for tl in timelines)
-    first_out = min(next(t for t, flag, rev in tl if rev == "r1" and not flag) for tl in timelines)
-    assert all_in < first_swap, "a member swapped before every member was in maintenance"
-    assert last_swap < first_out, "a member left maintenance before every member had swapped"
+    # A violation is claimed only where it is certain: a flag still seen off after a swap was already seen, or a
+    # release still seen old after a member was already seen out of maintenance.
+    first_swap_seen = min(next(s.after for s in tl if s.release == "r1") for tl in timelines)
+    last_out_of_maintenance = max(max(s.before for s in tl if s.release == "r0" and not s.flag and s.before <
+                                      next(t.before for t in tl if t.flag)) for tl in timelines)
+    first_out_seen = min(next(s.after for s in tl if s.release == "r1" and not s.flag) for tl in timelines)
+    last_old_seen = max(max(s.before for s in tl if s.release == "r0") for tl in timelines)
+    assert last_out_of_maintenance < first_swap_seen, "a member swapped before every member was in maintenance"
+    assert last_old_seen < first_out_seen, "a member left maintenance before every member had swapped"
+    assert all(any(s.flag for s in tl) for tl in timelines), "a member never showed the maintenance page"
     switch_ids = {e.get("switch_id") for m in cluster.members for e in m.daemon.events
                   if e.get("release") == "r1" and e.get("step") in ("prepare", "swap", "commit")}
     assert len(switch_ids) == 1 and None not in switch_ids
