@@ -21,6 +21,9 @@ from .tree import make_dirs
 
 RESTART_FILE = "tmp/restart.txt"
 PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
+# Sent with every health request: the shipped web snippets let a request from this host through maintenance only
+# with it, so that visitors behind a proxy on this host (who all come from loopback) still get the page.
+HEALTH_HEADER = "X-Maintd-Health"
 HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a moment, not a busy loop
 
 
@@ -87,7 +90,8 @@ def wait_healthy(url: str, expect: str, timeout: float) -> str:
     while True:
         remaining = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(url, timeout=max(0.1, min(remaining, 5.0))) as answer:
+            request = urllib.request.Request(url, headers={HEALTH_HEADER: "1"})
+            with urllib.request.urlopen(request, timeout=max(0.1, min(remaining, 5.0))) as answer:
                 body = answer.read(1 << 20).decode("utf-8", "replace")
                 if expect in body:
                     return f"{url} answered {answer.status}"

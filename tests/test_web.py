@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, App, Daemon, free_port, port_open, wait_until
+from maintd.restart import HEALTH_HEADER
 from maintd.tree import Tree
 
 ETC = Path(__file__).parent.parent / "etc"
@@ -38,11 +39,12 @@ def rack_release(app: App, name: str, marker: bool = True) -> Path:
     return app.releases / name
 
 
-def get(port: int, path: str = "/", source: str = USER_ADDRESS) -> tuple[int | str, str, dict[str, str]]:
+def get(port: int, path: str = "/", source: str = USER_ADDRESS,
+        headers: dict[str, str] | None = None) -> tuple[int | str, str, dict[str, str]]:
     """One request with a fresh connection: (status or 'error: …', body, headers)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         answer = conn.getresponse()
         return answer.status, answer.read().decode(errors="replace"), {k.lower(): v for k, v in answer.getheaders()}
     except (OSError, http.client.HTTPException) as exc:
@@ -261,7 +263,10 @@ def operator_maintenance_checks(app: App, port: int) -> None:
     status, body, headers = get(port)
     assert status == 503 and "database upgrade" in body and "22:00" in body and headers["retry-after"]
     assert get(port, "/app.css")[:2] == (200, "body { color: #333 }\n")  # the page's own assets
-    assert get(port, "/", source="127.0.0.1")[0] == 200  # the health check from this host
+    health = {HEALTH_HEADER: "1"}
+    assert get(port, "/", source="127.0.0.1", headers=health)[0] == 200  # maintd's health check, from this host
+    assert get(port, "/", source="127.0.0.1")[0] == 503  # a visitor behind a proxy on this host comes from loopback
+    assert get(port, "/", headers=health)[0] == 503  # the header from elsewhere lets nobody through
     assert get(port, "/maintenance.html")[0] == 503
     subprocess.run([*maintctl, "maintenance", "off"], check=True, capture_output=True)
     assert get(port)[0] == 200
@@ -309,6 +314,62 @@ def test_page_assets_loopback_and_reason(web_app, stack):
     try:
         operator_maintenance_checks(web_app, stack.port)
     finally:
+        daemon.stop()
+
+
+class FrontProxy:
+    """A plain proxy on this host in front of the stack, as a TLS terminator or cache would be: every visitor's
+    request reaches the stack from 127.0.0.1. It strips X-Maintd-Health, as the README says a front proxy must."""
+
+    def __init__(self, base: Path, backend: int) -> None:
+        self.base = base / "front"
+        self.base.mkdir()
+        self.port = free_port()
+        conf = self.base / "nginx.conf"
+        conf.write_text(f"""
+daemon on;
+pid {self.base}/nginx.pid;
+error_log {self.base}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {self.base}/body;
+    proxy_temp_path {self.base}/proxy;
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://127.0.0.1:{backend};
+            proxy_set_header X-Maintd-Health "";
+        }}
+    }}
+}}
+""")
+        subprocess.run(["nginx", "-c", str(conf)], check=True)
+        wait_until(lambda: port_open(self.port), 10, "the front proxy")
+
+    def stop(self) -> None:
+        os.kill(int((self.base / "nginx.pid").read_text().strip()), signal.SIGTERM)
+
+
+def test_behind_a_front_proxy_on_this_host_visitors_get_the_page_and_the_health_check_the_app(web_app, stack):
+    """Operator maintenance: a visitor through the proxy gets the page, even sending the header; maintd's own
+    health check (from this host, with the header) still reaches the app, so a deploy through it goes live."""
+    daemon = start(web_app, stack.port, stack.restart, env=stack.env)
+    front = FrontProxy(web_app.base, stack.port)
+    try:
+        assert get(front.port)[:2] == (200, "release A\n")
+        subprocess.run([str(BIN / "maintctl"), "--socket", str(web_app.socket), "maintenance", "on"], check=True,
+                       capture_output=True)
+        assert get(front.port)[0] == 503
+        assert get(front.port, headers={HEALTH_HEADER: "1"})[0] == 503
+        rack_release(web_app, "B")
+        done = daemon.deployed("B")
+        assert done["result"] == "ok"  # its health check answered through maintenance
+        [health] = [e for e in daemon.steps(done["deploy_id"]) if e["step"] == "health"]
+        assert health["result"] == "ok"
+        assert get(front.port)[0] == 503  # the operator's maintenance stays
+    finally:
+        front.stop()
         daemon.stop()
 
 
