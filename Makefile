@@ -11,6 +11,11 @@ DESTDIR   ?=
 
 .PHONY: test lint demo demo-cluster bench deps install clean
 
+# etcd for the cluster tests, unpacked from Debian's own packages rather than installed: installing etcd-server
+# starts a system etcd on port 2379 wherever systemd runs, and the tests start their own on free ports. (Defined
+# before the rules that name it: make expands a rule's prerequisites as it reads the rule.)
+ETCD := .deps/etcd/usr/bin/etcd
+
 deps: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -27,9 +32,6 @@ $(STAMP): pyproject.toml
 test: deps lint $(ETCD)
 	$(BIN)/python -m pytest -q
 
-# etcd for the cluster tests, unpacked from Debian's own packages rather than installed: installing etcd-server
-# starts a system etcd on port 2379 wherever systemd runs, and the tests start their own on free ports.
-ETCD := .deps/etcd/usr/bin/etcd
 $(ETCD):
 	rm -rf .deps/download && mkdir -p .deps/download
 	cd .deps/download && (apt-get download -q etcd-server etcd-client 2>/dev/null || \
