@@ -19,7 +19,8 @@ from etcd_cluster import ETCD, EtcdCluster
 from conftest import BIN, App, Daemon, maintctl, wait_until
 
 MEMBERS = ("m1", "m2", "m3")
-pytestmark = pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` unpacks Debian's into .deps/)")
+pytestmark = pytest.mark.skipif(not Path(ETCD).exists(),
+                                reason="etcd is missing (`make test` unpacks Debian's into .deps/)")
 
 
 @pytest.fixture
