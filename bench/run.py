@@ -42,8 +42,12 @@ def summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 3), "runs": len(values)}
 
 
+WORKDIRS: list[Path] = []  # removed at the end of the run
+
+
 def workdir() -> App:
     base = Path(tempfile.mkdtemp(prefix="maintd-bench-"))
+    WORKDIRS.append(base)
     return App(base, MEMCACHED.address)
 
 
@@ -434,6 +438,8 @@ def main() -> None:
         results["cluster"] = cluster_window()
     finally:
         MEMCACHED.stop()
+        for base in WORKDIRS:
+            shutil.rmtree(base, ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
