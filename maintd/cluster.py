@@ -137,8 +137,7 @@ class View:
         return self.states.get(member, "").partition(":")[2]
 
     def digest_of(self, member: str) -> str:
-        raw = self.states.get(member, "")
-        return raw.split(":", 1)[1] if raw.startswith(f"{MemberState.PREPARED}:") else ""
+        return self.detail_of(member) if self.state_of(member) is MemberState.PREPARED else ""
 
     def all_in(self, states: tuple[MemberState, ...]) -> bool:
         return all(self.state_of(m) in states for m in self.members)

@@ -162,8 +162,8 @@ class Daemon:
         """systemd's STATUS=: what `systemctl status` shows in one line."""
         live = self.ctx.tree.live() or "none"
         if deploy := self.runner.current:
-            waiting = getattr(deploy, "waiting", "")
-            return (f"deploying {deploy.release}: {deploy.step or 'starting'}" + (f", {waiting}" if waiting else "")
+            return (f"deploying {deploy.release}: {deploy.step or 'starting'}"
+                    + (f", {deploy.waiting}" if deploy.waiting else "")
                     + f" (live {live})")
         if self.memory.maintenance:
             return f"maintenance: {self.memory.maintenance.reason} (live {live})"

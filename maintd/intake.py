@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from . import log
 from .config import Upload
@@ -38,7 +38,7 @@ class Intake:
         self._checking: set[str] = set()
 
     @property
-    def releases(self) -> Any:
+    def releases(self) -> Path:
         return self.ctx.tree.releases
 
     # --- life cycle -----------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Deploy:
         self.started = now_iso()
         self.on_step = on_step or (lambda record: None)
         self.step: str | None = None
+        self.waiting = ""  # what the step in progress waits for, for `status` (a cluster member waits on others)
         self.maintenance = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
         self.swapped = False
         self.blame = True  # a failure marks the release bad (not when it merely could not start, in a cluster)

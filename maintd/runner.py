@@ -130,8 +130,5 @@ class DeployRunner:
         deploy = self.current
         if not deploy:
             return None
-        described = {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
-                     "actor": deploy.actor}
-        if isinstance(deploy, ClusterDeploy):
-            described |= {"switch_id": deploy.switch_id or None, "waiting": deploy.waiting or None}
-        return described
+        return {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
+                "actor": deploy.actor, "switch_id": deploy.switch_id or None, "waiting": deploy.waiting or None}

@@ -38,7 +38,6 @@ class ClusterDeploy(Deploy):
         self.switch: SwitchRecord | None = None
         self.planned_id = new_deploy_id()
         self.committed = False
-        self.waiting = ""  # what the deploy waits for, for `status`
         self._unreachable = ""
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading

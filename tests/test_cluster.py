@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
@@ -85,14 +85,14 @@ class Cluster:
         self.members = [Member(name, App(base / name, memcached)) for name in MEMBERS]
 
     def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
-                  extra: str = "", restart: str = '["true"]', **per_member: str) -> None:
-        """Every member's config; `restart` is the restart command (Passenger's tool would cost each switch a
-        few hundred ms of Ruby), `per_member` adds tables to one member's."""
+                  extra: str = "", **per_member: str) -> None:
+        """Every member's config: the restart command does nothing (the trees run no app), and `per_member` adds
+        tables to one member's."""
         for member in self.members:
-            member.app.write_config(extra + per_member.get(member.name, "") + f"""
+            member.app.write_config(extra + per_member.get(member.name, "") + """
 [restart]
 method = "command"
-command = {restart}""" + f"""
+command = ["true"]""" + f"""
 [cluster]
 members = {json.dumps(list(MEMBERS))}
 member = "{member.name}"
@@ -140,8 +140,9 @@ def cluster(tmp_path: Path, memcached, etcd: EtcdCluster) -> Iterator[Cluster]:
     made.stop()
 
 
-def go_live(cluster: Cluster, release: str = "r0") -> None:
-    cluster.configure()
+def go_live(cluster: Cluster, release: str = "r0", **config: Any) -> None:
+    """Every member started with `config` (see Cluster.configure) and on `release`."""
+    cluster.configure(**config)
     cluster.start()
     cluster.upload(release)
     assert all(d["result"] == "ok" for d in cluster.deployed(release))
@@ -222,15 +223,12 @@ def test_kill_9_of_a_member_not_primary_at_every_step(cluster, step):
     cluster.assert_on(expected)
 
 
-def hold_at_primary_hook(cluster: Cluster, **config: float) -> Member:
+def hold_at_primary_hook(cluster: Cluster) -> Member:
     """r0 live everywhere, then r1 uploaded and held at the primary's before-swap hook: every member in
     maintenance, nobody swapped. Returns the primary; `primary.app.gate.open()` lets the switch go on."""
     primary = cluster.members[0]
-    cluster.configure(**config, m1=f"[hooks]\nbefore_swap = [{primary.app.gate.hook()}]\n")
     primary.app.gate.open()
-    cluster.start()
-    cluster.upload("r0")
-    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
+    go_live(cluster, m1=f"[hooks]\nbefore_swap = [{primary.app.gate.hook()}]\n")
     primary.app.gate.opened.unlink()
     cluster.upload("r1")
     primary.app.gate.wait_entered()
@@ -310,29 +308,15 @@ def test_quorum_lost_mid_switch_keeps_everyone_in_maintenance_until_it_is_back(c
     cluster.assert_on(release)  # one release everywhere, whichever the decision was
 
 
-@pytest.mark.parametrize("fault, because", [
-    ({"m2": '["false"]'}, "restart"),
-    ({"m3": "health"}, "health"),
+@pytest.mark.parametrize("name, change, because", [
+    ("m2", 'command = ["false"]', "restart"),
+    ("m3", 'command = ["true"]\nhealth_url = "http://127.0.0.1:9/"\nhealth_timeout = 0.3', "health"),
 ])
-def test_one_member_failing_after_the_swap_takes_every_member_back(cluster, fault, because):
-    per_member = {}
-    for name, what in fault.items():
-        per_member[name] = ('[restart]\nmethod = "command"\ncommand = ["true"]\nhealth_url = "http://127.0.0.1:9/"\n'
-                            'health_timeout = 0.3\n') if what == "health" else ""
-    cluster.configure()
-    cluster.start()
-    cluster.upload("r0")
-    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
-    for name, what in fault.items():
-        member = next(m for m in cluster.members if m.name == name)
-        if what != "health":
-            text = member.app.config.read_text().replace('command = ["true"]', f"command = {what}")
-            member.app.config.write_text(text)
-        else:
-            text = member.app.config.read_text().replace('command = ["true"]', 'command = ["true"]\n'
-                                                          'health_url = "http://127.0.0.1:9/"\nhealth_timeout = 0.3')
-            member.app.config.write_text(text)
-        member.daemon.reload()
+def test_one_member_failing_after_the_swap_takes_every_member_back(cluster, name, change, because):
+    go_live(cluster)
+    member = next(m for m in cluster.members if m.name == name)
+    member.app.config.write_text(member.app.config.read_text().replace('command = ["true"]', change))
+    member.daemon.reload()
     cluster.upload("r1")
     assert_abandoned(cluster, because=because)
 
@@ -347,10 +331,7 @@ def test_digests_that_differ_abandon_the_release(cluster):
 
 
 def test_a_release_that_never_reaches_one_member_is_abandoned_at_prepare_timeout(cluster):
-    cluster.configure(prepare_timeout=2.0)
-    cluster.start()
-    cluster.upload("r0")
-    assert all(d["result"] == "ok" for d in cluster.deployed("r0"))
+    go_live(cluster, prepare_timeout=2.0)
     cluster.upload("r1", to=("m1", "m2"))
     for member in cluster.members[:2]:
         assert member.daemon.deployed("r1")["result"] == "failed"

@@ -100,6 +100,33 @@ def go_live_by_hand(app: App, name: str) -> None:
 # --- nginx + Puma -----------------------------------------------------------------------------------------------
 
 
+class Nginx:
+    """An nginx of the test's own: `server` is the body of its one server block, on 127.0.0.1:`port`."""
+
+    def __init__(self, base: Path, port: int, server: str) -> None:
+        self.base = base
+        conf = base / "nginx.conf"
+        conf.write_text(f"""
+daemon on;
+pid {base}/nginx.pid;
+error_log {base}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {base}/body;
+    proxy_temp_path {base}/proxy;
+    server {{
+        listen 127.0.0.1:{port};{server}
+    }}
+}}
+""")
+        subprocess.run(["nginx", "-c", str(conf)], check=True)
+        wait_until(lambda: port_open(port), 10, "nginx")
+
+    def stop(self) -> None:
+        os.kill(int((self.base / "nginx.pid").read_text().strip()), signal.SIGTERM)
+
+
 class NginxPuma:
     def __init__(self, app: App) -> None:
         self.base = app.base / "web"
@@ -114,18 +141,7 @@ class NginxPuma:
                                       "--pidfile", str(self.pidfile), "-e", "production", "-t", "1:4"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: port_open(self.puma_port), 30, "puma")
-        conf = self.base / "nginx.conf"
-        conf.write_text(f"""
-daemon on;
-pid {self.base}/nginx.pid;
-error_log {self.base}/error.log;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {self.base}/body;
-    proxy_temp_path {self.base}/proxy;
-    server {{
-        listen 127.0.0.1:{self.port};
+        self.nginx = Nginx(self.base, self.port, f"""
         root {app.current}/public;
         include {ETC}/nginx/maintd.conf;
         location / {{
@@ -134,18 +150,12 @@ http {{
         }}
         location @app {{
             proxy_pass http://127.0.0.1:{self.puma_port};
-        }}
-    }}
-}}
-""")
-        subprocess.run(["nginx", "-c", str(conf)], check=True)
-        wait_until(lambda: port_open(self.port), 10, "nginx")
+        }}""")
         self.restart = f'[restart]\nmethod = "command"\ncommand = ["/bin/sh", "-c", "kill -USR2 $(cat {self.pidfile})"]'
         self.env: dict[str, str] = {}
 
     def stop(self) -> None:
-        pid = (self.base / "nginx.pid").read_text().strip()
-        os.kill(int(pid), signal.SIGTERM)
+        self.nginx.stop()
         os.killpg(self.puma.pid, signal.SIGTERM)
         self.puma.wait(20)
 
@@ -322,33 +332,16 @@ class FrontProxy:
     request reaches the stack from 127.0.0.1. It strips X-Maintd-Health, as the README says a front proxy must."""
 
     def __init__(self, base: Path, backend: int) -> None:
-        self.base = base / "front"
-        self.base.mkdir()
+        (base / "front").mkdir()
         self.port = free_port()
-        conf = self.base / "nginx.conf"
-        conf.write_text(f"""
-daemon on;
-pid {self.base}/nginx.pid;
-error_log {self.base}/error.log;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {self.base}/body;
-    proxy_temp_path {self.base}/proxy;
-    server {{
-        listen 127.0.0.1:{self.port};
+        self.nginx = Nginx(base / "front", self.port, f"""
         location / {{
             proxy_pass http://127.0.0.1:{backend};
             proxy_set_header X-Maintd-Health "";
-        }}
-    }}
-}}
-""")
-        subprocess.run(["nginx", "-c", str(conf)], check=True)
-        wait_until(lambda: port_open(self.port), 10, "the front proxy")
+        }}""")
 
     def stop(self) -> None:
-        os.kill(int((self.base / "nginx.pid").read_text().strip()), signal.SIGTERM)
+        self.nginx.stop()
 
 
 def test_behind_a_front_proxy_on_this_host_visitors_get_the_page_and_the_health_check_the_app(web_app, stack):
