@@ -41,6 +41,13 @@ def test_rsync_without_marker_goes_live_after_the_quiet_period(app, start_daemon
     assert (app.current / "REVISION").read_text() == "r1\n"
 
 
+def test_rsync_with_delay_updates_goes_live_after_the_quiet_period(app, start_daemon, tmp_path):
+    """rsync removes its staging directory `.~tmp~` at the end of a transfer that went well: no break-off."""
+    daemon = start_daemon()
+    rsync(make_source(tmp_path / "src", 300, "r1"), app.releases / "r1", "--delay-updates")
+    assert daemon.deployed("r1")["result"] == "ok"
+
+
 def test_a_slow_writer_is_not_deployed_before_it_finishes(app, start_daemon):
     app.write_config(quiet_period=1.0)
     daemon = start_daemon()
