@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 BIN = Path(sys.executable).parent
+ETC = Path(__file__).parent.parent / "etc"  # the shipped web snippets, unit and Capistrano plugin
 Event = dict[str, Any]
 # Where passenger-config looks for running Passengers: an empty directory of the tests' own, so a Passenger that this
 # machine happens to run (or left stale) never answers for the tests' apps. The Passenger tests point it at theirs.
@@ -388,3 +389,49 @@ def deploy_app(memcached: Memcached, deploy_user: pwd.struct_passwd) -> Iterator
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+
+class Sshd:
+    """A real OpenSSH server on a loopback port with a throw-away host key and one authorised client key, for any
+    user: `base` must be readable by the users who log in (sshd reads their authorized_keys with their rights).
+    ECDSA keys: Ruby's net-ssh (Capistrano) reads them without the optional ed25519 gems."""
+
+    def __init__(self, base: Path) -> None:
+        base.mkdir(exist_ok=True)
+        self.port = free_port()
+        self.key = base / "client"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(base / "host")], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(self.key)], check=True)
+        (base / "authorized_keys").write_text((base / "client.pub").read_text())
+        (base / "sshd_config").write_text(f"""
+Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {base}/host
+PidFile {base}/sshd.pid
+AuthorizedKeysFile {base}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+StrictModes no
+UsePAM no
+Subsystem sftp internal-sftp
+""")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 10, "sshd")
+        self.ssh = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                    "-o", "LogLevel=ERROR", "-i", str(self.key)]
+
+    def scp(self, *args: str, wait: bool = True):
+        cmd = ["scp", "-q", "-P", str(self.port), *self.ssh, *args]
+        if wait:
+            return subprocess.run(cmd, check=True, capture_output=True)
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def run(self, command: str) -> None:
+        subprocess.run(["ssh", "-p", str(self.port), *self.ssh, "root@127.0.0.1", command], check=True)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

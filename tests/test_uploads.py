@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_source, rsync, wait_until
+from conftest import Sshd, make_source, rsync, wait_until
 
 QUIET = 0.5
 # For transfers throttled with --bwlimit / -l: rsync and scp pause between bursts for longer than half a second, and
@@ -228,52 +228,6 @@ def test_newest_of_several_complete_uploads_wins_others_left_alone(app, start_da
 
 
 # --- over ssh ---------------------------------------------------------------------------------------------------
-
-
-class Sshd:
-    """A real OpenSSH server on a loopback port with a throw-away host key and one authorised client key."""
-
-    def __init__(self, base: Path) -> None:
-        from conftest import free_port, port_open
-
-        base.mkdir()
-        self.port = free_port()
-        self.key = base / "client"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "host")], check=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
-        (base / "authorized_keys").write_text((base / "client.pub").read_text())
-        (base / "sshd_config").write_text(f"""
-Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {base}/host
-PidFile {base}/sshd.pid
-AuthorizedKeysFile {base}/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-StrictModes no
-UsePAM no
-Subsystem sftp internal-sftp
-""")
-        Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
-                                     stderr=subprocess.DEVNULL)
-        wait_until(lambda: port_open(self.port), 10, "sshd")
-        self.ssh = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-                    "-o", "LogLevel=ERROR", "-i", str(self.key)]
-
-    def scp(self, *args: str, wait: bool = True):
-        cmd = ["scp", "-q", "-P", str(self.port), *self.ssh, *args]
-        if wait:
-            return subprocess.run(cmd, check=True, capture_output=True)
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def run(self, command: str) -> None:
-        subprocess.run(["ssh", "-p", str(self.port), *self.ssh, "root@127.0.0.1", command], check=True)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, App, Daemon, free_port, port_open, wait_until
+from conftest import BIN, ETC, App, Daemon, free_port, port_open, wait_until
 from maintd.restart import HEALTH_HEADER
 from maintd.tree import Tree
 
-ETC = Path(__file__).parent.parent / "etc"
 USER_ADDRESS = "127.0.0.2"  # a visitor; 127.0.0.1 is "this host", let through for health checks
 CONFIG_RU = """release = File.read(File.expand_path("REVISION", __dir__)).strip
 run lambda { |env| [200, {"content-type" => "text/plain", "cache-control" => "no-store"}, ["release #{release}\\n"]] }
