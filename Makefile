@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
              systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger \
-             nodejs git default-jre-headless
+             nodejs git default-jre-headless capistrano
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
@@ -18,7 +18,7 @@ ETCD := .deps/etcd/usr/bin/etcd
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -56,7 +56,7 @@ clean:
 	rm -rf $(VENV) .deps build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
-# (pointing at $(PREFIX)/bin), the example config, the web snippets and the maintenance page.
+# (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page and the Capistrano plugin.
 UNITDIR   ?= /etc/systemd/system
 install:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
@@ -70,6 +70,7 @@ install:
 	install -m 0644 maintd/maintenance.html $(DESTDIR)$(PREFIX)/share/maintd/maintenance.html
 	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do \
 		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$${snippet#etc/}; done
+	install -D -m 0644 etc/capistrano/maintd.rake $(DESTDIR)$(PREFIX)/share/maintd/capistrano/maintd.rake
 
 # Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
 bench: deps

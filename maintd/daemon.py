@@ -188,6 +188,7 @@ class Daemon:
             "deploying": self.runner.describe(),
             "last_deploy": self.memory.last_deploy,
             "uploading": sorted(self.inventory.tracker.uploads, key=name_key),
+            "upload": {"marker": self.config.upload.marker, "require_marker": self.config.upload.require_marker},
             **({"cluster": {"member": self.coordinator.me, "etcd": self.etcd_trouble or "ok"}}
                if self.coordinator else {}),
         }

@@ -68,9 +68,13 @@ async def history(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
 
 @handles("deploy")
 async def deploy(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    running, name = daemon.runner.current, args["release"]
-    if args["follow"] and running and name in ("", running.release):
-        return _went_live(await daemon.runner.follow(_streamer(emit)))  # an upload's deploy as much as anyone's
+    """With `--follow`, the deploy of NAME that its upload started (running, or the last to run) is joined rather
+    than repeated; a marked upload not judged yet is judged first, and joined if that started its deploy."""
+    name = args["release"]
+    if name:
+        await daemon.intake.settle(name)
+    if args["follow"] and (joined := await daemon.runner.join(name, _streamer(emit))):
+        return _went_live(joined)
     return await _take_live(daemon, name or daemon.inventory.newest_complete(), DeployKind.DEPLOY, args, peer, emit)
 
 

@@ -35,7 +35,7 @@ class Intake:
         self.watcher: ReleaseWatcher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._checking: set[str] = set()
+        self._checking: dict[str, asyncio.Event] = {}  # release -> set when its check in progress is over
 
     @property
     def releases(self) -> Path:
@@ -202,14 +202,24 @@ class Intake:
         if due is not None:
             self._timer = self.loop.call_later(max(0.0, due - time.time()), self._arm_timer)
 
+    async def settle(self, name: str) -> None:
+        """Judge an upload whose marker is there now, without waiting for its event: an operator's (or
+        Capistrano's) `deploy NAME` just after writing the marker must not be refused as still uploading."""
+        if name in self.tracker and (self.releases / name / self.ctx.config.upload.marker).exists():
+            self.tracker.marker_seen(name, time.time())
+            await self._check(name)
+
     async def _check(self, name: str) -> None:
-        if name in self._checking:
+        """One check of a release at a time; a caller that comes while one runs waits for its end."""
+        if running := self._checking.get(name):
+            await running.wait()
             return
-        self._checking.add(name)
+        done = self._checking[name] = asyncio.Event()
         try:
             await self._check_once(name)
         finally:
-            self._checking.discard(name)
+            del self._checking[name]
+            done.set()
             self._arm_timer()
 
     async def _check_once(self, name: str) -> None:

@@ -16,7 +16,7 @@ from . import log
 from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, View
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
-from .results import DeployKind, Refused
+from .results import UPLOAD_ACTOR, DeployKind, Refused
 from .runner import DeployRunner
 from .tasks import Tasks
 
@@ -76,7 +76,7 @@ class Joiner:
         switch, me = view.switch, self.co.me
         if not switch or view.decision is not None or view.state_of(me) is not None or self.runner.lock.locked():
             return
-        if self.inventory.store.memory.paused and switch.actor == "upload":
+        if self.inventory.store.memory.paused and switch.actor == UPLOAD_ACTOR:
             self._once(f"paused:{switch.id}", f"automatic deploys are paused here: not joining the switch of "
                                               f"release {switch.release} begun by an upload on {switch.by}")
             return

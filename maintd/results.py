@@ -26,6 +26,9 @@ class DeployKind(StrEnum):
     RECOVERY = "recovery"  # finishing or undoing, at start-up, a deploy that a crash cut off
 
 
+UPLOAD_ACTOR = "upload"  # `MAINTD_ACTOR` of the deploys an upload starts; otherwise the socket peer's user
+
+
 class Refused(Exception):
     """A request maintd will not carry out; the message is a sentence for the operator."""
 

@@ -17,7 +17,7 @@ from .context import Context
 from .inventory import Inventory, ReleaseState
 from .pipeline import Deploy, OnStep
 from .recovery import recover
-from .results import DeployKind, Outcome, Refused, StepRecord
+from .results import UPLOAD_ACTOR, DeployKind, Outcome, Refused, StepRecord
 from .switch import ClusterDeploy
 from .tasks import Tasks
 
@@ -37,6 +37,7 @@ class DeployRunner:
         self._steps_done: list[StepRecord] = []  # of the deploy in progress, for followers who join late
         self._followers: set[OnStep] = set()
         self._outcome: asyncio.Future[Outcome] | None = None
+        self.last: Outcome | None = None  # of the deploy that ran last, whoever started it
 
     def kick(self) -> None:
         """Start an automatic deploy of the newest complete upload, if there is one and if allowed now."""
@@ -50,7 +51,7 @@ class DeployRunner:
 
     async def _automatic(self, name: str) -> None:
         try:
-            await self.deploy(name, "upload", automatic=True)
+            await self.deploy(name, UPLOAD_ACTOR, automatic=True)
         except Refused as exc:  # changed between completing and its turn (written to again, say)
             self.log.info(f"automatic deploy of release {name} not started: {exc}", release=name)
 
@@ -83,6 +84,7 @@ class DeployRunner:
                 self.current = None
                 self.on_change()
             outcome_future.set_result(outcome)
+            self.last = outcome
             if deploy.blame:
                 self.inventory.complete.pop(name, None)
             else:  # it could not start (another release was switching): an upload's deploy is tried again
@@ -112,6 +114,21 @@ class DeployRunner:
         self.on_change()
         for follower in list(self._followers):
             follower(record)
+
+    async def join(self, name: str, on_step: OnStep) -> Outcome | None:
+        """The deploy of `name` that is running (followed to its end), or the one its upload started if that is the
+        last deploy that ran (its steps replayed); None when there is neither, and a deploy of `name` would be new.
+
+        How `cap deploy` (which writes the marker, then follows) sees the deploy the marker started, however soon
+        maintd began and ended it, instead of a second deploy of the same release."""
+        if self.current and name in ("", self.current.release):
+            return await self.follow(on_step)
+        last = self.last
+        if last and name == last.release and last.actor == UPLOAD_ACTOR and last.kind is DeployKind.DEPLOY:
+            for record in last.steps:
+                on_step(record)
+            return last
+        return None
 
     async def follow(self, on_step: OnStep) -> Outcome:
         """Watch the deploy in progress (whoever started it) from its first step to its outcome."""

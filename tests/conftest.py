@@ -367,8 +367,10 @@ def deploy_user() -> Iterator[pwd.struct_passwd]:
         pwd.getpwnam(DEPLOY_USER)
         subprocess.run(["usermod", "--home", str(home), DEPLOY_USER], check=True)  # left by a killed run
     except KeyError:
+        # "*": no password, yet not locked ("!"), which sshd refuses even a key for: it logs in over ssh as real
+        # deploy users do (Capistrano)
         subprocess.run(["useradd", "--system", "--home-dir", str(home), "--no-create-home", "--shell", "/bin/bash",
-                        DEPLOY_USER], check=True)
+                        "--password", "*", DEPLOY_USER], check=True)
     entry = pwd.getpwnam(DEPLOY_USER)
     os.chown(home, entry.pw_uid, entry.pw_gid)
     yield entry
@@ -401,7 +403,7 @@ class Sshd:
         self.port = free_port()
         self.key = base / "client"
         subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(base / "host")], check=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(self.key)], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-m", "PEM", "-N", "", "-f", str(self.key)], check=True)
         (base / "authorized_keys").write_text((base / "client.pub").read_text())
         (base / "sshd_config").write_text(f"""
 Port {self.port}

@@ -371,6 +371,34 @@ def test_follow_attaches_to_a_deploy_an_upload_started(app, start_daemon):
     assert daemon.steps(daemon.deployed("r1")["deploy_id"])[0]["actor"] == "upload"
 
 
+def test_deploy_by_name_with_follow_joins_the_deploy_its_upload_just_ended(app, start_daemon):
+    """`cap deploy` writes the marker, then runs `deploy NAME --follow`: maintd may have begun and ended the upload's
+    deploy before maintctl connects. That deploy is reported, not repeated (a second maintenance window)."""
+    daemon = start_daemon()
+    app.make_release("r1")
+    daemon.deployed("r1")
+    done = maintctl(app, "deploy", "r1", "--follow", check_rc=0)
+    assert [line.split()[0] for line in done.stdout.splitlines()][:3] == ["validate", "link_shared", "maintenance_on"]
+    assert "release r1 is live" in done.stdout
+    assert [e["release"] for e in maintctl_json(app, "history")] == ["r1"]
+    app.make_release("r2")
+    daemon.deployed("r2")
+    maintctl(app, "deploy", "r1", "--follow", check_rc=0)  # no longer the last deploy: a deploy of its own
+    assert [e["release"] for e in maintctl_json(app, "history")] == ["r1", "r2", "r1"]
+
+
+def test_marker_then_deploy_by_name_at_once_is_one_deploy(app, start_daemon):
+    """However the two race (the marker not yet seen, its deploy starting, running or over), one deploy each."""
+    app.write_config(upload="require_marker = true")
+    start_daemon()
+    names = [f"r{i}" for i in range(6)]
+    for name in names:
+        release = app.make_release(name, files=200, marker=False)
+        (release / ".maintd-ready").touch()
+        maintctl(app, "deploy", name, "--follow", check_rc=0)
+    assert [e["release"] for e in maintctl_json(app, "history")] == names
+
+
 def test_rollback_refuses_a_refused_or_uploading_release(app, live):
     app.make_release("bad", marker=False)
     (app.releases / "bad" / ".maintd-manifest").write_text("nonsense\n")
