@@ -73,13 +73,17 @@ async def deploy(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -
     name = args["release"]
     if name:
         await daemon.intake.settle(name)
-    if args["follow"] and (joined := await daemon.runner.join(name, _streamer(emit))):
+    if args["follow"] and (joined := await daemon.runner.join(name, DeployKind.DEPLOY, _streamer(emit))):
         return _went_live(joined)
     return await _take_live(daemon, name or daemon.inventory.newest_complete(), DeployKind.DEPLOY, args, peer, emit)
 
 
 @handles("rollback")
 async def rollback(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
+    """With `--follow`, a rollback running, or the one this member joined last, is joined rather than repeated."""
+    if args["follow"] and (joined := await daemon.runner.join(args["release"], DeployKind.ROLLBACK,
+                                                              _streamer(emit))):
+        return _went_live(joined)
     name = args["release"] or daemon.inventory.rollback_target()
     return await _take_live(daemon, name, DeployKind.ROLLBACK, args, peer, emit)
 

@@ -38,6 +38,7 @@ class DeployRunner:
         self._followers: set[OnStep] = set()
         self._outcome: asyncio.Future[Outcome] | None = None
         self.last: Outcome | None = None  # of the deploy that ran last, whoever started it
+        self.last_automatic = False  # whether maintd started that one by itself (an upload, a cluster switch)
 
     def kick(self) -> None:
         """Start an automatic deploy of the newest complete upload, if there is one and if allowed now."""
@@ -84,7 +85,7 @@ class DeployRunner:
                 self.current = None
                 self.on_change()
             outcome_future.set_result(outcome)
-            self.last = outcome
+            self.last, self.last_automatic = outcome, automatic
             if deploy.blame:
                 self.inventory.complete.pop(name, None)
             else:  # it could not start (another release was switching): an upload's deploy is tried again
@@ -115,16 +116,20 @@ class DeployRunner:
         for follower in list(self._followers):
             follower(record)
 
-    async def join(self, name: str, on_step: OnStep) -> Outcome | None:
-        """The deploy of `name` that is running (followed to its end), or the one its upload started if that is the
-        last deploy that ran (its steps replayed); None when there is neither, and a deploy of `name` would be new.
+    async def join(self, name: str, kind: DeployKind, on_step: OnStep) -> Outcome | None:
+        """A deploy (or rollback) of `name` that is running, followed to its end; or the one maintd started by
+        itself for `name` (an upload's, or this member's side of a cluster switch), if that is the last one that ran,
+        its steps replayed. None when there is neither, and a deploy of `name` would be new.
 
-        How `cap deploy` (which writes the marker, then follows) sees the deploy the marker started, however soon
-        maintd began and ended it, instead of a second deploy of the same release."""
-        if self.current and name in ("", self.current.release):
+        How `cap deploy` (the marker, then `deploy NAME --follow` on every server) sees the deploy the marker
+        started, however soon maintd began and ended it, instead of a second one. A rollback without a name joins
+        the same way: in a cluster, the rollback switch another member began is this member's rollback too."""
+        running = self.current
+        if running and running.kind is kind and name in ("", running.release):
             return await self.follow(on_step)
         last = self.last
-        if last and name == last.release and last.actor == UPLOAD_ACTOR and last.kind is DeployKind.DEPLOY:
+        named = name == last.release if last else False
+        if last and self.last_automatic and last.kind is kind and (named or (not name and kind is DeployKind.ROLLBACK)):
             for record in last.steps:
                 on_step(record)
             return last
