@@ -46,7 +46,7 @@ lint: deps
 	$(BIN)/mypy
 
 demo: deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	$(BIN)/python scripts/demo.py
 
 # Three app servers on this machine and a 3-member etcd: one upload to all three switches them together.
 demo-cluster: deps $(ETCD)
