@@ -437,3 +437,49 @@ Subsystem sftp internal-sftp
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+JOURNALD_PATHS = (Path("/run/systemd/journal"), Path("/run/log/journal"))  # its sockets, its volatile journal
+
+
+@pytest.fixture(scope="session")
+def journald():
+    """A real systemd-journald, started by hand (PID 1 here is not systemd) unless one already listens.
+
+    journald does not remove its sockets when it stops (systemd owns them where it runs): left behind, they make
+    every later program on the machine believe journald runs, and lose what it logs there. So what it creates is
+    removed again, and the teardown fails if anything of it is left."""
+    sock = Path("/run/systemd/journal/socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(str(sock))
+        yield None
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    binary = Path("/lib/systemd/systemd-journald")
+    if not binary.exists():
+        pytest.skip("systemd-journald is not installed")
+    before = _paths_under(JOURNALD_PATHS)
+    proc = subprocess.Popen([str(binary)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: sock.is_socket(), 10, "journald's socket")
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+    for path in sorted(_paths_under(JOURNALD_PATHS) - before, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    assert _paths_under(JOURNALD_PATHS) == before, "journald left files behind"
+
+
+def _paths_under(roots: tuple[Path, ...]) -> set[Path]:
+    found = set()
+    for root in roots:
+        if root.exists():
+            found.add(root)
+            found.update(root.rglob("*"))
+    return found

@@ -25,11 +25,19 @@ def running_in(path: str) -> list[str]:
     return found
 
 
-@pytest.mark.skipif(not (have("nginx") and have("puma")), reason="nginx or puma is missing (`make test` installs them)")
-def test_the_demo_shows_old_page_new_for_every_deploy_and_leaves_nothing_behind():
+def run_demo() -> str:
     done = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    return done.stdout
+
+
+needs_web = pytest.mark.skipif(not (have("nginx") and have("puma")),
+                               reason="nginx or puma is missing (`make test` installs them)")
+
+
+@needs_web
+def test_the_demo_shows_old_page_new_for_every_deploy_and_leaves_nothing_behind():
+    out = run_demo()
     phases = out.split("\n\x1b[1m== ")
     timelines = {phase.splitlines()[0]: re.findall(r"visitor +\+ *[\d.]+s +(\d+) +(.*?) +\(×\d+\)", phase)
                  for phase in phases if phase.strip()}
@@ -49,3 +57,10 @@ def test_the_demo_shows_old_page_new_for_every_deploy_and_leaves_nothing_behind(
     base = re.search(r'socket = "(/tmp/maintd-demo-[^/]+)/', out).group(1)
     assert not Path(base).exists()
     wait_until(lambda: not running_in(base), 10, "the demo's processes to be gone")
+
+
+@needs_web
+def test_with_journald_running_the_audit_trail_is_journalctls(journald):
+    out = run_demo()
+    assert "journald is not running here" not in out
+    assert re.search(r"\+0000 \S+ maintd\[\d+\]: swap: current -> releases/20261126100000", out), out
