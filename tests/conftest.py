@@ -378,15 +378,19 @@ def deploy_user() -> Iterator[pwd.struct_passwd]:
     shutil.rmtree(home, ignore_errors=True)
 
 
+def deploy_owned_app(memcached: Memcached, user: pwd.struct_passwd) -> App:
+    """An app whose tree `user` owns, in a directory it can reach; maintd itself runs as root."""
+    app = App(public_dir("maintd-app-"), memcached.address)
+    for path in (app.root, app.releases, app.shared):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return app
+
+
 @pytest.fixture
 def deploy_app(memcached: Memcached, deploy_user: pwd.struct_passwd) -> Iterator[App]:
-    """An app whose tree the deploy user owns, in a directory it can reach; maintd itself runs as root."""
-    base = public_dir("maintd-app-")
-    app = App(base, memcached.address)
-    for path in (app.root, app.releases, app.shared):
-        os.chown(path, deploy_user.pw_uid, deploy_user.pw_gid)
+    app = deploy_owned_app(memcached, deploy_user)
     yield app
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(app.base, ignore_errors=True)
 
 
 def have(program: str) -> bool:
@@ -398,7 +402,8 @@ class Sshd:
     user: `base` must be readable by the users who log in (sshd reads their authorized_keys with their rights).
     ECDSA keys: Ruby's net-ssh (Capistrano) reads them without the optional ed25519 gems."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, wrap: tuple[str, ...] = ()) -> None:
+        """`wrap`: what sshd is started through (a mount namespace of its own, say)."""
         base.mkdir(exist_ok=True)
         self.port = free_port()
         self.key = base / "client"
@@ -419,7 +424,7 @@ UsePAM no
 Subsystem sftp internal-sftp
 """)
         Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
+        self.proc = subprocess.Popen([*wrap, "/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
                                      stderr=subprocess.DEVNULL)
         wait_until(lambda: port_open(self.port), 10, "sshd")
         self.ssh = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",

@@ -2,6 +2,7 @@
 `etc/capistrano/maintd.rake` as a user's would, a bare git repository as `repo_url`, a real sshd on loopback that
 Capistrano logs into as the deploy user, and maintd running on the tree. Capistrano builds; maintd switches."""
 
+import json
 import os
 import shlex
 import shutil
@@ -9,8 +10,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from etcd_cluster import ETCD, EtcdCluster
 
-from conftest import DEPLOY_USER, ETC, App, Daemon, Sshd, have, maintctl_json, public_dir, public_maintctl
+from conftest import (
+    DEPLOY_USER,
+    ETC,
+    App,
+    Daemon,
+    Sshd,
+    deploy_owned_app,
+    have,
+    maintctl_json,
+    public_dir,
+    public_maintctl,
+)
 
 pytestmark = pytest.mark.skipif(not have("cap"), reason="`cap` is missing (`make test` installs capistrano)")
 
@@ -18,15 +31,20 @@ CONFIG_RU = 'run ->(env) { [200, {"content-type" => "text/plain"}, [File.read("R
 
 
 class Project:
-    """The app's repository and its Capistrano project, on the machine `cap` runs on (here: the same one)."""
+    """The app's repository and its Capistrano project, on the machine `cap` runs on (here: the same one). It
+    deploys as the deploy user to one server per sshd port, where the tree is at `root` and maintd's socket at
+    `socket`; `apps` and `daemons` are the servers' trees and maintd, as seen from here."""
 
-    def __init__(self, base: Path, app: App, sshd: Sshd, maintctl: Path) -> None:
+    def __init__(self, base: Path, root: Path, socket: Path, ports: list[int], key: Path) -> None:
         self.base = base
         self.repo = base / "repo.git"
         self.work = base / "work"
         self.cap = base / "cap"
-        self.app = app
-        self.daemon: Daemon | None = None
+        self.apps: list[App] = []
+        self.daemons: list[Daemon] = []
+        maintctl = base / "maintctl"  # what the deploy user runs on the servers: the checkout may be in /root
+        maintctl.write_text(f'#!/bin/sh\nexec {shlex.join(public_maintctl())} "$@"\n')
+        maintctl.chmod(0o755)
         subprocess.run(["git", "init", "-q", "--bare", str(self.repo)], check=True)
         subprocess.run(["git", "init", "-q", "-b", "main", str(self.work)], check=True)
         (self.work / "public").mkdir()
@@ -45,15 +63,22 @@ Dir.glob("lib/capistrano/tasks/*.rake").each { |r| import r }
         (self.cap / "config" / "deploy.rb").write_text(f"""set :application, "shop"
 set :repo_url, "{self.repo}"
 set :branch, "main"
-set :deploy_to, "{app.root}"
+set :deploy_to, "{root}"
 set :maintctl, "{maintctl}"
-set :maintd_socket, "{app.socket}"
+set :maintd_socket, "{socket}"
 set :format_options, color: false, truncate: false, log_file: "{base}/capistrano.log"
-set :ssh_options, keys: ["{sshd.key}"], port: {sshd.port}, auth_methods: ["publickey"],
-                  verify_host_key: :never
+set :ssh_options, keys: ["{key}"], auth_methods: ["publickey"], verify_host_key: :never
 """)
-        (self.cap / "config" / "deploy" / "production.rb").write_text(
-            f'server "127.0.0.1", user: "{DEPLOY_USER}", roles: %w[app web]\n')
+        (self.cap / "config" / "deploy" / "production.rb").write_text("".join(
+            f'server "127.0.0.1", port: {port}, user: "{DEPLOY_USER}", roles: %w[app web]\n' for port in ports))
+
+    @property
+    def app(self) -> App:
+        return self.apps[0]
+
+    @property
+    def daemon(self) -> Daemon:
+        return self.daemons[0]
 
     def commit(self, message: str) -> None:
         (self.work / "public" / "index.html").write_text(f"<h1>{message}</h1>\n")
@@ -76,21 +101,25 @@ set :ssh_options, keys: ["{sshd.key}"], port: {sshd.port}, auth_methods: ["publi
         assert done.returncode == 0, done.stdout + done.stderr
         return self.app.live() or ""
 
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+
+MAINTD_FOR_CAP = {"upload": "require_marker = true", "control": f'group = "{DEPLOY_USER}"', "hooks_user": None}
+
 
 @pytest.fixture
-def project(deploy_app, tmp_path):
+def project(deploy_app):
     """maintd on a deploy-owned tree (require_marker, the deploy user's group may change things), an sshd, and the
     Capistrano project that deploys to it as the deploy user."""
     base = public_dir("maintd-cap-")
     sshd = Sshd(base / "sshd")
-    maintctl = base / "maintctl"  # what the deploy user runs on the server: the checkout may be in /root
-    maintctl.write_text(f'#!/bin/sh\nexec {shlex.join(public_maintctl())} "$@"\n')
-    maintctl.chmod(0o755)
-    deploy_app.write_config(upload="require_marker = true", control=f'group = "{DEPLOY_USER}"', hooks_user=None)
-    project = Project(base, deploy_app, sshd, maintctl)
-    project.daemon = Daemon(deploy_app).ready()
+    deploy_app.write_config(**MAINTD_FOR_CAP)
+    project = Project(base, deploy_app.root, deploy_app.socket, [sshd.port], sshd.key)
+    project.apps, project.daemons = [deploy_app], [Daemon(deploy_app).ready()]
     yield project
-    project.daemon.stop()
+    project.stop()
     sshd.stop()
     shutil.rmtree(base, ignore_errors=True)
 
@@ -118,8 +147,7 @@ def test_cap_deploy_goes_live_through_maintd_twice(project):
 def test_a_release_maintd_refuses_fails_cap_with_server_and_reason(project):
     cap = project
     first = cap.deploy()
-    cap.app.write_config(upload='require_marker = true\nrequired = ["Gemfile.lock"]',
-                         control=f'group = "{DEPLOY_USER}"', hooks_user=None)
+    cap.app.write_config(**{**MAINTD_FOR_CAP, "upload": 'require_marker = true\nrequired = ["Gemfile.lock"]'})
     cap.daemon.reload()
     cap.commit("second")
     done = cap.run("deploy")
@@ -132,8 +160,7 @@ def test_a_release_maintd_refuses_fails_cap_with_server_and_reason(project):
 def test_a_deploy_maintd_rolls_back_fails_cap_naming_the_step(project):
     cap = project
     first = cap.deploy()
-    cap.app.write_config(upload="require_marker = true", control=f'group = "{DEPLOY_USER}"', hooks_user=None,
-                         extra='[hooks]\nbefore_swap = [["sh", "-c", "echo no database >&2; exit 3"]]\n')
+    cap.app.write_config(**MAINTD_FOR_CAP, extra='[hooks]\nbefore_swap = [["sh", "-c", "exit 3"]]\n')
     cap.daemon.reload()
     cap.commit("second")
     done = cap.run("deploy")
@@ -184,7 +211,7 @@ def test_lock_unlock_flush_status_restart(project, memcached):
 
 def test_a_server_whose_maintd_does_not_wait_for_the_marker_is_named(project):
     cap = project
-    cap.app.write_config(control=f'group = "{DEPLOY_USER}"', hooks_user=None, quiet_period=60)
+    cap.app.write_config(**{**MAINTD_FOR_CAP, "upload": ""}, quiet_period=60)
     cap.daemon.reload()
     done = cap.run("deploy")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -197,3 +224,71 @@ def test_maintd_down_stops_cap_before_it_builds(project):
     done = cap.run("deploy")
     assert done.returncode != 0 and "maintd on 127.0.0.1" in done.stdout + done.stderr
     assert not any(cap.app.releases.iterdir())  # nothing built: the check comes before the code is fetched
+
+
+# --- two servers in cluster mode ----------------------------------------------------------------------------------
+
+
+def mounted_at(tree: Path, where: Path) -> tuple[str, ...]:
+    """What an sshd is started through so that its sessions see `tree` at `where`: a mount namespace of its own.
+    Capistrano deploys every server to the one `deploy_to`; here two servers are one machine."""
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && '
+            'exec "$@"', "sh", str(tree), str(where))
+
+
+@pytest.fixture
+def cluster_project(memcached, deploy_user):
+    """Two app servers in cluster mode (one etcd), each with its maintd, its tree and its sshd, which shows that
+    server's tree at the same path; one Capistrano project deploys to both."""
+    if not Path(ETCD).exists():
+        pytest.skip("etcd is missing (`make test` unpacks Debian's into .deps/)")
+    base = public_dir("maintd-cap-")
+    common = public_dir("maintd-cap-server-")
+    etcd = EtcdCluster(base / "etcd", size=1)
+    apps = [deploy_owned_app(memcached, deploy_user) for _ in range(2)]
+    sshds = [Sshd(base / f"sshd{i}", wrap=mounted_at(app.base, common)) for i, app in enumerate(apps)]
+    (sshds[1].key.parent / "authorized_keys").write_text(Path(f"{sshds[0].key}.pub").read_text())
+    project = Project(base, common / "srv", common / "maintd.sock", [sshd.port for sshd in sshds], sshds[0].key)
+    for name, app in zip(("m1", "m2"), apps, strict=True):
+        app.write_config(**MAINTD_FOR_CAP, extra=f"""
+[cluster]
+members = ["m1", "m2"]
+member = "{name}"
+etcd = {json.dumps(etcd.endpoints)}
+prefix = "/maintd/cap-{base.name}"
+lease_ttl = 1.0
+""")
+    project.apps = apps
+    try:
+        project.daemons = [Daemon(app).ready() for app in apps]
+        yield project
+    finally:
+        project.stop()
+        for sshd in sshds:
+            sshd.stop()
+        etcd.stop_all()
+        for path in (base, common, *(app.base for app in apps)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_one_cap_deploy_switches_two_cluster_members_together(cluster_project):
+    cap = cluster_project
+    for round_ in ("first", "second"):
+        if round_ == "second":
+            cap.commit(round_)
+        done = cap.run("deploy")
+        assert done.returncode == 0, done.stdout + done.stderr
+        live = {app.live() for app in cap.apps}
+        assert len(live) == 1 and None not in live, live
+        assert done.stdout.count(" commit ") == 2  # each server's side of the switch, followed in cap's output
+        switches = set()
+        for app, daemon in zip(cap.apps, cap.daemons, strict=True):
+            last = maintctl_json(app, "history", "-n", "1")[-1]
+            assert last["release"] in live and last["result"] == "ok"
+            switches |= {e.get("switch_id") for e in daemon.steps(last["deploy_id"]) if e.get("step") == "commit"}
+        assert len(switches) == 1 and None not in switches  # one switch, both members in it
+    first = maintctl_json(cap.app, "status")["previous"]
+    done = cap.run("deploy:rollback")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [app.live() for app in cap.apps] == [first, first]
+    assert [maintctl_json(app, "history", "-n", "1")[-1]["kind"] for app in cap.apps] == ["rollback", "rollback"]
