@@ -93,31 +93,18 @@ namespace :maintd do
     end
   end
 
-  desc "Turn maintenance off"
-  task :unlock do
-    on roles(fetch(:maintd_roles)) do |host|
-      Maintd.run(self, host, "maintenance", "off")
-    end
-  end
-
-  desc "Restart the app on the live release"
-  task :restart do
-    on roles(fetch(:maintd_roles)) do |host|
-      Maintd.run(self, host, "restart")
-    end
-  end
-
-  desc "Flush memcached"
-  task :flush do
-    on roles(fetch(:maintd_roles)) do |host|
-      Maintd.run(self, host, "flush")
-    end
-  end
-
-  desc "Show maintd's status on every server"
-  task :status do
-    on roles(fetch(:maintd_roles)) do |host|
-      Maintd.run(self, host, "status")
+  # The seed's other recipes, each one maintctl command on every server.
+  {
+    unlock: ["Turn maintenance off", %w[maintenance off]],
+    restart: ["Restart the app on the live release", %w[restart]],
+    flush: ["Flush memcached", %w[flush]],
+    status: ["Show maintd's status on every server", %w[status]]
+  }.each do |name, (description, args)|
+    desc description
+    task name do
+      on roles(fetch(:maintd_roles)) do |host|
+        Maintd.run(self, host, *args)
+      end
     end
   end
 end
