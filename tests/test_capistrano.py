@@ -145,7 +145,7 @@ def test_cap_deploy_goes_live_through_maintd_twice(project):
 
 
 @pytest.mark.parametrize("config, says", [
-    ({"upload": 'require_marker = true\nrequired = ["Gemfile.lock"]'}, "is refused: required path missing: Gemfile.lock"),
+    ({"upload": 'require_marker = true\nrequired = ["Gemfile.lock"]'}, "refused: required path missing: Gemfile.lock"),
     ({"extra": '[hooks]\nbefore_swap = [["sh", "-c", "exit 3"]]\n'}, "failed: hooks_before: hook sh exited"),
 ], ids=["refused", "rolled-back"])
 def test_a_release_maintd_refuses_or_fails_fails_cap_with_server_step_and_reason(project, config, says):
