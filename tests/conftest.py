@@ -26,6 +26,7 @@ Event = dict[str, Any]
 # Where passenger-config looks for running Passengers: an empty directory of the tests' own, so a Passenger that this
 # machine happens to run (or left stale) never answers for the tests' apps. The Passenger tests point it at theirs.
 os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"] = tempfile.mkdtemp(prefix="maintd-test-passenger-")
+atexit.register(shutil.rmtree, os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"], True)
 
 
 def free_port() -> int:
