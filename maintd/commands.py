@@ -187,7 +187,8 @@ def show_json(result: Any) -> str:
 
 JSON = Arg("json", bool, False, "print the answer as JSON", local=True)
 RELEASE = Arg("release", str, "", positional=True)
-FOLLOW = Arg("follow", bool, False, "print each step as it happens")
+FOLLOW = Arg("follow", bool, False, "print each step as it happens; joins NAME's deploy that is running, or the one "
+             "maintd ran by itself last")
 WAIT = Arg("wait", bool, False, "wait for a running deploy instead of refusing")
 
 COMMANDS: dict[str, Command] = {command.name: command for command in (
