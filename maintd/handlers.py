@@ -68,8 +68,8 @@ async def history(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
 
 @handles("deploy")
 async def deploy(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    """With `--follow`, the deploy of NAME that its upload started (running, or the last to run) is joined rather
-    than repeated; a marked upload not judged yet is judged first, and joined if that started its deploy."""
+    """A marked upload not judged yet is judged first. With `--follow`, the deploy in progress (of NAME, if named),
+    or the one maintd ran by itself for NAME last, is joined rather than repeated."""
     name = args["release"]
     if name:
         await daemon.intake.settle(name)
@@ -80,7 +80,8 @@ async def deploy(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -
 
 @handles("rollback")
 async def rollback(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    """With `--follow`, a rollback running, or the one this member joined last, is joined rather than repeated."""
+    """With `--follow`, a rollback in progress, or the one maintd ran by itself last (a cluster's), is joined rather
+    than repeated."""
     if args["follow"] and (joined := await daemon.runner.join(args["release"], DeployKind.ROLLBACK,
                                                               _streamer(emit))):
         return _went_live(joined)

@@ -37,8 +37,8 @@ class DeployRunner:
         self._steps_done: list[StepRecord] = []  # of the deploy in progress, for followers who join late
         self._followers: set[OnStep] = set()
         self._outcome: asyncio.Future[Outcome] | None = None
-        self.last: Outcome | None = None  # of the deploy that ran last, whoever started it
-        self.last_automatic = False  # whether maintd started that one by itself (an upload, a cluster switch)
+        # The outcome of the deploy that ran last, if maintd started it by itself (an upload's, a cluster switch's)
+        self.last_automatic: Outcome | None = None
 
     def kick(self) -> None:
         """Start an automatic deploy of the newest complete upload, if there is one and if allowed now."""
@@ -85,7 +85,7 @@ class DeployRunner:
                 self.current = None
                 self.on_change()
             outcome_future.set_result(outcome)
-            self.last, self.last_automatic = outcome, automatic
+            self.last_automatic = outcome if automatic else None
             if deploy.blame:
                 self.inventory.complete.pop(name, None)
             else:  # it could not start (another release was switching): an upload's deploy is tried again
@@ -125,11 +125,10 @@ class DeployRunner:
         started, however soon maintd began and ended it, instead of a second one. A rollback without a name joins
         the same way: in a cluster, the rollback switch another member began is this member's rollback too."""
         running = self.current
-        if running and running.kind is kind and name in ("", running.release):
-            return await self.follow(on_step)
-        last = self.last
-        named = name == last.release if last else False
-        if last and self.last_automatic and last.kind is kind and (named or (not name and kind is DeployKind.ROLLBACK)):
+        if running and name in ("", running.release) and (kind is DeployKind.DEPLOY or running.kind is kind):
+            return await self.follow(on_step)  # a deploy's follower takes whatever takes the release live
+        last = self.last_automatic
+        if last and last.kind is kind and (name == last.release or (not name and kind is DeployKind.ROLLBACK)):
             for record in last.steps:
                 on_step(record)
             return last

@@ -371,6 +371,25 @@ def test_follow_attaches_to_a_deploy_an_upload_started(app, start_daemon):
     assert daemon.steps(daemon.deployed("r1")["deploy_id"])[0]["actor"] == "upload"
 
 
+def test_deploy_follow_attaches_to_a_rollback_in_progress(app, start_daemon):
+    """Whatever takes a release live is followed by `deploy --follow`, an operator's rollback too."""
+    daemon = start_daemon()
+    for name in ("r1", "r2"):
+        app.make_release(name)
+        daemon.deployed(name)
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
+    daemon.reload()
+    rollback = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "rollback"],
+                                stdout=subprocess.DEVNULL)
+    app.gate.wait_entered()
+    follower = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "--follow"],
+                                stdout=subprocess.PIPE, text=True)
+    assert follower.stdout.readline().split()[0] == "validate"
+    app.gate.open()
+    assert follower.wait(60) == 0 and rollback.wait(60) == 0
+    assert "release r1 is live (rollback" in follower.stdout.read()
+
+
 def test_deploy_by_name_with_follow_joins_the_deploy_its_upload_just_ended(app, start_daemon):
     """`cap deploy` writes the marker, then runs `deploy NAME --follow`: maintd may have begun and ended the upload's
     deploy before maintctl connects. That deploy is reported, not repeated (a second maintenance window)."""
