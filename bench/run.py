@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # conftest's fixtures and the etcd cluster of the tests
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import App, Daemon, Memcached, make_source  # noqa: E402
+from conftest import App, Daemon, Memcached, make_source, wait_until  # noqa: E402
 from maintd.config import Upload, load  # noqa: E402
 from maintd.context import Context  # noqa: E402
 from maintd.maintenance import Notice  # noqa: E402
@@ -390,31 +390,29 @@ def passenger_window() -> dict:
         rack_release(app, name)
     Tree(app.root).swap("a")
     stack = ApachePassenger(app)
-    saved = os.environ.get("PASSENGER_INSTANCE_REGISTRY_DIR")
+    saved = os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"]  # conftest's empty one
     os.environ.update(stack.env)
     deploy = timed_deploys(app)
     ours, theirs = [], []
+
+    def serving(release: str) -> None:
+        wait_until(lambda: get(stack.port)[:2] == (200, f"release {release}\n"), 60, f"Passenger serving {release}")
+
     try:
         for i in range(max(5, RUNS // 3) + 1):
-            new = "ab"[(i + 1) % 2]
-            up = f"release {'ab'[i % 2]}\n"
-            while get(stack.port)[:2] != (200, up):
-                time.sleep(0.05)
+            old, new = "ab"[i % 2], "ab"[(i + 1) % 2]
+            serving(old)
             ms, restart = deploy(new)
             assert "ran passenger-config restart-app" in restart, restart
             if i:
                 ours.append(ms)
-            while get(stack.port)[:2] != (200, f"release {new}\n"):
-                time.sleep(0.05)
+            serving(new)
             started = time.perf_counter()
             subprocess.run(["passenger-config", "restart-app", str(app.root)], check=True, capture_output=True)
             theirs.append((time.perf_counter() - started) * 1000)
     finally:
         stack.stop()
-        if saved is None:
-            os.environ.pop("PASSENGER_INSTANCE_REGISTRY_DIR")
-        else:
-            os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"] = saved
+        os.environ["PASSENGER_INSTANCE_REGISTRY_DIR"] = saved
     return {"maintd_ms": summary(ours), "restart_app_alone_ms": summary(theirs),
             "ratio": round(statistics.median(ours) / statistics.median(theirs), 3)}
 

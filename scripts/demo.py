@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,9 +30,8 @@ sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent)]
 
 from test_web import CONFIG_RU, NginxPuma, get  # noqa: E402
 
-from conftest import App, Memcached, wait_until  # noqa: E402
+from conftest import BIN, App, Memcached, wait_until  # noqa: E402
 
-BIN = Path(sys.executable).parent
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 REASON = re.compile(r'id="reason">([^<]*)<')
 
@@ -65,10 +64,10 @@ class Visitor:
 
     @contextmanager
     def timeline(self) -> Iterator[None]:
-        """What the visitor got while the block ran (and a moment after), runs of the same answer folded."""
+        """What the visitor got while the block ran and in its next few answers, runs of the same answer folded."""
         start = time.monotonic()
         yield
-        time.sleep(0.3)
+        self.wait_for(lambda seen: len(seen) >= 10, since=time.monotonic())
         runs: list[list] = []
         for when, what in [s for s in self.seen if s[0] >= start]:
             if runs and runs[-1][1] == what:
@@ -77,6 +76,10 @@ class Visitor:
                 runs.append([when - start, what, 1])
         for offset, what, count in runs:
             print(f"   visitor  +{offset:5.2f}s  {what}  (×{count})")
+
+    def wait_for(self, enough: Callable[[list[str]], bool], since: float) -> None:
+        """Until the answers seen since `since` are `enough`."""
+        wait_until(lambda: enough([what for when, what in list(self.seen) if when >= since]), 20, "the visitor")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -181,8 +184,9 @@ dir = "{app.state}"
 
         say("operator maintenance, with a reason shown on the page")
         with visitor.timeline():
+            on = time.monotonic()
             demo.maintctl("maintenance", "on", "--reason", "database upgrade", "--until", "10:30 UTC")
-            time.sleep(0.5)
+            visitor.wait_for(lambda seen: seen.count("503  maintenance page: database upgrade") >= 10, since=on)
             demo.maintctl("maintenance", "off")
 
         say("a rollback, through the same steps")

@@ -18,7 +18,8 @@ sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent)]
 
 from etcd_cluster import EtcdCluster  # noqa: E402
 
-BIN = Path(sys.executable).parent
+from conftest import BIN, wait_until  # noqa: E402
+
 MEMBERS = ("app1", "app2", "app3")
 
 
@@ -121,14 +122,13 @@ def run_switch(work: Path, servers: list[Server], name: str) -> None:
 
 def wait_all_alive(server: Server) -> None:
     """Until `maintctl cluster` says every member is there (each maintd has taken its lease)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def all_alive() -> bool:
         done = subprocess.run([str(BIN / "maintctl"), "--config", str(server.config), "cluster", "--json"],
                               capture_output=True, text=True)
-        if done.returncode == 0 and all(m["alive"] for m in json.loads(done.stdout)["members"]):
-            return
-        time.sleep(0.1)
-    raise SystemExit("the members did not all come up")
+        return done.returncode == 0 and all(m["alive"] for m in json.loads(done.stdout)["members"])
+
+    wait_until(all_alive, 30, "every member to come up")
 
 
 def main() -> int:
