@@ -357,7 +357,8 @@ def public_maintctl() -> list[str]:
     return _PUBLIC_MAINTCTL
 
 
-DEPLOY_USER = "maintd-deploy"
+# One name per checkout that runs its tests at once with another (two worktrees): the fixture creates and removes it.
+DEPLOY_USER = os.environ.get("MAINTD_TEST_DEPLOY_USER", "maintd-deploy")
 
 
 @pytest.fixture(scope="session")
