@@ -15,10 +15,11 @@ from typing import Any
 
 from . import cache, proc, restart
 from .config import Config, ConfigError
-from .maintenance import Flags, default_template
+from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
 from .state import Store
+from .steps import Fault
 from .tree import ReleaseError, Tree
 
 
@@ -68,7 +69,10 @@ class Context:
         r, root = self.config.restart, self.config.root
         if r.method == "command":
             return restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
-        return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
+        try:
+            return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
+        except StepFailed as exc:  # passenger-config is the system's tool, not the release's
+            raise StepFailed(str(exc), exc.output, Fault.SERVER) from exc
 
     def flush_cache(self, logger: Any) -> str:
         """The `flush` step, also `maintctl flush`; servers that are down are warnings, not failures."""
@@ -95,6 +99,30 @@ class Context:
             if ran.output:
                 logger.info(f"hook {argv[0]} said", output=ran.output)
         return f"ran {len(commands)} hook(s)"
+
+    def operator_maintenance_on(self, notice: Notice, releases: set[str]) -> None:
+        """`maintctl maintenance on`: one state change, under the store's lock, that a deploy checking whether an
+        operator holds maintenance (and lowering its own flags if not) sees whole or not at all. Recorded first,
+        then raised: a crash in between leaves an operator's maintenance whose flag the next deploy or `status`
+        shows missing, never flags up that nothing would take down."""
+        with self.store.lock:
+            before, self.store.memory.maintenance = self.store.memory.maintenance, notice
+            self.store.save()
+            try:
+                for name in sorted(releases):
+                    self.flags.raise_in(self.tree.path(name), notice)
+            except BaseException:
+                self.store.memory.maintenance = before
+                self.store.save()
+                raise
+
+    def operator_maintenance_off(self) -> None:
+        """`maintctl maintenance off` (run while no deploy runs): forgotten, then the live release's flag removed."""
+        with self.store.lock:
+            self.store.memory.maintenance = None
+            self.store.save()
+            if live := self.tree.live():
+                self.flags.lower_in(self.tree.path(live))
 
     def check_health(self, release: str) -> str:
         """The `health` step: the new release's own answer, when `restart.health_url` is set."""

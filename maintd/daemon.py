@@ -113,7 +113,7 @@ class Daemon:
         self.log.info("stopping" + (" after the deploy in progress" if self.runner.current else ""))
         for chore in chores:
             chore.cancel()
-        async with self.runner.lock:  # a deploy in progress finishes (or rolls back) before we exit
+        async with self.runner.exclusive():  # a deploy in progress finishes (or rolls back) before we exit
             for server in started:
                 server.close()
             self.intake.stop()

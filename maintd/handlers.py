@@ -93,28 +93,20 @@ async def rollback(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit)
 async def maintenance(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
     """On at once, on the live release and on any release a deploy is taking live; off waits for a deploy in
     progress, whose own maintenance must not be lifted under it."""
-    ctx, store = daemon.ctx, daemon.store
+    ctx = daemon.ctx
     live = ctx.tree.live()
     if args["state"] == "on":
         if not live:
             raise Refused("no live release: `current` is missing")
         notice = Notice(args["reason"] or "maintenance", now_iso(), peer.name, args["until"])
         deploying = daemon.runner.current
-        for name in {live, *([deploying.release] if deploying else [])}:
-            ctx.flags.raise_in(ctx.tree.path(name), notice)
-        with store.lock:
-            store.memory.maintenance = notice
-            store.save()
+        ctx.operator_maintenance_on(notice, {live, *([deploying.release] if deploying else [])})
         daemon.log.info(f"maintenance on: {notice.reason}", actor=peer.name, until=notice.until or None)
         daemon.announce()
         return {"on": True, "reason": notice.reason, "since": notice.since, "by": notice.by,
                 "until": notice.until or None}
-    async with daemon.runner.lock:
-        with store.lock:
-            store.memory.maintenance = None
-            store.save()
-        if live := ctx.tree.live():
-            ctx.flags.lower_in(ctx.tree.path(live))
+    async with daemon.runner.exclusive():
+        ctx.operator_maintenance_off()
     daemon.log.info("maintenance off", actor=peer.name)
     daemon.announce()
     return {"on": False}
@@ -185,7 +177,7 @@ async def _on_live(daemon: Daemon, step: str, action: Callable[[str], str], peer
     live = daemon.ctx.tree.live()
     if not live:
         raise Refused("no live release")
-    async with daemon.runner.lock:
+    async with daemon.runner.exclusive():
         try:
             message = await asyncio.to_thread(action, live)
         except Skipped as skip:

@@ -2,7 +2,7 @@
 
 A release's state comes from three sources: the upload tracker (still being written), what the daemon learned at run
 time (complete, refused, found unmarked at start-up, its size) and what it remembers across restarts (went live,
-bad). `Inventory.state` combines them, in one order of precedence, into a `ReleaseState`; the automatic deploy
+bad). `Inventory.judge` combines them, in one order of precedence, into a `ReleaseState`; the automatic deploy
 policy, `maintctl releases`, `status`, `deploy` and `rollback` all ask it. No threads and no clock: tests drive it
 by making directories and calling methods.
 """
@@ -59,37 +59,29 @@ class Inventory:
 
     # --- the state ------------------------------------------------------------------------------------------------
 
-    def state(self, name: str, live: str | None, previous: str | None) -> ReleaseState:
-        """The one definition; `live` and `previous` are passed in so a listing reads `current` once."""
+    def judge(self, name: str, live: str | None, previous: str | None) -> tuple[ReleaseState, str]:
+        """The one definition of a release's state, and the reason that goes with it; `live` and `previous` are
+        passed in so a listing reads `current` once."""
         record = self.store.memory.releases.get(name)
         if name == live:
-            return ReleaseState.LIVE
+            return ReleaseState.LIVE, ""
         if name == previous:
-            return ReleaseState.PREVIOUS
+            return ReleaseState.PREVIOUS, ""
         if name in self.refused:
-            return ReleaseState.REFUSED
+            return ReleaseState.REFUSED, self.refused[name]
         if record and record.bad:
-            return ReleaseState.BAD
+            return ReleaseState.BAD, record.bad
         if name in self.tracker:
-            return ReleaseState.UPLOADING
+            return ReleaseState.UPLOADING, "; ".join(self.tracker.uploads[name].reasons)
         if name in self.dormant:
-            return ReleaseState.INCOMPLETE
-        return ReleaseState.COMPLETE
+            return ReleaseState.INCOMPLETE, ("found without its marker at start-up: it may have been cut off while "
+                                             "maintd was down")
+        if record and record.failed:
+            return ReleaseState.COMPLETE, f"its last deploy failed through no fault of its own: {record.failed}"
+        return ReleaseState.COMPLETE, ""
 
-    def state_now(self, name: str) -> ReleaseState:
-        return self.state(name, self.tree.live(), self.store.memory.previous)
-
-    def reason(self, name: str) -> str:
-        record = self.store.memory.releases.get(name)
-        if name in self.refused:
-            return self.refused[name]
-        if record and record.bad:
-            return record.bad
-        if name in self.tracker:
-            return "; ".join(self.tracker.uploads[name].reasons)
-        if name in self.dormant:
-            return "found without its marker at start-up: it may have been cut off while maintd was down"
-        return ""
+    def state_now(self, name: str) -> tuple[ReleaseState, str]:
+        return self.judge(name, self.tree.live(), self.store.memory.previous)
 
     def rows(self) -> list[Row]:
         live, previous = self.tree.live(), self.store.memory.previous
@@ -102,9 +94,9 @@ class Inventory:
             except OSError:
                 continue  # removed while we listed
             record = self.store.memory.releases.get(name)
-            rows.append(Row(name, self.state(name, live, previous), self.sizes.get(name),
-                            self.complete.get(name, uploaded), record.went_live if record else None,
-                            self.reason(name)))
+            state, reason = self.judge(name, live, previous)
+            rows.append(Row(name, state, self.sizes.get(name), self.complete.get(name, uploaded),
+                            record.went_live if record else None, reason))
         return sorted(rows, key=lambda row: name_key(row.name))
 
     def known(self) -> set[str]:
@@ -150,7 +142,7 @@ class Inventory:
         passes over; all of them count as considered, so automatic deploys take a release at most once."""
         live, previous = self.tree.live(), self.store.memory.previous
         candidates = [name for name in self.complete if not self.store.record(name).auto_considered
-                      and self.state(name, live, previous) is ReleaseState.COMPLETE]
+                      and self.judge(name, live, previous)[0] is ReleaseState.COMPLETE]
         if not candidates:
             return None, []
         newest = max(candidates, key=name_key)
@@ -183,8 +175,7 @@ class Inventory:
             raise Refused(f"bad release name {name!r}: {problem}")
         if not os.path.lexists(self.tree.releases / name):
             raise Refused(f"no release {name!r}")
-        state = self.state_now(name)
+        state, reason = self.state_now(name)
         if state in (ReleaseState.UPLOADING, ReleaseState.REFUSED) or (
                 kind is DeployKind.ROLLBACK and state is ReleaseState.INCOMPLETE):
-            reason = self.reason(name)
             raise Refused(f"release {name} is {state}" + (f": {reason}" if reason else ""))

@@ -57,7 +57,7 @@ class Joiner:
         """A decided switch this member went through but did not sign off (killed in the last instant) would
         keep the next one from beginning: sign it off, when this member is where the decision says."""
         switch, me = view.switch, self.co.me
-        if (not switch or view.decision not in (Decision.COMMIT, Decision.ABORT) or self.runner.lock.locked()
+        if (not switch or view.decision not in (Decision.COMMIT, Decision.ABORT) or self.runner.busy
                 or view.state_of(me) in (None, *FINISHED)):
             return
         live = self.inventory.tree.live()
@@ -74,7 +74,7 @@ class Joiner:
 
     def _maybe_join(self, view: View) -> None:
         switch, me = view.switch, self.co.me
-        if not switch or view.decision is not None or view.state_of(me) is not None or self.runner.lock.locked():
+        if not switch or view.decision is not None or view.state_of(me) is not None or self.runner.busy:
             return
         if self.inventory.store.memory.paused and switch.actor == UPLOAD_ACTOR:
             self._once(f"paused:{switch.id}", f"automatic deploys are paused here: not joining the switch of "
@@ -84,9 +84,9 @@ class Joiner:
             self._once(f"absent:{switch.id}", f"switch {switch.id} waits for release {switch.release} to be "
                                               "uploaded here")
             return
-        state = self.inventory.state_now(switch.release)
+        state, why = self.inventory.state_now(switch.release)
         if state is ReleaseState.REFUSED:
-            reason = f"{me}: release {switch.release} is refused here: {self.inventory.reason(switch.release)}"
+            reason = f"{me}: release {switch.release} is refused here: {why}"
             self.tasks.spawn(asyncio.to_thread(self._abort, switch.id, switch.release, reason))
         elif state not in (ReleaseState.UPLOADING, ReleaseState.INCOMPLETE):
             self.tasks.spawn(self._join(switch.release, switch.actor, DeployKind(switch.kind)))

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from .context import Context
 from .maintenance import Notice
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
+from .steps import LONE, Ending, Fault, Step
 from .tree import ReleaseError
 
 
@@ -42,8 +44,7 @@ OnStep = Callable[[StepRecord], object]  # what it returns is ignored
 class Deploy:
     """One deploy or rollback of `release`, asked for by `actor` ("upload" or a user name)."""
 
-    STEPS: tuple[str, ...] = ("validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart",
-                              "flush", "health", "hooks_after", "maintenance_off", "cleanup")
+    STEPS: tuple[Step, ...] = LONE
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
                  on_step: OnStep | None = None) -> None:
@@ -56,11 +57,12 @@ class Deploy:
         self.previous = ctx.tree.live()
         self.started = now_iso()
         self.on_step = on_step or (lambda record: None)
-        self.step: str | None = None
+        self.step: Step | None = None
         self.waiting = ""  # what the step in progress waits for, for `status` (a cluster member waits on others)
         self.maintenance = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
         self.swapped = False
         self.blame = True  # a failure marks the release bad (not when it merely could not start, in a cluster)
+        self.fault: Fault | None = None  # whose fault the failure that ended the deploy was
         self.notes: list[str] = []  # failures after the point of no return, which did not end the deploy
         self.path = ctx.tree.path(release)
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
@@ -85,19 +87,20 @@ class Deploy:
             summary + (f": {error}" if error else ""), result=outcome.result, duration_ms=outcome.duration_ms)
         return outcome
 
-    def run_steps(self, steps: Iterable[str]) -> tuple[list[StepRecord], str]:
+    def run_steps(self, steps: Iterable[Step]) -> tuple[list[StepRecord], str]:
         """Run `steps` in order; the first that fails is undone (`undo`), unless there is no way back any more
         (`beyond_return`): then the rest still run and the failure is only noted. Returns the records and the
         error that ended the deploy."""
         records: list[StepRecord] = []
-        for name in steps:
-            record, output = self._run_step(name)
+        for step in steps:
+            record, output, fault = self._run_step(step)
             self._report(record, output)
             records.append(record)
             if record.result is StepResult.FAILED and self.beyond_return():
-                self.notes.append(f"{name}: {record.message}")
+                self.notes.append(f"{step}: {record.message}")
             elif record.result is StepResult.FAILED:
-                error = f"{name}: {record.message}"
+                self.fault = fault
+                error = f"{step}: {record.message}"
                 records.append(self.undo(error))
                 self.step = None
                 return records, error
@@ -114,24 +117,32 @@ class Deploy:
     def outcome(self, error: str, records: list[StepRecord], t0: float) -> Outcome:
         result = StepResult.OK if not error else StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error or "; ".join(self.notes), records)
+                       error or "; ".join(self.notes), records, self.fault if error else None)
 
-    def _run_step(self, name: str) -> tuple[StepRecord, str]:
-        self.step = name
+    def _run_step(self, step: Step) -> tuple[StepRecord, str, Fault | None]:
+        """One step, whatever it raises: an error nobody foresaw (a bug, a library's surprise) fails the step like
+        any other, with its traceback in the step's log entry, so that the undo runs and nothing is left half done.
+        Returns the record, what a command printed, and whose fault a failure is."""
+        self.step = step
         t0 = time.perf_counter()
-        output = ""
+        output, fault = "", None
         try:
-            self.ctx.store.journal(self._in_flight(name), durable=name == "maintenance_on")
-            if name == self.crash_at:
+            self.ctx.store.journal(self._in_flight(step), durable=step.durable)
+            if step == self.crash_at:
                 _crash()
-            message, result = getattr(self, name)(), StepResult.OK
+            message, result = getattr(self, step.value)(), StepResult.OK
         except Skipped as skip:
             message, result = str(skip), StepResult.SKIPPED
         except StepFailed as exc:
-            message, result, output = str(exc), StepResult.FAILED, exc.output
-        except (OSError, ReleaseError) as exc:
-            message, result = _describe(exc), StepResult.FAILED
-        return StepRecord(name, result, _ms(t0), message), output
+            message, result, output, fault = str(exc), StepResult.FAILED, exc.output, exc.fault or step.blames
+        except ReleaseError as exc:  # the release itself: a path that leads out of it, not a directory
+            message, result, fault = str(exc), StepResult.FAILED, Fault.RELEASE
+        except OSError as exc:  # the server: a full disk, permissions, a missing shared path, too many files
+            message, result, fault = _describe(exc), StepResult.FAILED, Fault.SERVER
+        except Exception as exc:
+            message, result, fault = f"unexpected error: {exc!r}", StepResult.FAILED, Fault.SERVER
+            output = traceback.format_exc()
+        return StepRecord(step, result, _ms(t0), message), output, fault
 
     def _report(self, record: StepRecord, output: str) -> None:
         emit = self.log.error if record.result is StepResult.FAILED else self.log.info
@@ -151,14 +162,18 @@ class Deploy:
         shared = self.cfg.shared
         if not shared.files and not shared.dirs:
             raise Skipped("no shared files or dirs configured")
+        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.lexists(self.ctx.tree.shared / rel)]:
+            raise StepFailed(f"shared path(s) missing from {self.ctx.tree.shared}: {', '.join(missing)}; create them "
+                             "and deploy this release again", fault=Fault.SERVER)
         linked = self.ctx.tree.link_shared(self.release, shared.files, shared.dirs)
         return f"linked {len(linked)} shared path(s)" if linked else "shared paths already linked"
 
     def maintenance_on(self) -> str:
-        if operator := self.ctx.store.memory.maintenance:
-            self.maintenance = MaintenanceOwner.CARRIED
-            self.ctx.flags.raise_in(self.path, operator)
-            return "operator maintenance is on; carried into the new release"
+        with self.ctx.store.lock:  # an operator's `maintenance on` is seen whole or not at all (see Context)
+            if operator := self.ctx.store.memory.maintenance:
+                self.maintenance = MaintenanceOwner.CARRIED
+                self.ctx.flags.raise_in(self.path, operator)
+                return "operator maintenance is on; carried into the new release"
         when = self.cfg.maintenance.when
         if when == "never":
             raise Skipped('maintenance.when = "never"')
@@ -178,7 +193,8 @@ class Deploy:
     def swap(self) -> str:
         self.ctx.tree.swap(self.release)
         self.swapped = True
-        self.ctx.store.record(self.release).went_live = time.time()
+        record = self.ctx.store.record(self.release)
+        record.went_live, record.failed = time.time(), ""
         return f"current -> releases/{self.release}"
 
     def restart(self) -> str:
@@ -194,11 +210,12 @@ class Deploy:
         return self._hooks(self.cfg.hooks.after_swap)
 
     def maintenance_off(self) -> str:
-        if self.ctx.store.memory.maintenance:
-            raise Skipped("operator maintenance stays on until `maintctl maintenance off`")
-        if self.maintenance is MaintenanceOwner.NONE:
-            raise Skipped("this deploy did not turn maintenance on")
-        self._lower_flags()
+        with self.ctx.store.lock:  # checked and lowered in one go: an operator's `maintenance on` waits for it
+            if self.ctx.store.memory.maintenance:
+                raise Skipped("operator maintenance stays on until `maintctl maintenance off`")
+            if self.maintenance is MaintenanceOwner.NONE:
+                raise Skipped("this deploy did not turn maintenance on")
+            self._lower_flags()
         return "maintenance off"
 
     def cleanup(self) -> str:
@@ -216,10 +233,14 @@ class Deploy:
 
     def undo(self, error: str) -> StepRecord:
         """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
-        The release is marked bad, so no upload can make maintd deploy it (or crash on it) in a loop."""
+        A release whose own fault it was is marked bad, so no upload can make maintd deploy it (or crash on it) in a
+        loop; a server's fault is only noted (`maintctl releases` shows it), and the same release may go again."""
         t0 = time.perf_counter()
-        if self.blame:
-            self.ctx.store.record(self.release).bad = error
+        record = self.ctx.store.record(self.release)
+        if self.blame and self.fault is Fault.RELEASE:
+            record.bad = error
+        elif self.blame:
+            record.failed = error
         notes = []
         if self.swapped and self.previous:
             try:
@@ -229,28 +250,31 @@ class Deploy:
                 notes.append(self.ctx.flush_cache(self.log))
             except Skipped as skip:
                 notes.append(str(skip))
-            except (OSError, ReleaseError, StepFailed) as exc:
+            except Exception as exc:  # going back as far as it can, and saying what it could not
                 notes.append(f"rollback incomplete: {_describe(exc)}")
-        if self.ctx.store.memory.maintenance:
-            notes.append("operator maintenance stays on")
-        elif (self.maintenance is MaintenanceOwner.OURS and self.cfg.maintenance.keep_on_failure
-              and self.kind is not DeployKind.RECOVERY):
-            notes.append("maintenance kept on (maintenance.keep_on_failure)")
-        elif self.maintenance is not MaintenanceOwner.NONE:
-            try:
-                self._lower_flags()
-                notes.append("maintenance off")
-            except OSError as exc:
-                notes.append(f"maintenance could not be lifted: {_describe(exc)}")
-        record = StepRecord("rollback" if self.swapped else "abort",
+                self.log.exception("rollback incomplete")
+        with self.ctx.store.lock:  # as in maintenance_off
+            if self.ctx.store.memory.maintenance:
+                notes.append("operator maintenance stays on")
+            elif (self.maintenance is MaintenanceOwner.OURS and self.cfg.maintenance.keep_on_failure
+                  and self.kind is not DeployKind.RECOVERY):
+                notes.append("maintenance kept on (maintenance.keep_on_failure)")
+            elif self.maintenance is not MaintenanceOwner.NONE:
+                try:
+                    self._lower_flags()
+                    notes.append("maintenance off")
+                except Exception as exc:
+                    notes.append(f"maintenance could not be lifted: {_describe(exc)}")
+                    self.log.exception("maintenance could not be lifted")
+        ending = StepRecord(Ending.ROLLBACK if self.swapped else Ending.ABORT,
                             StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED, _ms(t0),
                             "; ".join(notes) or "nothing to undo")
-        self._report(record, "")
-        return record
+        self._report(ending, "")
+        return ending
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    def _in_flight(self, step: str) -> InFlight:
+    def _in_flight(self, step: Step) -> InFlight:
         return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
                         self.maintenance, self.switch_id)
 
@@ -321,7 +345,9 @@ def _tree_digest(directory: Path) -> str | None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return str(exc)
+    if isinstance(exc, (OSError, ReleaseError, StepFailed, Skipped)):
+        return str(exc)
+    return repr(exc)
 
 
 def _ms(t0: float) -> float:

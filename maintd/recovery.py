@@ -22,9 +22,8 @@ from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
 from .results import DeployKind, Outcome, StepResult
 from .state import InFlight, MaintenanceOwner
+from .steps import FINISH, Ending, Fault, Step
 from .switch import ClusterDeploy
-
-FINISH = ("restart", "flush", "health", "maintenance_off")
 
 
 def recover(ctx: Context, coordinator: Coordinator | None = None,
@@ -42,7 +41,7 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
     notes = [cut_off]
     forward, problem = _forward(ctx, deploy, inflight)
     if forward:
-        records, error = deploy.run_steps((*(() if deploy.swapped else ("swap",)), *FINISH))
+        records, error = deploy.run_steps((*(() if deploy.swapped else (Step.SWAP,)), *FINISH))
         notes += [r.message for r in records]
         if not error:
             notes.append(f"finished forward: {inflight.release} is live")
@@ -50,6 +49,9 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
         error = f"deploy cut off before {inflight.step}" + (f"; {problem}" if problem else "")
         if not deploy.swapped:
             notes.append(f"{ctx.tree.live() or 'no release'} stayed live")
+        # Held against the release, whatever killed maintd: one that does (a hook eating memory until the OOM killer
+        # comes) would otherwise be deployed again at every start, and crash it again.
+        deploy.fault = Fault.RELEASE
         records = [deploy.undo(error)]
         notes.append(records[0].message)
     result = StepResult.ROLLED_BACK if error else StepResult.OK
@@ -62,7 +64,7 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
     record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, deploy.path),
                    deploy.log)
     (deploy.log.warning if result is StepResult.OK else deploy.log.error)(
-        f"recovery: {outcome.error}", step="recovery", result=result, duration_ms=outcome.duration_ms,
+        f"recovery: {outcome.error}", step=Ending.RECOVERY, result=result, duration_ms=outcome.duration_ms,
         interrupted_step=inflight.step)
     return outcome
 

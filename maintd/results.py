@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .steps import Fault
+
 
 class StepResult(StrEnum):
     """`MAINTD_RESULT` of contract §5, for one step and for a whole deploy."""
@@ -38,11 +40,13 @@ class Skipped(Exception):
 
 
 class StepFailed(Exception):
-    """A step failed; `output` holds what a command printed, for the log."""
+    """A step failed; `output` holds what a command printed, for the log; `fault` says whose fault it is where the
+    step's own default (`Step.blames`) would say wrong."""
 
-    def __init__(self, message: str, output: str = "") -> None:
+    def __init__(self, message: str, output: str = "", fault: Fault | None = None) -> None:
         super().__init__(message)
         self.output = output
+        self.fault = fault
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Outcome:
     duration_ms: float
     error: str = ""
     steps: list[StepRecord] = field(default_factory=list)
+    fault: Fault | None = None  # whose fault a failure was: only the release's marks it bad
 
     @property
     def went_live(self) -> bool:

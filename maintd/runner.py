@@ -8,7 +8,8 @@ the status line. The automatic policy lives here too: the newest complete upload
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from . import log
@@ -31,7 +32,7 @@ class DeployRunner:
         self.tasks = tasks
         self.on_change = on_change  # the status line may have changed
         self.log = log.get(app=ctx.config.app)
-        self.lock = asyncio.Lock()  # held by a deploy, and by single steps that must not run beside one
+        self.lock = asyncio.Lock()  # taken only through `exclusive`
         self.current: Deploy | None = None
         self.accepting = True  # false once the daemon is stopping: no new automatic deploys
         self._steps_done: list[StepRecord] = []  # of the deploy in progress, for followers who join late
@@ -40,9 +41,27 @@ class DeployRunner:
         # The outcome of the deploy that ran last, if maintd started it by itself (an upload's, a cluster switch's)
         self.last_automatic: Outcome | None = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether anything holds the deploy lock (a deploy, a recovery, a single step): the one answer to "may a
+        deploy begin now?". Whoever holds it looks for uploads when it lets go."""
+        return self.lock.locked()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """The one way to hold the deploy lock: a deploy, a recovery, `maintctl restart`/`flush`/`maintenance off`.
+        An upload that completed meanwhile found the lock held and was left for now (`kick`); it is taken here,
+        when the lock is let go, whoever held it."""
+        try:
+            async with self.lock:
+                yield
+        finally:
+            self.kick()
+
     def kick(self) -> None:
-        """Start an automatic deploy of the newest complete upload, if there is one and if allowed now."""
-        if self.ctx.store.memory.paused or self.lock.locked() or not self.accepting:
+        """Start an automatic deploy of the newest complete upload, if there is one and if allowed now. While the
+        lock is held nothing starts: its holder kicks again when it lets go (`exclusive`)."""
+        if self.ctx.store.memory.paused or self.busy or not self.accepting:
             return
         newest, passed_over = self.inventory.take_automatic()
         for name in passed_over:
@@ -51,6 +70,7 @@ class DeployRunner:
             self.tasks.spawn(self._automatic(newest))
 
     async def _automatic(self, name: str) -> None:
+        """An upload's deploy; anything but a refusal is logged with its traceback by `Tasks`."""
         try:
             await self.deploy(name, UPLOAD_ACTOR, automatic=True)
         except Refused as exc:  # changed between completing and its turn (written to again, say)
@@ -61,16 +81,17 @@ class DeployRunner:
         """Run one deploy; refuses at once when another runs and `wait` is false. An `automatic` one (an upload's,
         or joining a cluster switch) is refused once its release is live: two of them may race for one release."""
         self.inventory.check_deployable(name, kind)
-        if self.lock.locked() and not wait:
+        if self.busy:
             running = self.current
-            raise Refused(f"a {running.kind} of release {running.release} is running (use --wait)" if running
-                          else "a deploy is running (use --wait)")
-        async with self.lock:
+            what = f"a {running.kind} of release {running.release}" if running else "another command"
+            if not wait:
+                raise Refused(f"{what} is running (use --wait)")
+            self.log.info(f"{kind} of release {name} waits for {what} to end", release=name, actor=actor)
+        async with self.exclusive():
             self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
-            state = self.inventory.state_now(name)
+            state, reason = self.inventory.state_now(name)
             if automatic and state in (ReleaseState.LIVE, ReleaseState.BAD):  # became so while this one waited
-                raise Refused(f"release {name} is {state}" + (f": {self.inventory.reason(name)}"
-                                                               if state is ReleaseState.BAD else ""))
+                raise Refused(f"release {name} is {state}" + (f": {reason}" if state is ReleaseState.BAD else ""))
             loop = asyncio.get_running_loop()
             deploy = self._new(name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
             self.current, self._steps_done = deploy, []
@@ -90,7 +111,6 @@ class DeployRunner:
                 self.inventory.complete.pop(name, None)
             else:  # it could not start (another release was switching): an upload's deploy is tried again
                 self.ctx.store.record(name).auto_considered = False
-        self.kick()
         return outcome
 
     def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep) -> Deploy:
@@ -101,14 +121,13 @@ class DeployRunner:
     async def recover(self) -> None:
         """Recovery of a cluster switch a crash cut off: it may wait for etcd as long as it takes, so it runs
         like a deploy (one at a time, shown in `status`) instead of holding up the start."""
-        async with self.lock:
+        async with self.exclusive():
             try:
                 await asyncio.to_thread(recover, self.ctx, self.coordinator,
                                         lambda deploy: setattr(self, "current", deploy))
             finally:
                 self.current = None
                 self.on_change()
-        self.kick()
 
     def _stepped(self, record: StepRecord) -> None:
         self._steps_done.append(record)

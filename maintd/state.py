@@ -27,6 +27,7 @@ class ReleaseRecord:
     went_live: float | None = None  # last time it went live (seconds since the epoch)
     bad: str = ""  # why a deploy of it failed; a bad release is never deployed automatically again
     auto_considered: bool = False  # automatic deploys take a release at most once
+    failed: str = ""  # why its last deploy failed through a fault of the server's, not the release's
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .context import Context
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy, OnStep, new_deploy_id
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
+from .steps import SWITCH
 
 T = TypeVar("T")
 FRESH = 0.05  # seconds for which the decision a wait just read stands in for reading it again
@@ -26,8 +27,7 @@ UNREACHABLE_PAUSE = 0.5  # seconds between two tries while etcd does not answer
 
 
 class ClusterDeploy(Deploy):
-    STEPS = ("validate", "link_shared", "prepare", "maintenance_on", "hooks_before", "swap", "restart", "flush",
-             "health", "commit", "hooks_after", "maintenance_off", "cleanup")
+    STEPS = SWITCH
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind, on_step: OnStep | None,
                  coordinator: Coordinator) -> None:

@@ -132,12 +132,35 @@ def test_one_deploy_at_a_time(app, start_daemon):
     daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
     busy = maintctl(app, "deploy", "r2", check_rc=1)
     assert "a deploy of release r1 is running" in busy.stderr
+    mark = daemon.mark()
     waiting = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "r2", "--wait"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon.wait_for(since=mark, release="r2", event="deploy of release r2 waits for a deploy of release r1 to end")
+    assert app.gate.entered.exists() and waiting.poll() is None  # queued behind r1, which is still held
     app.gate.open()
     assert waiting.wait(60) == 0, waiting.stderr.read()
     assert app.live() == "r2"
     assert [e["release"] for e in daemon.events if e.get("step") == "swap"] == ["r1", "r2"]
+
+
+def test_an_upload_completed_while_a_single_step_held_the_lock_goes_live_after_it(app, start_daemon):
+    """`maintctl restart` (likewise flush, maintenance off) holds the deploy lock; an upload whose marker comes
+    meanwhile must go live when it lets go, not wait for some later event."""
+    app.write_config(f'[restart]\nmethod = "command"\ncommand = {app.gate.hook()}\n')
+    app.make_release("r1")
+    daemon = start_daemon()
+    app.gate.open()
+    daemon.deployed("r1")
+    app.gate.opened.unlink()
+    restart = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "restart"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app.gate.wait_entered()
+    app.make_release("r2")
+    daemon.wait_for(release="r2", event=lambda e: e.startswith("upload of release r2 is complete"))
+    app.gate.open()
+    assert restart.wait(60) == 0, restart.stderr.read()
+    assert daemon.deployed("r2", timeout=20)["result"] == "ok"
+    assert app.live() == "r2"
 
 
 def test_operator_maintenance_survives_a_deploy(app, live):

@@ -205,3 +205,90 @@ def test_passenger_is_asked_only_where_an_instance_is_registered(app, monkeypatc
     assert outcome.result == "ok"
     [restart] = [e for e in events if e.get("step") == "restart"]
     assert said in restart["event"], restart["event"]
+
+
+def test_an_unforeseen_error_in_a_step_is_a_failed_step_and_is_undone(app, monkeypatch):
+    """A step that raises what no step foresaw (a bug: here a named fake, an AttributeError from `restart`, since a
+    bug cannot be made for real) takes the road of a failed step: rolled back, out of maintenance, the journal
+    closed, the traceback in the step's one log entry."""
+    app.make_release("r1")
+    app.make_release("r2")
+    run_deploy(app, "r1")
+
+    def broken(self):
+        raise AttributeError("'NoneType' object has no attribute 'pid'")
+
+    monkeypatch.setattr(Deploy, "restart", broken)
+    outcome, events, ctx = run_deploy(app, "r2")
+    assert outcome.result == "rolled_back" and app.live() == "r1"
+    assert outcome.error.startswith("restart: unexpected error: AttributeError(")
+    [failed] = [e for e in events if e.get("step") == "restart" and e.get("result") == "failed"]
+    assert "Traceback" in failed["output"] and "in broken" in failed["output"]
+    assert [e["step"] for e in events if "step" in e][-1] == "rollback"
+    assert not flag(app, "r1") and not flag(app, "r2")
+    assert ctx.store.in_flight() is None
+    assert not ctx.store.memory.releases["r2"].bad, "a bug of maintd's says nothing against the release"
+
+
+def test_a_missing_shared_path_fails_the_deploy_without_condemning_the_release(app):
+    """The server's fault (shared/log missing) fails the deploy and says what to fix; the release is not bad, and
+    once the operator has fixed the server it goes live."""
+    app.make_release("r1")
+    run_deploy(app, "r1")
+    app.make_release("r2")
+    outcome, _, ctx = run_deploy(app, "r2", '[shared]\ndirs = ["log"]\n')
+    assert outcome.result == "failed" and outcome.fault == "server" and app.live() == "r1"
+    assert "shared path(s) missing" in outcome.error and "log" in outcome.error
+    record = ctx.store.memory.releases["r2"]
+    assert not record.bad and "log" in record.failed
+    from maintd.inventory import Inventory, ReleaseState
+    from maintd.upload import UploadTracker
+
+    inventory = Inventory(ctx.tree, ctx.store, UploadTracker(1.0, False))
+    state, reason = inventory.state_now("r2")
+    assert state is ReleaseState.COMPLETE and "no fault of its own" in reason
+    (app.shared / "log").mkdir()
+    outcome, _, ctx = run_deploy(app, "r2", '[shared]\ndirs = ["log"]\n')
+    assert outcome.result == "ok" and app.live() == "r2"
+    assert not ctx.store.memory.releases["r2"].failed
+
+
+def test_a_failing_health_check_condemns_the_release(app):
+    """The other side of the line: the new code not answering is the release's fault."""
+    app.make_release("r1")
+    app.make_release("r2")
+    run_deploy(app, "r1")
+    outcome, _, ctx = run_deploy(app, "r2", f'[restart]\nhealth_url = "http://127.0.0.1:{free_port()}/"\n'
+                                            'health_timeout = 0.2\n')
+    assert outcome.fault == "release" and ctx.store.memory.releases["r2"].bad
+
+
+def test_operator_maintenance_is_one_change_a_deploy_sees_whole(app, monkeypatch):
+    """`maintenance on` while a deploy is about to lower its own flags: the deploy must either lower them before
+    the operator's change or see the operator's maintenance and leave it. The interleaving is forced with a named
+    fake: right after the operator's flag is written, the deploy's `maintenance_off` runs (in the same thread, so
+    the store's lock, reentrant, lets it through: what it sees is what the order of the change shows)."""
+    from maintd.config import load
+    from maintd.context import Context
+    from maintd.state import MaintenanceOwner
+
+    app.make_release("r1")
+    run_deploy(app, "r1")
+    ctx = Context.build(load(app.config), Store(load(app.config).state_dir))
+    deploy = Deploy(ctx, "r1", "alice")
+    deploy.maintenance = MaintenanceOwner.OURS  # as if this deploy had raised its own flags
+    real_raise = ctx.flags.raise_in
+    lowered: list[str] = []
+
+    def raise_then_race(release, notice):
+        real_raise(release, notice)
+        try:
+            deploy.maintenance_off()
+            lowered.append("lowered")
+        except Exception as exc:  # Skipped: it saw the operator's maintenance
+            lowered.append(str(exc))
+
+    monkeypatch.setattr(ctx.flags, "raise_in", raise_then_race)
+    ctx.operator_maintenance_on(Notice("db upgrade", "2026-12-03T10:00:00+00:00", "root"), {"r1"})
+    assert lowered == ["operator maintenance stays on until `maintctl maintenance off`"]
+    assert flag(app, "r1") and ctx.store.memory.maintenance.reason == "db upgrade"
