@@ -158,13 +158,13 @@ class Inventory:
 
     def rollback_target(self) -> str:
         """The previous release, or else the one live most recently before it; never a bad one."""
-        live, memory = self.tree.live(), self.store.memory
-        candidates = sorted(((r.went_live, n) for n, r in memory.releases.items()
+        live, previous = self.tree.live(), self.store.memory.previous
+        candidates = sorted(((r.went_live, n) for n, r in self.store.releases().items()
                              if r.went_live and not r.bad and n != live and (self.tree.releases / n).is_dir()),
                             reverse=True)
         names = [n for _, n in candidates]
-        if memory.previous in names:
-            return memory.previous
+        if previous in names:
+            return previous
         if not names:
             raise Refused("no earlier release to roll back to")
         return names[0]

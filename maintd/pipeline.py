@@ -219,12 +219,12 @@ class Deploy:
         return "maintenance off"
 
     def cleanup(self) -> str:
-        memory, tree = self.ctx.store.memory, self.ctx.tree
-        doomed = [name for name in memory.retired(self.cfg.keep_releases, {tree.live(), self.previous})
+        store, tree = self.ctx.store, self.ctx.tree
+        doomed = [name for name in store.retired(self.cfg.keep_releases, {tree.live(), self.previous})
                   if os.path.isdir(tree.releases / name)]
         for name in doomed:
             tree.remove(name)
-            memory.releases.pop(name, None)
+            store.forget(name)
         if not doomed:
             raise Skipped(f"no more than {self.cfg.keep_releases} releases have been live")
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"

@@ -3,6 +3,12 @@
 The persisted form is the `Memory` object itself, serialised: there is no second schema to drift from it. Writes
 go to a temporary file that is fsynced and renamed, then the directory is fsynced, so a crash leaves the old state
 or the new one, never half of either.
+
+Two threads use it: the event loop (uploads, commands, the cluster joiner) and the deploy thread. One lock,
+`Store.lock`, guards `Store.memory`: whatever changes it or walks its releases holds the lock, and the walks are
+methods here (`retired`, `releases`, `forget`) so no caller iterates a dict another thread may change. A single
+field read or set (`memory.paused`, one record's `bad`) is one step under the GIL and needs no lock; a check that
+must not change under it (an operator's maintenance, then the flags: see `Context`) holds the lock throughout.
 """
 
 from __future__ import annotations
@@ -152,6 +158,19 @@ class Store:
     def record(self, name: str) -> ReleaseRecord:
         with self.lock:
             return self.memory.releases.setdefault(name, ReleaseRecord())
+
+    def releases(self) -> dict[str, ReleaseRecord]:
+        """Every release maintd remembers, as a copy to walk while the other thread goes on."""
+        with self.lock:
+            return dict(self.memory.releases)
+
+    def retired(self, keep: int, protected: set[str | None]) -> list[str]:
+        with self.lock:
+            return self.memory.retired(keep, protected)
+
+    def forget(self, name: str) -> None:
+        with self.lock:
+            self.memory.releases.pop(name, None)
 
     def save(self) -> None:
         with self.lock:

@@ -292,3 +292,56 @@ def test_operator_maintenance_is_one_change_a_deploy_sees_whole(app, monkeypatch
     ctx.operator_maintenance_on(Notice("db upgrade", "2026-12-03T10:00:00+00:00", "root"), {"r1"})
     assert lowered == ["operator maintenance stays on until `maintctl maintenance off`"]
     assert flag(app, "r1") and ctx.store.memory.maintenance.reason == "db upgrade"
+
+
+def test_the_deploy_thread_and_the_loop_share_the_memory_under_one_lock(app):
+    """The deploy thread's cleanup walks the releases maintd remembers while the event loop records new ones (an
+    upload found, a release marked bad by the cluster) and `rollback` walks them too: none may see a dict change
+    size under it. Real threads; the interpreter is made to switch between them as often as it can."""
+    import threading
+
+    from maintd.config import load
+    from maintd.context import Context
+    from maintd.inventory import Inventory
+    from maintd.results import Refused, Skipped
+    from maintd.upload import UploadTracker
+
+    app.make_release("r1")
+    run_deploy(app, "r1")
+    ctx = Context.build(load(app.config), Store(load(app.config).state_dir))
+    for i in range(300):
+        ctx.store.record(f"old{i}").went_live = float(i + 1)  # live once, long gone from disk
+    deploy = Deploy(ctx, "r1", "alice")
+    inventory = Inventory(ctx.tree, ctx.store, UploadTracker(1.0, False))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop_side():
+        i = 0
+        while not stop.is_set():
+            try:
+                ctx.store.record(f"new{i}")
+                inventory.rollback_target()
+            except Refused:  # none of them is on disk: the walk is what is tested
+                pass
+            except Exception as exc:
+                errors.append(exc)
+            i += 1
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    other = threading.Thread(target=loop_side)
+    other.start()
+    try:
+        for _ in range(300):
+            try:
+                deploy.cleanup()
+            except Skipped:
+                pass
+            except Exception as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(switch_interval)
+    assert errors == []
