@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, proc, restart
+from . import cache, manifest, proc, restart
 from .config import Config, ConfigError
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
@@ -55,9 +55,11 @@ class Context:
         try:
             if missing := self.tree.missing(name, upload.required):
                 return f"required path missing: {', '.join(missing)}"
-            manifest = (self.tree.releases / name / upload.manifest).is_file()
-            if manifest and (problem := self.tree.verify_manifest(name, upload.manifest, self.written_by_maintd())):
-                return f"manifest does not verify: {problem}"
+            release = self.tree.release_dir(name)
+            if (release / upload.manifest).is_file():
+                uploaded = self.tree.uploaded(name, self.written_by_maintd())
+                if problem := manifest.verify(release, upload.manifest, uploaded):
+                    return f"manifest does not verify: {problem}"
         except ReleaseError as exc:
             return str(exc)
         except OSError as exc:

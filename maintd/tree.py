@@ -1,4 +1,4 @@
-"""The deploy tree on disk: release names, the `current` link, shared links, manifests and upload probes.
+"""The deploy tree on disk: release names, the `current` link, shared links, what a release holds and upload probes.
 
 Pure file-system logic with no threads and no clock of its own, so every rule here is testable by making files.
 The one promise that matters most lives here: `current` is only ever replaced by rename(2) of a fresh symlink,
@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import manifest
 from .config import RELEASE_NAME
 
 TEMP_LINK_PREFIX = ".current.tmp-"
@@ -218,59 +219,28 @@ class Tree:
         release = self.release_dir(name)
         return [rel for rel in required if not os.path.lexists(release / rel)]
 
-    def verify_manifest(self, name: str, manifest: str, ignore: tuple[str, ...]) -> str | None:
-        """Check a `sha256sum` manifest at the top of a release; None when it verifies, else the first problem.
-
-        Every listed file must match, and no file may stand outside the list except `ignore` (the marker, the
-        manifest itself and what maintd writes into a release), so a cut scp cannot pass as complete.
-        """
-        release = self.release_dir(name)
-        try:
-            text = (release / manifest).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            return f"manifest {manifest} is not text"
-        listed: dict[str, str] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
-            if not match:
-                return f"manifest {manifest} line {number} is not sha256sum output"
-            rel = os.path.normpath(match.group(2))
-            if rel.startswith("../") or rel == ".." or os.path.isabs(rel):
-                return f"manifest {manifest} line {number} names a path outside the release"
-            listed[rel] = match.group(1).lower()
-        for rel, digest in listed.items():
-            try:
-                with open(release / rel, "rb") as handle:
-                    actual = hashlib.file_digest(handle, "sha256").hexdigest()
-            except FileNotFoundError:
-                return f"{rel} is listed in the manifest but missing"
-            except IsADirectoryError:
-                return f"{rel} is listed in the manifest but is a directory"
-            if actual != digest:
-                return f"{rel} does not match its sha256 in the manifest"
-        for rel in _files_under(release):
-            if rel not in listed and not any(rel == skip or rel.startswith(skip + "/") for skip in ignore):
-                return f"{rel} is not listed in the manifest"
-        return None
+    def uploaded(self, name: str, ignore: tuple[str, ...]) -> list[bytes]:
+        """Every file of a release as uploaded, in byte order: its non-directories (links included) but `ignore`
+        and what lies under it. Names are bytes, as Linux keeps them (not all are UTF-8)."""
+        skips = [os.fsencode(skip) for skip in ignore]
+        return sorted(rel for rel in _files_under(self.release_dir(name))
+                      if not any(rel == skip or rel.startswith(skip + b"/") for skip in skips))
 
     def digest(self, name: str, ignore: tuple[str, ...]) -> str:
-        """A sha256 over the release as uploaded: every file's path and content (a link's target), as a manifest
-        would list them, less `ignore` (the marker, the manifest, and what maintd itself puts there, shared links
-        included, so that per-server shared files may differ). Equal on two servers means the same release."""
-        release = self.release_dir(name)
+        """A sha256 over the release as uploaded: every file's path and content (a link's target), in the lines
+        sha256sum would write for them, less `ignore` (the marker, the manifest, and what maintd itself puts there,
+        shared links included, so that per-server shared files may differ). Equal on two servers means the same
+        release."""
+        release = os.fsencode(self.release_dir(name))
         total = hashlib.sha256()
-        for rel in sorted(_files_under(release)):
-            if any(rel == skip or rel.startswith(skip + "/") for skip in ignore):
-                continue
-            path = release / rel
-            if path.is_symlink():
-                content = "link " + os.readlink(path)
+        for rel in self.uploaded(name, ignore):
+            path = os.path.join(release, rel)
+            if os.path.islink(path):
+                content = b"link " + os.readlink(path)
             else:
                 with open(path, "rb") as handle:
-                    content = hashlib.file_digest(handle, "sha256").hexdigest()
-            total.update(f"{content}  {rel}\n".encode())
+                    content = hashlib.file_digest(handle, "sha256").hexdigest().encode()
+            total.update(manifest.line(content, rel))
         return total.hexdigest()
 
     def remove(self, name: str) -> None:
@@ -288,15 +258,16 @@ class Tree:
         return None
 
 
-def _files_under(root: Path) -> list[str]:
-    """Paths of every non-directory under `root`, relative to it, without following links."""
+def _files_under(root: Path) -> list[bytes]:
+    """Paths of every non-directory under `root`, relative to it, as bytes, without following links."""
     found = []
-    for directory, dirnames, filenames in os.walk(root):
+    top = os.fsencode(root)
+    for directory, dirnames, filenames in os.walk(top):
         for entry in filenames:
-            found.append(os.path.relpath(os.path.join(directory, entry), root))
+            found.append(os.path.relpath(os.path.join(directory, entry), top))
         for entry in dirnames:
             if os.path.islink(os.path.join(directory, entry)):
-                found.append(os.path.relpath(os.path.join(directory, entry), root))
+                found.append(os.path.relpath(os.path.join(directory, entry), top))
     return found
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from maintd.manifest import verify
 from maintd.tree import ReleaseError, Tree, is_rsync_temp, name_key, name_problem
 
 
@@ -124,7 +125,7 @@ def test_manifest_verifies(tree):
     path = release(tree, "r1", {"a.txt": "a", "sub/b.txt": "b"})
     (path / ".maintd-manifest").write_text(manifest_for(path, ["a.txt", "sub/b.txt"]))
     (path / ".maintd-ready").touch()
-    assert tree.verify_manifest("r1", ".maintd-manifest", (".maintd-ready", ".maintd-manifest")) is None
+    assert verify(path, ".maintd-manifest", tree.uploaded("r1", (".maintd-ready", ".maintd-manifest"))) is None
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -137,7 +138,7 @@ def test_manifest_failures_name_the_file(tree, damage, problem):
     path = release(tree, "r1", {"a.txt": "a", "sub/b.txt": "b"})
     (path / ".maintd-manifest").write_text(manifest_for(path, ["a.txt", "sub/b.txt"]))
     damage(path)
-    assert problem in tree.verify_manifest("r1", ".maintd-manifest", (".maintd-manifest",))
+    assert problem in verify(path, ".maintd-manifest", tree.uploaded("r1", (".maintd-manifest",)))
 
 
 def test_probe_sees_deep_changes_and_temporaries(tree):

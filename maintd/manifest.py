@@ -1,0 +1,156 @@
+"""The upload manifest (contract §1): `sha256sum` output, read the way `sha256sum --strict -c` reads it, and checked
+against a release.
+
+The manifest is whatever GNU coreutils 9.1's sha256sum writes for the files of a release, and maintd accepts exactly
+the lines `sha256sum --strict -c` accepts, so an uploader can check a manifest with the same tool that made it:
+`HASH  NAME` (text mode) and `HASH *NAME` (binary mode), the BSD `--tag` form `SHA256 (NAME) = HASH`, BSD's reversed
+`HASH NAME` (as `-c` takes it: only while no `HASH  NAME` line came before, and then for the rest of the file), a
+leading backslash that marks a name escaped (`\\\\`, `\\n`, `\\r`: how sha256sum writes a name holding a backslash,
+a newline or a carriage return), `#` comments, empty lines, CRLF line ends, blanks before the hash, upper-case hex.
+Names are bytes from the file to the open(2): Linux names are bytes, and a name that is not UTF-8 is as real as any.
+
+Two things `-c` takes that maintd refuses: a NUL in a line (`-c` would check the name cut short at it, never what
+the line says) and the name `-` (standard input to `-c`, not a file of the release); sha256sum never writes either
+for a file. And on top of the format, the rules of §1: a listed path may not leave the release, every listed file
+must match, and no other file may be there but what `ignore` names (the marker, the manifest, what maintd writes).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+# The BSD `--tag` form: the name runs to the last ')' of the line, as coreutils reads it.
+_TAGGED = re.compile(rb"[ \t]*(\\?)SHA256 ?\((.*)\)[ \t]*=[ \t]*([0-9A-Fa-f]{64})", re.DOTALL)
+# The GNU form: the hash, one blank, then the rest, which `_name` splits (its first byte may be the mode).
+_PLAIN = re.compile(rb"[ \t]*(\\?)([0-9A-Fa-f]{64})[ \t](.+)", re.DOTALL)
+_ESCAPED_NAME = re.compile(rb"(?:[^\\]|\\[\\nr])*", re.DOTALL)
+_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
+
+
+class ManifestError(Exception):
+    """A line `sha256sum --strict -c` would not take (or maintd does not, see the module), naming it."""
+
+
+class _Form(enum.Enum):
+    """Which plain form the file uses. Like `-c`, the first plain line decides, and the two never mix: an attacker's
+    file named ` x` must not let `HASH  x` be read as BSD's `HASH NAME` for ` x` in the middle of GNU lines."""
+
+    UNDECIDED = enum.auto()
+    GNU = enum.auto()  # HASH, a blank, the mode (' ' or '*'), NAME
+    REVERSED = enum.auto()  # HASH, a blank, NAME
+
+
+@dataclass(frozen=True)
+class Entry:
+    number: int  # line number in the manifest, from 1
+    digest: str  # lower-case hex
+    name: bytes  # as sha256sum was given it, escapes undone
+
+
+def parse(data: bytes) -> list[Entry]:
+    """Every file a manifest lists, in its order (a name listed twice is checked twice, as by `-c`)."""
+    entries = []
+    form = _Form.UNDECIDED
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.startswith(b"#"):
+            continue
+        line = line.removesuffix(b"\r")
+        if not line:
+            continue
+        if b"\0" in line:
+            raise ManifestError(f"line {number} holds a NUL byte, which no file name can")
+        if tagged := _TAGGED.fullmatch(line):
+            escaped, name, digest = tagged.groups()
+        elif plain := _PLAIN.fullmatch(line):
+            escaped, digest, rest = plain.groups()
+            form, name = _name(rest, form, number)
+        else:
+            raise ManifestError(f"line {number} is not sha256sum output")
+        if escaped:
+            if not _ESCAPED_NAME.fullmatch(name):
+                raise ManifestError(f"line {number} is not sha256sum output: an escaped name (the line starts with "
+                                    "a backslash) holds only \\\\, \\n and \\r after a backslash")
+            name = re.sub(rb"\\(.)", lambda escape: _ESCAPES[escape.group(1)], name)
+        if name == b"-":
+            raise ManifestError(f"line {number} names `-`, standard input to sha256sum -c; list the file as ./-")
+        if not name:
+            raise ManifestError(f"line {number} names no file")
+        entries.append(Entry(number, digest.decode().lower(), name))
+    if not entries:
+        raise ManifestError("lists no file (sha256sum -c: no properly formatted checksum lines)")
+    return entries
+
+
+def _name(rest: bytes, form: _Form, number: int) -> tuple[_Form, bytes]:
+    """Split what follows a plain line's hash and blank into the mode and the name, as coreutils' split_3 does."""
+    if len(rest) == 1 or rest[:1] not in (b" ", b"*"):
+        if form is _Form.GNU:
+            raise ManifestError(f"line {number} is not sha256sum output: `HASH NAME` among `HASH  NAME` lines")
+        return _Form.REVERSED, rest
+    if form is _Form.REVERSED:
+        return form, rest
+    return _Form.GNU, rest[1:]
+
+
+def line(field: bytes, name: bytes) -> bytes:
+    """One line as `sha256sum` writes it in text mode, escapes and all (`Tree.digest` writes a link's target in the
+    hash's place)."""
+    escaped = name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    return (b"\\" if escaped != name else b"") + field + b"  " + escaped + b"\n"
+
+
+def shown(name: bytes) -> str:
+    """A file name for an operator's message: printable as it stands, otherwise quoted with its odd bytes written
+    out (`\\n`, `\\xe9`), so a message never holds a raw newline or a byte that is not UTF-8."""
+    text = name.decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text and text == text.strip():
+        return text
+    out = []
+    for char in text:
+        if "\udc80" <= char <= "\udcff":
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif char == "\\" or not char.isprintable():
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return '"' + "".join(out).replace('"', '\\"') + '"'
+
+
+def verify(release: Path, manifest: str, uploaded: Iterable[bytes]) -> str | None:
+    """Check the manifest at the top of `release` against it; None when it verifies, else the first problem.
+
+    `uploaded` is every file of the release but those the manifest need not list (Tree.uploaded), so a cut scp
+    cannot pass as complete.
+    """
+    try:
+        entries = parse((release / manifest).read_bytes())
+    except ManifestError as exc:
+        return f"manifest {manifest} {exc}"
+    paths = [(entry, os.path.normpath(entry.name)) for entry in entries]
+    for entry, rel in paths:
+        if rel == b".." or rel.startswith(b"../") or os.path.isabs(rel):
+            return f"manifest {manifest} line {entry.number} names a path outside the release"
+    top = os.fsencode(release)
+    for entry, rel in paths:
+        try:
+            with open(os.path.join(top, rel), "rb") as handle:
+                actual = hashlib.file_digest(handle, "sha256").hexdigest()
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{shown(rel)} is listed in the manifest but missing"
+        except IsADirectoryError:
+            return f"{shown(rel)} is listed in the manifest but is a directory"
+        except OSError as exc:
+            return f"{shown(rel)} is listed in the manifest but cannot be read: {exc.strerror}"
+        if actual != entry.digest:
+            return f"{shown(rel)} does not match its sha256 in the manifest"
+    listed = {rel for _, rel in paths}
+    for rel in uploaded:
+        if rel not in listed:
+            return f"{shown(rel)} is not listed in the manifest"
+    return None
