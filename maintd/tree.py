@@ -20,7 +20,7 @@ from .config import RELEASE_NAME
 
 TEMP_LINK_PREFIX = ".current.tmp-"
 # rsync's temporary file: "." + name + "." + six characters of mkstemp (see is_rsync_temp).
-_RSYNC_TEMP = re.compile(r"\..+\.[A-Za-z0-9]{6}")
+_RSYNC_TEMP = re.compile(r"\..+\.[A-Za-z0-9]{6}", re.DOTALL)  # a name may hold a newline
 _DELAY_UPDATES_DIR = ".~tmp~"
 
 
@@ -238,8 +238,10 @@ class Tree:
             if os.path.islink(path):
                 content = b"link " + os.readlink(path)
             else:
-                with open(path, "rb") as handle:
-                    content = hashlib.file_digest(handle, "sha256").hexdigest().encode()
+                try:
+                    content = manifest.file_sha256(release, rel).encode()
+                except manifest.NotARegularFile:  # a FIFO or a device: its kind is all two servers can compare
+                    content = b"special %o" % stat.S_IFMT(os.lstat(path).st_mode)
             total.update(manifest.line(content, rel))
         return total.hexdigest()
 
