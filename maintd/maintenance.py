@@ -54,7 +54,7 @@ class Flags:
         self.flag = flag
         self.template = template
         self.root = root  # the app's tree, which the flag's directory must not lead out of
-        self._dir, self._name = os.path.split(flag)
+        self._dir, self._name = os.path.split(os.path.normpath(flag))
 
     def paths(self, release: Path) -> tuple[Path, Path]:
         flag = release / self.flag

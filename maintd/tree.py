@@ -171,7 +171,7 @@ class Tree:
             for rel in (*dirs, *files):
                 if not (self.shared / rel).exists():
                     raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
-                head, entry = os.path.split(rel)
+                head, entry = os.path.split(os.path.normpath(rel))
                 with release.dir(head, create=True) as parent:
                     source = Path("shared", rel)
                     if Path(*parent.names, entry) == source:
