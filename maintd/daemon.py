@@ -33,7 +33,7 @@ from .recovery import recover
 from .runner import DeployRunner
 from .state import Memory, Store
 from .tasks import Tasks
-from .tree import ReleaseError, make_dirs, name_key, name_problem
+from .tree import ReleaseError, name_key, name_problem
 from .upload import UploadTracker
 
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
@@ -77,7 +77,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)  # from the start: SIGHUP's default is to die
-        make_dirs(self.ctx.tree.releases, self.ctx.tree.root, self.ctx.tree.root)  # the tree's owner's, like root
+        self.ctx.tree.make_releases()
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
         if self.coordinator:

@@ -2,17 +2,20 @@
 
 The flag is a file inside a release (`maintenance.file`, seen by the web server through `current`). Writing it into
 both the live and the incoming release before the swap keeps maintenance on across the swap with no gap. Both files
-are written under a temporary name and renamed, so the web server never reads half a page.
+are made aside and renamed into place, so the web server never reads half a page. The release is the uploader's:
+its directories are walked confined (see confined.py), so a `tmp` that is a symlink out of the app's tree refuses
+the flag before anything is made, and what is made is the release owner's.
 """
 
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .tree import make_dirs, write_atomically
+from .confined import Confined, PathRefused
 
 PAGE_NAME = "maintenance.html"
 
@@ -51,6 +54,7 @@ class Flags:
         self.flag = flag
         self.template = template
         self.root = root  # the app's tree, which the flag's directory must not lead out of
+        self._dir, self._name = os.path.split(os.path.normpath(flag))
 
     def paths(self, release: Path) -> tuple[Path, Path]:
         flag = release / self.flag
@@ -58,19 +62,24 @@ class Flags:
 
     def raise_in(self, release: Path, notice: Notice) -> None:
         """Write the page first, then the flag, so the flag never points the web server at a missing page."""
-        flag, page = self.paths(release)
-        make_dirs(flag.parent, release, self.root)
-        write_atomically(page, render(self.template, notice), durable=False)
-        write_atomically(flag, notice.body(), durable=False)
+        with Confined.open(self.root, release) as top, top.dir(self._dir, create=True) as where:
+            where.write(PAGE_NAME, render(self.template, notice))
+            where.write(self._name, notice.body())
 
     def lower_in(self, release: Path) -> None:
         """Remove the flag: from that instant the site is back. The page stays: a request that saw the flag an
         instant earlier is still on its way to the page (Apache answered its own 503 "ErrorDocument" error when the
-        page went with the flag), and the next maintenance writes it afresh."""
+        page went with the flag), and the next maintenance writes it afresh. Where the flag's directory is missing
+        or leads out of the tree, no flag of maintd's can be: `raise_in` never makes one there."""
         try:
-            self.paths(release)[0].unlink()
-        except FileNotFoundError:
+            with Confined.open(self.root, release) as top, top.dir(self._dir) as where:
+                where.unlink(self._name)
+        except (FileNotFoundError, NotADirectoryError, PathRefused):
             pass
 
     def is_up(self, release: Path) -> bool:
-        return self.paths(release)[0].exists()
+        try:
+            with Confined.open(self.root, release) as top, top.dir(self._dir) as where:
+                return where.kind(self._name) is not None
+        except (FileNotFoundError, NotADirectoryError, PathRefused):
+            return False

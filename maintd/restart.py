@@ -15,11 +15,12 @@ import urllib.request
 from pathlib import Path
 
 from . import proc
+from .confined import Confined
 from .results import StepFailed
 from .runas import RunAs
-from .tree import make_dirs
 
 RESTART_FILE = "tmp/restart.txt"
+_RESTART_DIR, _RESTART_NAME = os.path.split(RESTART_FILE)
 PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
 # Sent with every health request: the shipped web snippets let a request from this host through maintenance only
 # with it, so that visitors behind a proxy on this host (who all come from loopback) still get the page.
@@ -29,17 +30,11 @@ HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a
 
 def passenger(root: Path, release: Path, timeout: float) -> str:
     """Touch `tmp/restart.txt` in the release and ask Passenger to restart now; returns what was done."""
-    restart_file = release / RESTART_FILE
-    owner = os.stat(make_dirs(restart_file.parent, release, root))
-    # Passenger restarts on any change of its mtime. Never through a symlink (it could point anywhere root can
-    # write), and owned by the app's user, whose own `touch tmp/restart.txt` must keep working.
-    fd = os.open(restart_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.utime(fd)
-        if os.geteuid() == 0:
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-    finally:
-        os.close(fd)
+    # Passenger restarts on any change of its mtime; a fresh file is one. Made aside and renamed into place, never
+    # written through a symlink (it could point anywhere root can write), and owned by the release's owner, whose own
+    # `touch tmp/restart.txt` must keep working.
+    with Confined.open(root, release) as top, top.dir(_RESTART_DIR, create=True) as where:
+        where.write(_RESTART_NAME, "")
     tool = shutil.which("passenger-config")
     if not tool:
         return f"touched {RESTART_FILE}"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import manifest
 from .config import RELEASE_NAME
+from .confined import Confined
 
 TEMP_LINK_PREFIX = ".current.tmp-"
 # rsync's temporary file: "." + name + "." + six characters of mkstemp (see is_rsync_temp).
@@ -163,25 +163,27 @@ class Tree:
         """Link each shared path into the release, replacing what the upload put there (as Capistrano does).
 
         Links are relative, so the tree can be moved or mounted elsewhere. A shared path missing from `shared/`
-        is an error: a release linked to nothing would start without its database.yml.
+        is an error: a release linked to nothing would start without its database.yml. The release is the
+        uploader's, so every directory on the way is walked confined (see confined.py) and what is made is theirs.
         """
-        release = self.release_dir(name)
+        self.release_dir(name)
         linked = []
-        for rel in (*dirs, *files):
-            source = self.shared / rel
-            if not source.exists():
-                raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
-            target = release / rel
-            make_dirs(target.parent, release, self.root)
-            wanted = os.path.relpath(source, target.parent)
-            if target.is_symlink() and os.readlink(target) == wanted:
-                continue
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.symlink(wanted, target)
-            linked.append(rel)
+        with Confined.open(self.root, self.releases / name) as release:
+            for rel in (*dirs, *files):
+                if not (self.shared / rel).exists():
+                    raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
+                head, entry = os.path.split(os.path.normpath(rel))
+                with release.dir(head, create=True) as parent:
+                    source = Path("shared", rel)
+                    if Path(*parent.names, entry) == source:
+                        continue  # a link on the way already leads into shared/: this is the shared path itself
+                    wanted = os.path.relpath(source, Path(*parent.names))
+                    if parent.link_target(entry) == wanted:
+                        continue
+                    if parent.kind(entry) == stat.S_IFDIR:
+                        parent.remove_tree(entry)
+                    parent.symlink(entry, wanted)
+                linked.append(rel)
         return linked
 
     # --- what is in a release -------------------------------------------------------------------------------------
@@ -246,18 +248,39 @@ class Tree:
         return total.hexdigest()
 
     def remove(self, name: str) -> None:
-        shutil.rmtree(self.release_dir(name))
+        """Remove a release, reaching it through a `releases/` that is no symlink (an uploader who owns `<root>`
+        could otherwise point it at `/` just before the cleanup removes a release named `etc`)."""
+        self.release_dir(name)
+        with Confined.open(self.root, self.releases) as releases:
+            releases.remove_tree(name)
 
     # --- revisions.log --------------------------------------------------------------------------------------------
 
     def append_revision(self, line: str) -> str | None:
-        """Append one line to revisions.log; returns why it could not be (the deploy itself stands)."""
+        """Append one line to revisions.log; returns why it could not be (the deploy itself stands).
+
+        `<root>` may be the uploader's, and so may this name: never through a symlink, and never into a file with
+        another name elsewhere (a hard link to /etc/passwd) or into a FIFO, which would hang the daemon."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with open(self.revisions, "a", encoding="utf-8") as log:
-                log.write(line.rstrip("\n") + "\n")
+            fd = os.open(self.revisions, flags, 0o644)
         except OSError as exc:
             return f"could not append to {self.revisions}: {exc.strerror}"
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                return f"did not append to {self.revisions}: it is not a plain file of its own (a hard link?)"
+            os.write(fd, (line.rstrip("\n") + "\n").encode())
+        except OSError as exc:
+            return f"could not append to {self.revisions}: {exc.strerror}"
+        finally:
+            os.close(fd)
         return None
+
+    def make_releases(self) -> None:
+        """Make `releases/` when it is missing, the tree's owner's like `<root>` (the uploads go there)."""
+        with Confined.open(self.root, self.root) as root:
+            root.dir("releases", create=True).close()
 
 
 def _files_under(root: Path) -> list[bytes]:
@@ -271,36 +294,6 @@ def _files_under(root: Path) -> list[bytes]:
             if os.path.islink(os.path.join(directory, entry)):
                 found.append(os.path.relpath(os.path.join(directory, entry), top))
     return found
-
-
-def make_dirs(path: Path, top: Path, bound: Path) -> Path:
-    """Create `path` and its missing parents below `top`, owned by `top`'s owner, and refuse a `path` that leads
-    out of `bound` (the app's tree).
-
-    maintd runs as root and writes into releases an uploader made: a `tmp/` it creates for its flag must stay the
-    uploader's, or the app could not write its own tmp/cache there; and a release whose `tmp` is a symlink to some
-    other app's tree must not get root to write there."""
-    missing = []
-    walk = path
-    while not os.path.lexists(walk) and walk != top:
-        missing.append(walk)
-        walk = walk.parent
-    owner = os.stat(top)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            continue
-        if os.geteuid() == 0:
-            os.chown(directory, owner.st_uid, owner.st_gid)
-    if not _inside(path, bound):
-        raise ReleaseError(f"{path} leads out of {bound} ({os.path.realpath(path)}): maintd will not write there")
-    return path
-
-
-def _inside(path: Path, bound: Path) -> bool:
-    real, limit = os.path.realpath(path), os.path.realpath(bound)
-    return real == limit or real.startswith(limit + os.sep)
 
 
 def write_atomically(path: Path, text: str, durable: bool) -> None:
