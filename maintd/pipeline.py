@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .confined import PathRefused
 from .context import Context
 from .maintenance import Notice
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
@@ -135,7 +136,7 @@ class Deploy:
             message, result = str(skip), StepResult.SKIPPED
         except StepFailed as exc:
             message, result, output, fault = str(exc), StepResult.FAILED, exc.output, exc.fault or step.blames
-        except ReleaseError as exc:  # the release itself: a path that leads out of it, not a directory
+        except (ReleaseError, PathRefused) as exc:  # the release itself: a path that leads out of the tree
             message, result, fault = str(exc), StepResult.FAILED, Fault.RELEASE
         except OSError as exc:  # the server: a full disk, permissions, a missing shared path, too many files
             message, result, fault = _describe(exc), StepResult.FAILED, Fault.SERVER

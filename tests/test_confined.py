@@ -108,7 +108,7 @@ def test_no_symlink_in_an_upload_gets_root_to_write_outside_the_tree(deploy_app,
     release = upload(app, deploy_user, "r2", lambda r: plant(r, outside))
     before = snapshot(outside)
 
-    outcome, _, _ = run_deploy(app, "r2", config)
+    outcome, _, ctx = run_deploy(app, "r2", config)
 
     assert snapshot(outside) == before
     if refused_at is None:
@@ -120,6 +120,7 @@ def test_no_symlink_in_an_upload_gets_root_to_write_outside_the_tree(deploy_app,
         return
     failed = next(r for r in outcome.steps if r.result == "failed")
     assert failed.step == refused_at and "leads out of" in failed.message
+    assert outcome.fault == "release" and ctx.store.memory.releases["r2"].bad  # the release's own doing
     assert str(release) in failed.message  # names the path
     assert app.live() == "r1" and not (app.releases / "r1" / FLAG).exists()
     if refused_at != "restart":  # a refused restart comes after the swap: the rollback restarts r1, as it must
