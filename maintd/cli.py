@@ -87,12 +87,14 @@ def run(config: Config, log_format: str | None) -> int:
 
     from . import config as config_module
     from . import log
+    from .admission import raise_file_limit
     from .control import ControlServer
     from .daemon import AlreadyRunning, Daemon
     from .notify import inherited_socket
 
     log.configure(log_format)
     logger = log.get(app=config.app)
+    raise_file_limit()  # before anything is opened: see admission.py for why, and by how much
     try:
         daemon = Daemon(config)
     except (AlreadyRunning, config_module.ConfigError) as exc:
