@@ -213,7 +213,10 @@ def call(path: str, request: Mapping[str, Any], on_event: Callable[[dict[str, An
     sock.settimeout(timeout)
     try:
         with sock, sock.makefile("rb") as answers:
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed at once (too many connections of ours): why is in the line it wrote first
             for line in answers:
                 message: dict[str, Any] = json.loads(line)
                 if "event" not in message:
