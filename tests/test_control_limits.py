@@ -194,14 +194,19 @@ def test_an_upload_whose_walk_fails_for_want_of_files_is_read_again(app, start_d
     daemon = start_daemon()
     app.make_release("r1", marker=False)
     wait_until(lambda: "r1" in maintctl_json(app, "status")["uploading"], 30, "the daemon following r1")
-    limit = resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE)
+    pid = daemon.proc.pid
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(fd for fd in range(len(used) + 1) if fd not in used)
     mark = daemon.mark()
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (0, limit[1]))  # every open() of the daemon: EMFILE
+    # Every descriptor below the limit taken: the daemon's next open() fails with EMFILE (a limit of 0 would do that
+    # too, but also make poll() itself fail, which needs as many descriptors allowed as it is given).
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limit[1]))
     try:
         (app.releases / "r1" / ".maintd-ready").touch()
         failed = daemon.wait_for(since=mark, release="r1", event=lambda e: "could not be read" in e)
     finally:
-        resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, limit)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
     assert failed["event"] == "release r1 could not be read: Too many open files; reading it again every 5s"
     assert daemon.deployed("r1", since=mark)["result"] == "ok"
     assert [e for e in daemon.events[mark:] if "could not be read" in e["event"]] == [failed]
