@@ -114,21 +114,28 @@ class RefusalLog:
         self.window = window
         self.counts: Counter[int] = Counter()
         self.reasons: dict[int, str] = {}
+        self.since = 0.0  # loop time of the window's first refusal
         self._timer: asyncio.TimerHandle | None = None
 
     def count(self, uid: int, reason: str) -> None:
         if not self.counts:
-            self._timer = asyncio.get_running_loop().call_later(self.window, self.flush)
+            loop = asyncio.get_running_loop()
+            self.since = loop.time()
+            self._timer = loop.call_later(self.window, self.flush)
         self.counts[uid] += 1
         self.reasons[uid] = reason
 
     def flush(self) -> None:
+        """Log the window's refusals: when it ends, or earlier when the daemon stops."""
         if self._timer:
             self._timer.cancel()
             self._timer = None
+        if not self.counts:
+            return
+        seconds = round(asyncio.get_running_loop().time() - self.since, 1)
         for uid, refused in self.counts.items():
             self.log.warning(f"refused {refused} connection{'s' if refused > 1 else ''} from uid {uid} "
-                             f"({user_name(uid)}) in the last {self.window:g} s: {self.reasons[uid]}",
+                             f"({user_name(uid)}) in the last {seconds:g} s: {self.reasons[uid]}",
                              uid=uid, refused=refused)
         self.counts.clear()
         self.reasons.clear()

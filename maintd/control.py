@@ -88,7 +88,7 @@ class ControlServer:
         self.files = resource_limit()
         self.admission = Admission(Limits.for_files(self.files))
         self.refusals = RefusalLog(self.log)
-        self.accept_failed: OSError | None = None  # why accepting is paused, while it is
+        self.accept_failing = False  # accept() failed and has not succeeded since: said once, not once a second
 
     async def start(self, inherited: socket.socket | None = None) -> ControlServer:
         """Serve the socket systemd passed us, or bind our own (and remove it again on close)."""
@@ -127,16 +127,16 @@ class ControlServer:
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable; wait, then retry
                 self._pause(exc)
                 return
-            if self.accept_failed:
+            if self.accept_failing:
                 self.log.info("accepting connections again")
-                self.accept_failed = None
+                self.accept_failing = False
             self._admit(conn)
 
     def _pause(self, exc: OSError) -> None:
         """Stop accepting for ACCEPT_PAUSE, with one log line for the whole time accept() keeps failing."""
-        if not self.accept_failed:
+        if not self.accept_failing:
             self.log.error(f"cannot accept connections: {exc.strerror or exc}; trying again every {ACCEPT_PAUSE:g}s")
-        self.accept_failed = exc
+        self.accept_failing = True
         loop = asyncio.get_running_loop()
         assert self.sock
         loop.remove_reader(self.sock.fileno())
@@ -149,7 +149,7 @@ class ControlServer:
         except OSError:
             conn.close()
             return
-        peer = functools.cache(functools.partial(identify, pid, uid, gid))
+        peer = functools.cache(functools.partial(identify, pid, uid, gid))  # its name looked up only if needed
         try:
             self.admission.take(uid, lambda: may_change(peer(), self.daemon.config.control.group))
         except TooMany as exc:

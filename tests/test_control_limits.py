@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import resource
 import select
 import shutil
@@ -134,7 +135,7 @@ def test_a_flood_of_connections_by_another_user_starves_nothing(public_app, star
     flood.stop()
     refused = daemon.wait_for(since=mark, event=lambda e: e.startswith("refused "))
     assert refused["uid"] == NOBODY.pw_uid and refused["refused"] > 1000
-    assert "(nobody) in the last 10 s: too many connections" in refused["event"]
+    assert re.search(r"\(nobody\) in the last [0-9.]+ s: too many connections", refused["event"])
     # The log: a few lines about the flood (one per 10 s at most), not a traceback per failed accept.
     about_flood = [e for e in daemon.events[mark:] if "release" not in e and "deploy_id" not in e]
     assert len(about_flood) < 20, about_flood[:30]
@@ -165,8 +166,8 @@ def test_one_user_holds_at_most_its_share_and_other_users_keep_theirs(public_app
     holder.stop()
     wait_until(lambda: as_user(app, NOBODY, "status").returncode == 0, 30, "nobody's status answered again")
     refused = daemon.wait_for(since=mark, event=lambda e: e.startswith("refused "))
-    assert refused["event"].startswith(f"refused {refused['refused']} connections from uid {NOBODY.pw_uid} (nobody) "
-                                       "in the last 10 s: too many connections")
+    assert re.match(f"refused {refused['refused']} connections from uid {NOBODY.pw_uid} \\(nobody\\) in the last "
+                    r"[0-9.]+ s: too many connections", refused["event"])
     # 8 of the holder's and maintctl's one, in one line or, were the 10 s over in between, two
     wait_until(lambda: sum(e.get("refused", 0) for e in daemon.events[mark:] if e.get("uid") == NOBODY.pw_uid) == 9,
                30, "nobody's 9 refusals logged")
