@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -190,27 +191,49 @@ def test_idle_peers_and_peers_that_never_read_are_cut_off(app, start_daemon):
     greedy.close()
 
 
+@contextmanager
+def out_of_descriptors(pid: int) -> Iterator[None]:
+    """The daemon's soft limit on open files lowered to its lowest free descriptor, for real (prlimit): every
+    descriptor below the limit is taken, so its next open(), accept() or scandir() fails with EMFILE. (A limit of 0
+    would do that too, but also make poll() itself fail, which needs as many descriptors allowed as it is given.)"""
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (next(fd for fd in range(len(used) + 1) if fd not in used), limit[1]))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+
+
 def test_an_upload_whose_walk_fails_for_want_of_files_is_read_again(app, start_daemon):
     app.write_config(upload="require_marker = true")
     daemon = start_daemon()
     app.make_release("r1", marker=False)
     wait_until(lambda: "r1" in maintctl_json(app, "status")["uploading"], 30, "the daemon following r1")
-    pid = daemon.proc.pid
-    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = next(fd for fd in range(len(used) + 1) if fd not in used)
     mark = daemon.mark()
-    # Every descriptor below the limit taken: the daemon's next open() fails with EMFILE (a limit of 0 would do that
-    # too, but also make poll() itself fail, which needs as many descriptors allowed as it is given).
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limit[1]))
-    try:
+    with out_of_descriptors(daemon.proc.pid):
         (app.releases / "r1" / ".maintd-ready").touch()
         failed = daemon.wait_for(since=mark, release="r1", event=lambda e: "could not be read" in e)
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
     assert failed["event"] == "release r1 could not be read: Too many open files; reading it again every 5s"
     assert daemon.deployed("r1", since=mark)["result"] == "ok"
     assert [e for e in daemon.events[mark:] if "could not be read" in e["event"]] == [failed]
+
+
+def test_a_connection_the_daemon_cannot_accept_waits_for_it_with_one_log_line(app, start_daemon):
+    daemon = start_daemon()
+    mark = daemon.mark()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(30)
+    with out_of_descriptors(daemon.proc.pid):
+        client.connect(str(app.socket))  # queued by the kernel; the daemon's accept() fails
+        client.sendall(STATUS)
+        daemon.wait_for(since=mark, event=lambda e: e.startswith("cannot accept connections"))
+    assert json.loads(client.makefile("rb").readline())["ok"] is True
+    daemon.wait_for(since=mark, event="accepting connections again")
+    client.close()
+    said = [e["event"] for e in daemon.events[mark:]]
+    assert said == ["cannot accept connections: Too many open files; trying again every 1s",
+                    "accepting connections again"]  # no traceback, however often accept() was tried meanwhile
 
 
 def test_all_other_users_together_hold_at_most_their_pool_and_root_keeps_its_own():
