@@ -87,12 +87,14 @@ def run(config: Config, log_format: str | None) -> int:
 
     from . import config as config_module
     from . import log
+    from .admission import raise_file_limit
     from .control import ControlServer
     from .daemon import AlreadyRunning, Daemon
     from .notify import inherited_socket
 
     log.configure(log_format)
     logger = log.get(app=config.app)
+    raise_file_limit()  # before anything is opened: see admission.py for why, and by how much
     try:
         daemon = Daemon(config)
     except (AlreadyRunning, config_module.ConfigError) as exc:
@@ -211,7 +213,10 @@ def call(path: str, request: Mapping[str, Any], on_event: Callable[[dict[str, An
     sock.settimeout(timeout)
     try:
         with sock, sock.makefile("rb") as answers:
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed at once (too many connections of ours): why is in the line it wrote first
             for line in answers:
                 message: dict[str, Any] = json.loads(line)
                 if "event" not in message:

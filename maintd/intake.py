@@ -8,6 +8,7 @@ complete and `on_complete` is called; what deploys it, and when, is the runner's
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from .upload import STILL_CHANGING, Verdict
 from .watcher import Change, ChangeKind, ReleaseWatcher
 
 RESCAN_INTERVAL = 60.0  # seconds; a safety net under inotify, which can overflow
+RETRY_INTERVAL = 5.0  # seconds before a release that could not be read (out of descriptors, say) is read again
+GONE = (errno.ENOENT, errno.ENOTDIR)  # what a walk of a release that was removed under it fails with
 
 
 class Intake:
@@ -226,8 +229,16 @@ class Intake:
         marker = self.releases / name / self.ctx.config.upload.marker
         try:
             probe = await asyncio.to_thread(self.ctx.tree.probe, name)
-        except (ReleaseError, OSError):
+        except ReleaseError:
             self._forget(name)
+            return
+        except OSError as exc:
+            if exc.errno in GONE:
+                self._forget(name)
+                return
+            why = f"could not be read: {exc.strerror or exc}"  # passing (EMFILE, EIO): the upload must not be lost
+            if self.tracker.look_again(name, time.time() + RETRY_INTERVAL, why):
+                self.log.warning(f"release {name} {why}; reading it again every {RETRY_INTERVAL:g}s", release=name)
             return
         before = list(self.tracker.uploads[name].reasons) if name in self.tracker else []
         manifest = (self.releases / name / self.ctx.config.upload.manifest).exists()

@@ -82,6 +82,15 @@ class UploadTracker:
         self.activity(name, now)
         self.uploads[name].due = now
 
+    def look_again(self, name: str, at: float, reason: str) -> bool:
+        """A look at the release failed for a reason that passes (EMFILE, EIO): it is due again `at`, whatever
+        it was waiting for. True when the reason is news, so a failure that lasts is logged once."""
+        upload = self.uploads.setdefault(name, Upload(name, at))
+        news = upload.reasons != [reason]
+        upload.reasons = [reason]
+        upload.due = at
+        return news
+
     def forget(self, name: str) -> None:
         self.uploads.pop(name, None)
 
