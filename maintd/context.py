@@ -20,7 +20,7 @@ from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
 from .state import Store
 from .steps import Fault
-from .tree import ReleaseError, Tree
+from .tree import ReleaseError, Tree, machine_fault
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class Context:
         except ReleaseError as exc:
             return str(exc)
         except OSError as exc:
+            if machine_fault(exc):  # not the release's: the caller retries (intake) or fails the step (validate)
+                raise
             return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
         return None
 

@@ -86,9 +86,13 @@ class Intake:
         return watcher
 
     async def rescan_periodically(self) -> None:
+        """The safety net must outlive a rescan that fails (releases/ unreadable for a moment: out of descriptors)."""
         while True:
             await asyncio.sleep(RESCAN_INTERVAL)
-            self._rescan()
+            try:
+                self._rescan()
+            except OSError as exc:
+                self.log.error(f"rescan of {self.releases} failed: {exc}; trying again in {RESCAN_INTERVAL:g}s")
 
     # --- changes --------------------------------------------------------------------------------------------------
 
@@ -226,20 +230,23 @@ class Intake:
             self._arm_timer()
 
     async def _check_once(self, name: str) -> None:
-        marker = self.releases / name / self.ctx.config.upload.marker
+        """A release that went away is forgotten; one that could not be read for a passing reason (out of
+        descriptors, an I/O error) is read again later: the upload must not be lost, nor refused for it."""
         try:
-            probe = await asyncio.to_thread(self.ctx.tree.probe, name)
+            await self._judge(name)
         except ReleaseError:
             self._forget(name)
-            return
         except OSError as exc:
             if exc.errno in GONE:
                 self._forget(name)
                 return
-            why = f"could not be read: {exc.strerror or exc}"  # passing (EMFILE, EIO): the upload must not be lost
+            why = f"could not be read: {exc.strerror or exc}"
             if self.tracker.look_again(name, time.time() + RETRY_INTERVAL, why):
                 self.log.warning(f"release {name} {why}; reading it again every {RETRY_INTERVAL:g}s", release=name)
-            return
+
+    async def _judge(self, name: str) -> None:
+        marker = self.releases / name / self.ctx.config.upload.marker
+        probe = await asyncio.to_thread(self.ctx.tree.probe, name)
         before = list(self.tracker.uploads[name].reasons) if name in self.tracker else []
         manifest = (self.releases / name / self.ctx.config.upload.manifest).exists()
         if self.tracker.judge(name, probe, marker.exists(), time.time(), manifest) is Verdict.WAIT:

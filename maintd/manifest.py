@@ -124,6 +124,12 @@ def shown(name: bytes) -> str:
     return '"' + "".join(out).replace('"', '\\"') + '"'
 
 
+# What a read fails with when the machine is short of something (descriptors, memory, a sound disk), whatever the
+# release holds: never a reason to refuse it.
+MACHINE_FAULTS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOSPC, errno.EAGAIN,
+                            errno.EINTR, errno.ENOBUFS})
+
+
 def verify(release: Path, manifest: str, uploaded: Iterable[bytes]) -> str | None:
     """Check the manifest at the top of `release` against it; None when it verifies, else the first problem.
 
@@ -149,6 +155,8 @@ def verify(release: Path, manifest: str, uploaded: Iterable[bytes]) -> str | Non
         except NotARegularFile as exc:
             return f"{shown(rel)} is listed in the manifest but {exc}"
         except OSError as exc:
+            if exc.errno in MACHINE_FAULTS:  # the machine's, not the release's: not a verdict on it
+                raise
             return f"{shown(rel)} is listed in the manifest but cannot be read: {exc.strerror}"
         if actual != entry.digest:
             return f"{shown(rel)} does not match its sha256 in the manifest"

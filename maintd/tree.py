@@ -283,6 +283,11 @@ class Tree:
             root.dir("releases", create=True).close()
 
 
+def machine_fault(exc: OSError) -> bool:
+    """Whether a failed read of a release says something about the machine rather than the release."""
+    return exc.errno in manifest.MACHINE_FAULTS
+
+
 def _files_under(root: Path) -> list[bytes]:
     """Paths of every non-directory under `root`, relative to it, as bytes, without following links."""
     found = []

@@ -284,3 +284,22 @@ def test_an_rsync_temporary_of_a_name_with_a_newline_is_one():
     from maintd.tree import is_rsync_temp
 
     assert is_rsync_temp(".new\nline.txt.Ab12Cd")
+
+
+def test_a_manifest_that_cannot_be_read_for_want_of_descriptors_is_no_verdict(tree: Tree, tmp_path: Path, monkeypatch):
+    """EMFILE while checking says nothing about the release: it propagates (intake reads the upload again later,
+    the validate step fails as the server's fault) instead of refusing the upload. The fault is a named fake: the
+    manifest module's os.open fails as a process out of descriptors does."""
+    import errno
+
+    from maintd import manifest
+
+    release = upload(tree, build(tmp_path, [b"app.rb"]), "r1")
+
+    def out_of_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(manifest.os, "open", out_of_descriptors)
+    with pytest.raises(OSError) as raised:
+        maintd_problem(tree, release)
+    assert raised.value.errno == errno.EMFILE
