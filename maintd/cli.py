@@ -46,7 +46,7 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
 
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
-    from .config import ConfigError
+    from .config import ConfigError, RestartMethod
     from .runas import resolve
     from .tree import Tree
 
@@ -64,7 +64,7 @@ def check(config: Config) -> int:
     except ConfigError as exc:
         problems.append(str(exc))
     else:
-        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method == "command":
+        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
             print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
     if cluster := config.cluster:
         from .etcd import Etcd
