@@ -48,6 +48,7 @@ def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from .config import ConfigError, RestartMethod
     from .runas import resolve
+    from .state import faults
     from .tree import Tree
 
     problems: list[str] = []
@@ -57,6 +58,7 @@ def check(config: Config) -> int:
         problems.append(f"root {config.root} is not a directory")
     elif found := tree.current_problem():
         (problems if found[1] else warnings).append(found[0])
+    warnings += faults(config.state_dir)  # `run` carries on past these
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
     try:
