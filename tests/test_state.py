@@ -39,6 +39,7 @@ def test_an_empty_state_is_rebuilt_paused_and_the_daemon_carries_on(app, start_d
     with open(app.state / "history.jsonl", "ab") as history:
         history.write(b'{"release": "r9", "resu\n')  # a line cut by a crash
     (app.state / "state.json").write_bytes(b"")
+    (app.state / "deploy.json").write_bytes(b"\0" * 512)  # a journal sector lost in a power cut
     app.make_release("r5")  # marked and newer than the live release: deployed at once, were the state not lost
     daemon = start_daemon()
 
@@ -48,6 +49,9 @@ def test_an_empty_state_is_rebuilt_paused_and_the_daemon_carries_on(app, start_d
     assert "paused until `maintctl resume`" in line
     skipped = daemon.wait_for(level="error", event=lambda e: "history.jsonl: 1 line(s) that do not parse" in e)
     assert "the first is line 5" in skipped["event"]
+    torn = daemon.wait_for(level="error", event=lambda e: "deploy.json is not JSON" in e)["event"]
+    assert "no deploy can be known to have been in flight; kept as deploy.json.bad-" in torn
+    assert not (app.state / "deploy.json").exists()
     [kept] = app.state.glob("state.json.bad-*")
     assert kept.read_bytes() == b""  # the damaged file, as it was
     status = maintctl_json(app, "status")
