@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError
 
+from .config import FlushMode
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -18,7 +20,7 @@ class Outcome:
     error: str | None  # None: flushed
 
 
-def flush(servers: tuple[str, ...], mode: str, namespace_key: str, timeout: float) -> list[Outcome]:
+def flush(servers: tuple[str, ...], mode: FlushMode, namespace_key: str, timeout: float) -> list[Outcome]:
     """Flush every server (`all`) or bump this app's namespace key (`namespace`); one outcome per server.
 
     A server that is down is reported, never raised: a cold cache elsewhere must not fail a deploy.
@@ -28,7 +30,7 @@ def flush(servers: tuple[str, ...], mode: str, namespace_key: str, timeout: floa
         host, _, port = server.rpartition(":")
         client = Client((host.strip("[]"), int(port)), connect_timeout=timeout, timeout=timeout)
         try:
-            if mode == "all":
+            if mode is FlushMode.ALL:
                 client.flush_all(noreply=False)
             else:
                 # incr on a missing key returns None; add first (a no-op when it exists).

@@ -46,8 +46,9 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
 
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
-    from .config import ConfigError
+    from .config import ConfigError, RestartMethod
     from .runas import resolve
+    from .state import faults
     from .tree import Tree
 
     problems: list[str] = []
@@ -57,6 +58,7 @@ def check(config: Config) -> int:
         problems.append(f"root {config.root} is not a directory")
     elif found := tree.current_problem():
         (problems if found[1] else warnings).append(found[0])
+    warnings += faults(config.state_dir)  # `run` carries on past these
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
     try:
@@ -64,7 +66,7 @@ def check(config: Config) -> int:
     except ConfigError as exc:
         problems.append(str(exc))
     else:
-        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method == "command":
+        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
             print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
     if cluster := config.cluster:
         from .etcd import Etcd

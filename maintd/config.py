@@ -9,19 +9,50 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SOCKET_PATH_MAX = 107  # bytes: sun_path holds 108, with the terminating NUL
+CACHE_KEY_MAX = 250  # bytes: memcached refuses longer keys, and any with spaces or control characters
 
 
 class ConfigError(Exception):
     """A configuration problem, phrased for the operator: file, line and key first."""
+
+
+# The choices of contract §3, parsed once here: everything after compares members, never strings.
+
+
+class MaintenanceWhen(StrEnum):
+    """`maintenance.when`: which deploys put the site into maintenance."""
+
+    ALWAYS = "always"
+    NEVER = "never"
+    MIGRATIONS = "migrations"  # only when the release's db/migrate differs from the live one's
+
+
+class RestartMethod(StrEnum):
+    """`restart.method`: how the app is made to load the new release."""
+
+    PASSENGER = "passenger"
+    COMMAND = "command"  # the argv of `restart.command`
+
+
+class FlushMode(StrEnum):
+    """`memcached.flush`: what happens to the cache after a swap."""
+
+    ALL = "all"
+    NAMESPACE = "namespace"  # bump `memcached.namespace_key`: only this app's cache
+    NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -42,14 +73,14 @@ class Shared:
 @dataclass(frozen=True)
 class Maintenance:
     file: str = "tmp/maintenance.txt"
-    when: str = "always"
+    when: MaintenanceWhen = MaintenanceWhen.ALWAYS
     keep_on_failure: bool = False
     template: str = ""
 
 
 @dataclass(frozen=True)
 class Restart:
-    method: str = "passenger"
+    method: RestartMethod = RestartMethod.PASSENGER
     command: tuple[str, ...] = ()
     health_url: str = ""
     health_expect: str = ""
@@ -59,7 +90,7 @@ class Restart:
 @dataclass(frozen=True)
 class Memcached:
     servers: tuple[str, ...] = ("127.0.0.1:11211",)
-    flush: str = "all"
+    flush: FlushMode = FlushMode.ALL
     namespace_key: str = ""
     timeout: float = 2.0
 
@@ -150,6 +181,8 @@ Check = Callable[[Any], Any]
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {_kind(value)}")
+    if "\0" in value:  # no path, argument or environment can hold one: the system call would refuse it mid-deploy
+        raise ValueError(f"must not hold a NUL character: {value!r}")
     return value
 
 
@@ -169,6 +202,8 @@ def _bool(value: Any) -> bool:
 def _positive(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number, not {_kind(value)}")
+    if not math.isfinite(value):  # TOML has nan and inf; a deadline of either never comes
+        raise ValueError(f"must be a finite number, not {value}")
     if value <= 0:
         raise ValueError(f"must be greater than 0, not {value}")
     return float(value)
@@ -182,12 +217,12 @@ def _count(value: Any) -> int:
     return value
 
 
-def _one_of(*choices: str) -> Check:
-    def check(value: Any) -> str:
-        text = _string(value)
-        if text not in choices:
-            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, not {value!r}")
-        return text
+def _one_of(choices: type[StrEnum]) -> Check:
+    def check(value: Any) -> StrEnum:
+        try:
+            return choices(_string(value))
+        except ValueError:
+            raise ValueError(f"must be one of {', '.join(repr(str(c)) for c in choices)}, not {value!r}") from None
 
     return check
 
@@ -198,6 +233,7 @@ def _strings(value: Any) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str):
             raise ValueError(f"must be a list of strings, but holds {_kind(item)}")
+        _string(item)  # and none with a NUL
     return tuple(value)
 
 
@@ -211,9 +247,54 @@ def _relative_paths(value: Any) -> tuple[str, ...]:
 def _relative_path(value: Any) -> str:
     path = _nonempty(value)
     parts = Path(path).parts
-    if path.startswith("/") or ".." in parts:
+    if path.startswith("/") or ".." in parts or not parts:  # "." is the release itself (a shared "." replaces it)
         raise ValueError(f"must be a path inside the release, not {path!r}")
     return path
+
+
+def _file_path(value: Any) -> str:
+    """A file inside the release: not a directory's path ("tmp/"), and not the page beside it (maintenance.py puts
+    `maintenance.html` next to the flag: a flag of that name would overwrite its own page)."""
+    from .maintenance import PAGE_NAME  # here, not at the top: maintenance.py imports this module (through tree.py)
+
+    path = _relative_path(value)
+    if path.rsplit("/", 1)[-1] in ("", "."):
+        raise ValueError(f"must name a file, not a directory: {path!r}")
+    if Path(path).name == PAGE_NAME:
+        raise ValueError(f"must not be named {PAGE_NAME}: maintd writes the maintenance page beside it by that name")
+    return path
+
+
+def _file_name(value: Any) -> str:
+    """A file at the top of the release (the marker, the manifest): a name, not a path."""
+    name = _nonempty(value)
+    if "/" in name or name in (".", ".."):
+        raise ValueError(f"must be a file name at the top of the release, not a path: {name!r}")
+    return name
+
+
+def _http_url(value: Any) -> str:
+    """"" (no health check), or an http(s) URL with a host: the health check speaks HTTP and nothing else."""
+    url = _string(value)
+    if not url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number from 1 to 65535
+        usable = False
+    if not usable or re.search(r"\s", url):
+        raise ValueError(f"must be an http:// or https:// URL with a host, such as \"http://127.0.0.1/up\", "
+                         f"not {url!r}")
+    return url
+
+
+def _cache_key(value: Any) -> str:
+    key = _nonempty(value)
+    if len(key.encode()) > CACHE_KEY_MAX or re.search(r"[\s\x00-\x1f\x7f]", key):
+        raise ValueError(f"must be a memcached key (at most {CACHE_KEY_MAX} bytes, no spaces or control "
+                         f"characters), not {key!r}")
+    return key
 
 
 def _argv(value: Any) -> tuple[str, ...]:
@@ -240,6 +321,8 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"names an impossible environment variable: {name!r}")
         if not isinstance(item, str):
             raise ValueError(f"{name} must be a string, not {_kind(item)}")
+        if "\0" in item:
+            raise ValueError(f"{name} must not hold a NUL character: {item!r}")
     return tuple(value.items())
 
 
@@ -305,6 +388,11 @@ def _absolute(value: Any) -> str:
     return text
 
 
+def _absolute_or_empty(value: Any) -> str:
+    """Absolute: a relative path would be read from the daemon's working directory, not where `check` runs."""
+    return _absolute(value) if _string(value) else ""
+
+
 def _app_name(value: Any) -> str:
     text = _nonempty(value)
     if not RELEASE_NAME.fullmatch(text):
@@ -318,15 +406,15 @@ def _kind(value: Any) -> str:
 
 
 SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
-    "upload": (Upload, {"marker": _nonempty, "require_marker": _bool, "quiet_period": _positive,
-                        "manifest": _nonempty, "required": _relative_paths}),
+    "upload": (Upload, {"marker": _file_name, "require_marker": _bool, "quiet_period": _positive,
+                        "manifest": _file_name, "required": _relative_paths}),
     "shared": (Shared, {"files": _relative_paths, "dirs": _relative_paths}),
-    "maintenance": (Maintenance, {"file": _relative_path, "when": _one_of("always", "never", "migrations"),
-                                  "keep_on_failure": _bool, "template": _string}),
-    "restart": (Restart, {"method": _one_of("passenger", "command"), "command": _argv, "health_url": _string,
+    "maintenance": (Maintenance, {"file": _file_path, "when": _one_of(MaintenanceWhen), "keep_on_failure": _bool,
+                                  "template": _absolute_or_empty}),
+    "restart": (Restart, {"method": _one_of(RestartMethod), "command": _argv, "health_url": _http_url,
                           "health_expect": _string, "health_timeout": _positive}),
-    "memcached": (Memcached, {"servers": _servers, "flush": _one_of("all", "namespace", "none"),
-                              "namespace_key": _nonempty, "timeout": _positive}),
+    "memcached": (Memcached, {"servers": _servers, "flush": _one_of(FlushMode), "namespace_key": _cache_key,
+                              "timeout": _positive}),
     "hooks": (Hooks, {"before_swap": _argvs, "after_swap": _argvs, "timeout": _positive, "user": _nonempty,
                       "env": _environment}),
     "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
@@ -406,11 +494,29 @@ def parse(text: str, path: Path | None = None) -> Config:
     built = {}
     for name, (section_type, _checks) in SECTIONS.items():
         built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
-    if built["restart"].method == "command" and not built["restart"].command:
-        raise fail("restart", "command", 'must be set when restart.method = "command"', line_key="method")
+    _conflicts(built, sections, fail)
     cluster = _cluster(sections["cluster"], app, fail) if "cluster" in sections else None
     return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5), cluster=cluster,
                   source=path, **built)
+
+
+def _conflicts(built: dict[str, Any], given: dict[str, dict[str, Any]], fail: Callable[..., ConfigError]) -> None:
+    """Values each right on its own that cannot work together (or with a default)."""
+    restart, upload, memcached, control = built["restart"], built["upload"], built["memcached"], built["control"]
+    if restart.method is RestartMethod.COMMAND and not restart.command:
+        raise fail("restart", "command", 'must be set when restart.method = "command"', line_key="method")
+    if restart.method is RestartMethod.PASSENGER and restart.command:
+        raise fail("restart", "command", 'would never run: restart.method is "passenger" (set method = "command")')
+    if upload.marker == upload.manifest:
+        key, other = ("manifest", "marker") if "manifest" in given.get("upload", {}) else ("marker", "manifest")
+        raise fail("upload", key, f"must differ from upload.{other} ({upload.marker!r}): one file cannot be "
+                                  "both the marker and the manifest")
+    if not memcached.servers and memcached.flush is not FlushMode.NONE:
+        raise fail("memcached", "servers", f'is empty, so memcached.flush = "{memcached.flush}" cannot flush '
+                                           'anything (set flush = "none")')
+    if (size := len(control.socket.encode())) > SOCKET_PATH_MAX:
+        raise fail("control", "socket", f"{control.socket} is too long for a Unix socket ({size} bytes, at most "
+                                        f"{SOCKET_PATH_MAX})")
 
 
 def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError]) -> Cluster:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, manifest, proc, restart
-from .config import Config, ConfigError
+from .config import Config, ConfigError, FlushMode, RestartMethod
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -71,7 +71,7 @@ class Context:
     def restart_app(self, release: str) -> str:
         """The `restart` step, also `maintctl restart` on the live release."""
         r, root = self.config.restart, self.config.root
-        if r.method == "command":
+        if r.method is RestartMethod.COMMAND:
             return restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
         try:
             return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
@@ -81,14 +81,14 @@ class Context:
     def flush_cache(self, logger: Any) -> str:
         """The `flush` step, also `maintctl flush`; servers that are down are warnings, not failures."""
         m = self.config.memcached
-        if m.flush == "none" or not m.servers:
+        if m.flush is FlushMode.NONE:
             raise Skipped('memcached.flush = "none"')
         outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
         down = [o for o in outcomes if o.error]
         for outcome in down:
             logger.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
                            server=outcome.server)
-        what = "flushed" if m.flush == "all" else f"bumped {m.namespace_key} on"
+        what = "flushed" if m.flush is FlushMode.ALL else f"bumped {m.namespace_key} on"
         return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
 
     def run_hooks(self, commands: tuple[tuple[str, ...], ...], release: Path, env: dict[str, str],

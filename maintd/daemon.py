@@ -29,6 +29,7 @@ from .intake import Intake
 from .inventory import Inventory
 from .joiner import Joiner
 from .notify import Notifier, watchdog_interval
+from .rebuild import rebuild
 from .recovery import recover
 from .runner import DeployRunner
 from .state import Memory, Store
@@ -55,8 +56,10 @@ class Daemon:
         self.log = log.get(app=config.app)
         self.notifier = Notifier()
         self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, self.log.error)
         self.ctx = Context.build(config, self.store)
+        if self.store.damage:  # state.json lost: carry on with what can be known again, paused
+            self.log.error(rebuild(self.store, self.ctx.tree, self.ctx.flags))
         self.tasks = Tasks()
         upload = config.upload
         self.inventory = Inventory(self.ctx.tree, self.store, UploadTracker(upload.quiet_period, upload.require_marker))

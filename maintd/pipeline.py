@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .config import MaintenanceWhen
 from .confined import PathRefused
 from .context import Context
 from .maintenance import Notice
@@ -176,10 +177,10 @@ class Deploy:
                 self.ctx.flags.raise_in(self.path, operator)
                 return "operator maintenance is on; carried into the new release"
         when = self.cfg.maintenance.when
-        if when == "never":
+        if when is MaintenanceWhen.NEVER:
             raise Skipped('maintenance.when = "never"')
         previous = self.ctx.tree.path(self.previous) if self.previous else None
-        if when == "migrations" and not migrations_differ(self.path, previous):
+        if when is MaintenanceWhen.MIGRATIONS and not migrations_differ(self.path, previous):
             raise Skipped("db/migrate is the same as the live release's")
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
         self.maintenance = MaintenanceOwner.OURS

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, RestartMethod
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -55,7 +55,7 @@ class RunAs:
 def resolve(config: Config) -> RunAs:
     """The user that hooks and `restart.command` run as, or ConfigError naming `hooks.user` and why."""
     hooks, where = config.hooks, config.source or "<config>"
-    runs_something = bool(hooks.before_swap or hooks.after_swap or config.restart.method == "command")
+    runs_something = bool(hooks.before_swap or hooks.after_swap or config.restart.method is RestartMethod.COMMAND)
     if hooks.user:
         try:
             entry = pwd.getpwnam(hooks.user)

@@ -9,6 +9,11 @@ Two threads use it: the event loop (uploads, commands, the cluster joiner) and t
 methods here (`retired`, `releases`, `forget`) so no caller iterates a dict another thread may change. A single
 field read or set (`memory.paused`, one record's `bad`) is one step under the GIL and needs no lock; a check that
 must not change under it (an operator's maintenance, then the flags: see `Context`) holds the lock throughout.
+
+What a failing disk or a hand edit leaves is read as a fault, never a traceback: a `state.json` or deploy journal
+that is empty, not JSON or of the wrong shape is `Damaged` (the message names the file and the fault) and kept aside
+as `<name>.bad-<time>` for inspection; history lines that do not parse are passed over and counted. The store says
+so through `report` (the daemon's log); rebuild.py rebuilds a lost state from the history and the tree.
 """
 
 from __future__ import annotations
@@ -16,14 +21,24 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from . import log
 from .maintenance import Notice
-from .tree import write_atomically
+from .tree import name_problem, write_atomically
+
+STATE, HISTORY, JOURNAL = "state.json", "history.jsonl", "deploy.json"  # the files of `state.dir`
+Report = Callable[[str], object]  # where the store says what it found wrong: one sentence each, for the log
+T = TypeVar("T")
+
+
+class Damaged(Exception):
+    """A file of the state directory that does not hold what it should; the message names the file and the fault."""
 
 
 @dataclass
@@ -35,6 +50,19 @@ class ReleaseRecord:
     auto_considered: bool = False  # automatic deploys take a release at most once
     failed: str = ""  # why its last deploy failed through a fault of the server's, not the release's
 
+    @classmethod
+    def from_json(cls, name: str, data: Any) -> ReleaseRecord:
+        """One record read back; ValueError or TypeError naming what is wrong with it."""
+        where = f"releases.{name}"
+        if problem := name_problem(name):
+            raise ValueError(f"releases names {name!r}, which is no release name: {problem}")
+        record = cls(**_typed(data, where, (dict,), "an object"))
+        _typed(record.went_live, f"{where}.went_live", (int, float, type(None)), "a number or null")
+        _typed(record.bad, f"{where}.bad", (str,), "a string")
+        _typed(record.auto_considered, f"{where}.auto_considered", (bool,), "true or false")
+        _typed(record.failed, f"{where}.failed", (str,), "a string")
+        return record
+
 
 @dataclass
 class Memory:
@@ -45,14 +73,20 @@ class Memory:
     releases: dict[str, ReleaseRecord] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Memory:
-        maintenance = data.get("maintenance")
+    def from_json(cls, data: Any) -> Memory:
+        """The persisted form read back; ValueError or TypeError naming the first key of the wrong shape."""
+        data = _typed(data, "the state", (dict,), "an object")
+        maintenance = _typed(data.get("maintenance"), "maintenance", (dict, type(None)), "an object or null")
+        if maintenance:
+            for key, value in maintenance.items():
+                _typed(value, f"maintenance.{key}", (str,), "a string")
         return cls(
-            paused=bool(data.get("paused", False)),
+            paused=_typed(data.get("paused", False), "paused", (bool,), "true or false"),
             maintenance=Notice(**maintenance) if maintenance else None,
-            previous=data.get("previous"),
-            last_deploy=data.get("last_deploy"),
-            releases={name: ReleaseRecord(**record) for name, record in data.get("releases", {}).items()},
+            previous=_typed(data.get("previous"), "previous", (str, type(None)), "a release name or null"),
+            last_deploy=_typed(data.get("last_deploy"), "last_deploy", (dict, type(None)), "an object or null"),
+            releases={name: ReleaseRecord.from_json(name, record)
+                      for name, record in _typed(data.get("releases", {}), "releases", (dict,), "an object").items()},
         )
 
     def retired(self, keep: int, protected: set[str | None]) -> list[str]:
@@ -89,26 +123,159 @@ class InFlight:
     maintenance: str = MaintenanceOwner.NONE
     switch: str = ""  # in a cluster: the switch this deploy is part of, whose recorded decision recovery obeys
 
+    @classmethod
+    def from_json(cls, data: Any) -> InFlight:
+        """A journal record read back; ValueError or TypeError naming what is wrong with it."""
+        inflight = cls(**_typed(data, "the journal", (dict,), "an object"))
+        for item in fields(inflight):
+            _typed(getattr(inflight, item.name), item.name, (str, type(None)) if item.name == "previous" else (str,),
+                   "a string")
+        for name in filter(None, (inflight.release, inflight.previous)):
+            if problem := name_problem(name):
+                raise ValueError(f"names {name!r}, which is no release name: {problem}")
+        MaintenanceOwner(inflight.maintenance)
+        return inflight
+
+
+def _typed(value: Any, where: str, kinds: tuple[type, ...], what: str) -> Any:
+    """`value` if it is one of `kinds` (a bool never passes for a number); else ValueError saying what it should be."""
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        kind = "null" if value is None else type(value).__name__
+        raise ValueError(f"{where} must be {what}, not {kind}")
+    return value
+
+
+def _read(path: Path, what: str, build: Callable[[Any], T]) -> T | None:
+    """The JSON file at `path` built into `what` by `build`; None when there is no such file; Damaged else."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Damaged(f"{path} cannot be read: {exc.strerror}") from None
+    if not raw.strip():
+        raise Damaged(f"{path} is empty")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Damaged(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise Damaged(f"{path} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    try:
+        return build(data)
+    except (ValueError, TypeError) as exc:
+        raise Damaged(f"{path} does not hold {what}: {exc}") from None
+
+
+def read_memory(path: Path) -> Memory:
+    """`state.json`: the Memory it holds, a fresh one when there is none yet, or Damaged naming the fault."""
+    memory = _read(path, "maintd's state", Memory.from_json)
+    return memory if memory is not None else Memory()
+
+
+def read_in_flight(path: Path) -> InFlight | None:
+    """The deploy journal: the deploy in flight, None when there is none, or Damaged naming the fault."""
+    return _read(path, "a deploy journal", InFlight.from_json)
+
+
+@dataclass(frozen=True)
+class History:
+    entries: list[dict[str, Any]]  # oldest first
+    skipped: list[int]  # numbers of the lines that do not parse (a line cut by a crash, a bad sector, a hand edit)
+
+    def problem(self, path: Path) -> str | None:
+        if not self.skipped:
+            return None
+        return (f"{path}: {len(self.skipped)} line(s) that do not parse were passed over (the first is line "
+                f"{self.skipped[0]})")
+
+
+def read_history(path: Path) -> History:
+    """`history.jsonl`: each line that is a JSON object, and where the others were."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return History([], [])
+    entries, skipped = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            skipped.append(number)
+    return History(entries, skipped)
+
+
+def faults(directory: Path) -> list[str]:
+    """What `maintd check` says of a state directory: each damaged file, and what `maintd run` will do about it."""
+    found = []
+    try:
+        read_memory(directory / STATE)
+    except Damaged as exc:
+        found.append(f"{exc}: maintd run will keep it aside and rebuild the state from {HISTORY} and the tree, with "
+                     "automatic deploys paused until `maintctl resume`")
+    try:
+        read_in_flight(directory / JOURNAL)
+    except Damaged as exc:
+        found.append(f"{exc}: maintd run will keep it aside; no deploy can be known to have been in flight")
+    try:
+        if problem := read_history(directory / HISTORY).problem(directory / HISTORY):
+            found.append(problem)
+    except OSError as exc:
+        found.append(f"{directory / HISTORY} cannot be read: {exc.strerror}")
+    return found
+
 
 class Store:
     """The state directory: `state.json` (a `Memory`) and `history.jsonl`, safe to use from several threads."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, report: Report | None = None) -> None:
         self.directory = directory
-        self.path = directory / "state.json"
-        self.history_path = directory / "history.jsonl"
+        self.path = directory / STATE
+        self.history_path = directory / HISTORY
         self.lock = threading.RLock()
+        self.report = report or log.get().error
         self._journal_fd: int | None = None  # the journal of the deploy in flight, open from its first record
         self._journal_size = JOURNAL_RECORD  # bytes every record of that journal is padded to
         directory.mkdir(parents=True, exist_ok=True)
+        # Why state.json could not be read, and where it was kept: then the memory is blank and paused (nothing
+        # deploys by itself) until rebuild.py fills it in from the history and the tree.
+        self.damage = ""
         try:
-            self.memory = Memory.from_json(json.loads(self.path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            self.memory = Memory()
+            self.memory = read_memory(self.path)
+        except Damaged as exc:
+            self.memory = Memory(paused=True)
+            self.damage = f"{exc}; {self.keep_aside(self.path)}"
+
+    def keep_aside(self, path: Path, move: bool = False) -> str:
+        """A damaged file kept for inspection as `<name>.bad-<time>` beside it; says where, or why it could not be.
+
+        It is linked there, and stays in its place unless `move`: state.json is replaced only by the rebuilt state,
+        so a crash in between finds the damage again rather than a blank state."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            # Kept by an earlier start that went no further (a restart loop): that name, not one more for it.
+            aside = next((other for other in path.parent.glob(f"{path.name}.bad-*") if other.samefile(path)), None)
+            attempt = 0
+            while aside is None:
+                candidate = path.with_name(f"{path.name}.bad-{stamp}" + (f".{attempt}" if attempt else ""))
+                try:
+                    os.link(path, candidate)
+                    aside = candidate
+                except FileExistsError:  # another fault within the same second
+                    attempt += 1
+            if move:
+                path.unlink()
+        except OSError as exc:
+            return f"it could not be kept aside: {exc.strerror}"
+        return f"kept as {aside.name}"
 
     @property
     def journal_path(self) -> Path:
-        return self.directory / "deploy.json"
+        return self.directory / JOURNAL
 
     def journal(self, inflight: InFlight, durable: bool) -> None:
         """Record the step about to run; durable (fsynced) where recovery depends on it surviving a power cut.
@@ -138,11 +305,13 @@ class Store:
             self._journal_fd = None
 
     def in_flight(self) -> InFlight | None:
+        """The deploy a crash cut off, if any. A torn journal says nothing: it is reported and kept aside (once:
+        it is gone from its place afterwards), and no deploy can be known to have been in flight."""
         try:
-            return InFlight(**json.loads(self.journal_path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, TypeError):  # a torn journal: no deploy can be known to be in flight
+            return read_in_flight(self.journal_path)
+        except Damaged as exc:
+            kept = self.keep_aside(self.journal_path, move=True)
+            self.report(f"{exc}: no deploy can be known to have been in flight; {kept}")
             return None
 
     def journal_done(self) -> str | None:
@@ -198,14 +367,9 @@ class Store:
             history.flush()
             os.fsync(history.fileno())
 
-    def history(self) -> Iterator[dict[str, Any]]:
-        """Past deploys, oldest first; a line cut by a crash is passed over."""
-        try:
-            lines = self.history_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return
-        for line in lines:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    def history(self) -> list[dict[str, Any]]:
+        """Past deploys, oldest first; lines that do not parse are passed over, and said once per read."""
+        read = read_history(self.history_path)
+        if problem := read.problem(self.history_path):
+            self.report(problem)
+        return read.entries

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from maintd.config import ConfigError, load, parse
+from maintd.config import ConfigError, FlushMode, MaintenanceWhen, RestartMethod, load, parse
 
 MINIMAL = 'app = "shop"\nroot = "/srv/shop"\n'
 
@@ -76,6 +76,73 @@ def test_errors_name_key_and_line(text, expected):
         parse(text, Path("/etc/maintd/shop.toml"))
     assert str(caught.value).startswith("/etc/maintd/shop.toml")
     assert expected in str(caught.value)
+
+
+LONG_SOCKET = "/run/maintd/" + "s" * 100 + ".sock"
+
+
+# Values the checks let through before (issue #20, item 10), each of which fails only later, mid-deploy or never.
+@pytest.mark.parametrize("text, expected", [
+    # the health check speaks HTTP to a host: anything else fails every deploy's health step
+    (MINIMAL + '[restart]\nhealth_url = "ftp://x"\n', ":4: restart.health_url must be an http:// or https:// URL"),
+    (MINIMAL + '[restart]\nhealth_url = "http:///up"\n', ":4: restart.health_url must be an http://"),
+    (MINIMAL + '[restart]\nhealth_url = "http://127.0.0.1:99999/up"\n', ":4: restart.health_url must be"),
+    (MINIMAL + '[restart]\nhealth_url = "127.0.0.1/up"\n', ":4: restart.health_url must be"),
+    # the marker and the manifest are looked for at the top of the release, by name
+    (MINIMAL + '[upload]\nmarker = "../x"\n', ":4: upload.marker must be a file name at the top of the release"),
+    (MINIMAL + '[upload]\nmanifest = "meta/SHA256SUMS"\n', ":4: upload.manifest must be a file name at the top"),
+    (MINIMAL + '[upload]\nmanifest = ".maintd-ready"\n', ":4: upload.manifest must differ from upload.marker"),
+    (MINIMAL + '[upload]\nmarker = "READY"\nmanifest = "READY"\n', ":5: upload.manifest must differ from"),
+    # the flag is a file, and not the page written beside it
+    (MINIMAL + '[maintenance]\nfile = "tmp/"\n', ":4: maintenance.file must name a file, not a directory"),
+    (MINIMAL + '[maintenance]\nfile = "."\n', ":4: maintenance.file must be a path inside the release"),
+    (MINIMAL + '[maintenance]\nfile = "tmp/maintenance.html"\n', ":4: maintenance.file must not be named"),
+    (MINIMAL + '[maintenance]\ntemplate = "etc/page.html"\n', ":4: maintenance.template must be an absolute path"),
+    # a shared "." would replace the whole release with a link
+    (MINIMAL + '[shared]\ndirs = ["."]\n', ":4: shared.dirs must be a path inside the release"),
+    # no system call takes a NUL: the hook, the environment or the path would fail mid-deploy
+    (MINIMAL + '[hooks]\nenv = { PATH = "/bin\\u0000x" }\n', ":4: hooks.env PATH must not hold a NUL character"),
+    (MINIMAL + '[hooks]\nafter_swap = [["bin/x\\u0000"]]\n', ":4: hooks.after_swap must not hold a NUL"),
+    (MINIMAL + '[state]\ndir = "/var/lib/x\\u0000"\n', ":4: state.dir must not hold a NUL"),
+    # a restart command that the method ignores
+    (MINIMAL + '[restart]\ncommand = ["kill", "-USR2", "1"]\n', ":4: restart.command would never run"),
+    (MINIMAL + '[memcached]\nservers = []\n', ':4: memcached.servers is empty, so memcached.flush = "all"'),
+    # TOML's nan and inf: a deadline that never comes
+    (MINIMAL + "[restart]\nhealth_timeout = nan\n", ":4: restart.health_timeout must be a finite number"),
+    (MINIMAL + "[upload]\nquiet_period = inf\n", ":4: upload.quiet_period must be a finite number"),
+    (MINIMAL + "[hooks]\ntimeout = inf\n", ":4: hooks.timeout must be a finite number"),
+    # memcached refuses such a key: every flush would be a warning, never a flush
+    (MINIMAL + '[memcached]\nnamespace_key = "shop cache"\n', ":4: memcached.namespace_key must be a memcached key"),
+    (MINIMAL + f'[control]\nsocket = "{LONG_SOCKET}"\n', ":4: control.socket /run/maintd/sss"),
+    ('app = "' + "a" * 100 + '"\nroot = "/srv/shop"\n', "control.socket /run/maintd/aaa"),
+])
+def test_values_that_cannot_work_name_key_and_line(text, expected):
+    with pytest.raises(ConfigError) as caught:
+        parse(text, Path("/etc/maintd/shop.toml"))
+    assert str(caught.value).startswith("/etc/maintd/shop.toml")
+    assert expected in str(caught.value)
+
+
+def test_values_near_the_impossible_ones_still_parse():
+    config = parse(MINIMAL + '[upload]\nmarker = "READY"\nmanifest = "SHA256SUMS"\n'
+                   '[restart]\nhealth_url = "https://shop.example:8443/up?from=maintd"\n'
+                   '[memcached]\nservers = []\nflush = "none"\n[maintenance]\nfile = "public/system/maintenance"\n')
+    assert (config.upload.marker, config.upload.manifest) == ("READY", "SHA256SUMS")
+    assert config.restart.health_url == "https://shop.example:8443/up?from=maintd"
+    assert config.memcached.servers == ()
+
+
+def test_choices_are_parsed_into_enum_members():
+    """Each choice is read once, here: everything else compares members, so a typo there fails mypy, not a deploy."""
+    config = parse(MINIMAL + '[maintenance]\nwhen = "migrations"\n[restart]\nmethod = "command"\ncommand = ["true"]\n'
+                   '[memcached]\nflush = "namespace"\n')
+    assert config.maintenance.when is MaintenanceWhen.MIGRATIONS
+    assert config.restart.method is RestartMethod.COMMAND
+    assert config.memcached.flush is FlushMode.NAMESPACE
+    defaults = parse(MINIMAL)
+    assert (defaults.maintenance.when, defaults.restart.method, defaults.memcached.flush) == (
+        MaintenanceWhen.ALWAYS, RestartMethod.PASSENGER, FlushMode.ALL)
+    assert defaults.memcached.flush is FlushMode.ALL
 
 
 def test_unreadable_file_is_a_clear_error(tmp_path):
