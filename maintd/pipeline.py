@@ -23,7 +23,7 @@ from typing import Any
 from . import log
 from .context import Context
 from .maintenance import Notice
-from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
+from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
 from .tree import ReleaseError
 
@@ -73,7 +73,14 @@ class Deploy:
         t0 = time.perf_counter()
         self.log.info(f"{self.kind} of release {self.release} started (live: {self.previous or 'none'})",
                       previous=self.previous)
-        records, error = self.run_steps(self.STEPS)
+        try:
+            records, error = self.run_steps(self.STEPS)
+        except Interrupted as stop:  # cluster: the daemon stops mid-wait. No undo and no outcome recorded: the
+            # journal stays, and recovery at the next start obeys the switch's decision (see waiting.py)
+            self.log.warning(str(stop), step=self.step)
+            interrupted = self.outcome(str(stop), [], t0)
+            interrupted.result = StepResult.FAILED
+            return interrupted
         if self.crash_at == "end":
             _crash()
         if not error:
