@@ -462,14 +462,20 @@ def test_an_upload_that_finds_another_switch_in_progress_is_tried_once_more_when
     cluster.upload("r2")
     late.daemon.wait_for(release="r2", step="prepare", result="failed",
                          event=lambda e: "a switch of release r1 is in progress" in e)
+
+    def refused() -> int:
+        return len([e for e in list(late.daemon.events) if e.get("release") == "r2" and e.get("step") == "prepare"
+                    and e.get("result") == "failed"])
+
+    for member in cluster.members[:2]:  # r1's switch held the cluster until here
+        assert member.daemon.deployed("r1")["result"] == "failed"
+    assert refused() == 1, f"r2 tried {refused()} times on {late.name} while r1's switch held the cluster"
     late.daemon.wait_for(release="r2", event=lambda e: "has ended" in e and "r2" in e, timeout=60)
     for member in cluster.members:
         member.daemon.wait_for(release="r2", result="ok", event=lambda e: e.startswith("deploy of release r2"),
                                timeout=60)
     cluster.assert_on("r2")
-    refused = [e for e in late.daemon.events if e.get("release") == "r2" and e.get("step") == "prepare"
-               and e.get("result") == "failed"]
-    assert len(refused) == 1, f"tried {len(refused)} times while r1's switch held the cluster"
+    assert refused() == 1
 
 
 def test_maintctl_cluster_abort_ends_a_switch_decided_but_not_finished(cluster):
