@@ -253,13 +253,14 @@ class Coordinator:
         """One consistent reading of the keys that matter now, in one round trip (two when the switch in progress
         is not known yet), after `writes` if any: the members, the abandoned releases, and the switch `switch_id`
         (default: the one in progress) with its states and decision; `switch` is None once that switch is no
-        longer the one in P/switch."""
+        longer the one in P/switch. The second round trip reads everything again: an abort between the two would
+        otherwise show its decision without the release it marked bad."""
         k = self.keys
         base = [k.alive(), k.report(), k.bad(), k.switch]
         found = self.etcd.read(base + ([k.of_switch(switch_id)] if switch_id else []), writes)
         if not switch_id and k.switch in found:
             switch_id = SwitchRecord.parse(found[k.switch]).id
-            found.update(self.etcd.read([k.of_switch(switch_id)]))
+            found = self.etcd.read([*base, k.of_switch(switch_id)])
         view = View(self.cluster.members)
         for key, value in found.items():
             if key.startswith(k.alive()):

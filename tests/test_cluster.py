@@ -259,7 +259,7 @@ def assert_abandoned(cluster: Cluster, release: str = "r1", because: str = "") -
     cluster.assert_on("r0")
     for member in cluster.members:
         bad = json.loads((member.app.state / "state.json").read_text())["releases"][release]["bad"]
-        assert because in bad, f"{member.name}: {bad}"
+        assert because in bad, f"{member.name}: {bad}\n{cluster.events_tail()}"
 
 
 def test_a_member_stopped_past_its_lease_is_gone_and_everyone_goes_back(cluster):
