@@ -1,12 +1,13 @@
 """Cluster mode (contract §7): the keys in etcd, what they say, and the one rule for what a member does next.
 
-Key layout, under `cluster.prefix` (P):
+Key layout, under `cluster.prefix` (P), spelled by `Keys` alone; every value that has fields is JSON, read and
+written by the record class named beside it:
 
     P/alive/<m>                 lease-bound: the member is there (its lease expires `lease_ttl` after it goes quiet)
-    P/members/<m>               what the member last reported: its live release and its state, for `maintctl cluster`
-    P/switch                    the switch in progress: {"id", "release", "digest", "kind", "by", "since"};
-                                created only where absent, so there is one at a time
-    P/s/<id>/state/<m>          prepared:<digest> | maintenance | hooks_done | healthy | done | back
+    P/members/<m>               `Report`: the member's live release, for `maintctl cluster`
+    P/switch                    `SwitchRecord`: the switch in progress; created only where absent, so there is one
+                                at a time, and removed once it is `finished`, so that the next may begin
+    P/s/<id>/state/<m>          `Standing`: the member's `MemberState` in that switch, with its details
     P/s/<id>/decision           go -> commit, or (absent or go) -> abort: written by one transaction each, the first
                                 writer wins, and every member obeys the record, never its own reading of the others
     P/s/<id>/go_at, /reason     when go was decided (the switch timeout runs from there); why it was aborted
@@ -57,6 +58,45 @@ FINISHED = (MemberState.DONE, MemberState.BACK)
 
 
 @dataclass(frozen=True)
+class Standing:
+    """A member's state in one switch and its details. Written only through `as_json`, so that a transaction can
+    compare a member's value with the one it expects (commit: every member `healthy`)."""
+
+    state: MemberState
+    digest: str = ""  # prepared: the digest of the release as this member has it
+    runs_hooks: bool = False  # maintenance: the primary will run before-swap hooks (the others wait for them)
+
+    def as_json(self) -> str:
+        return json.dumps({key: value for key, value in asdict(self).items() if value}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> Standing | None:
+        """None for a value this maintd cannot read: a member that holds no state it knows."""
+        fields = _json(text)
+        try:
+            return cls(MemberState(fields.pop("state", "")), **fields)
+        except (ValueError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a member last said about itself, outside any switch."""
+
+    current: str | None
+    at: float
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> Report:
+        fields = _json(text)
+        current, at = fields.get("current"), fields.get("at")
+        return cls(current if isinstance(current, str) else None, float(at) if isinstance(at, (int, float)) else 0.0)
+
+
+@dataclass(frozen=True)
 class SwitchRecord:
     id: str
     release: str
@@ -76,32 +116,38 @@ class SwitchRecord:
 
 @dataclass(frozen=True)
 class Keys:
+    """The one spelling of the key layout (see the module's docstring). Called without the member, release or
+    switch, a method gives the prefix of all its keys, for a range read."""
+
     prefix: str
 
-    def alive(self, member: str) -> str:
+    def alive(self, member: str = "") -> str:
         return f"{self.prefix}/alive/{member}"
 
-    def report(self, member: str) -> str:
+    def report(self, member: str = "") -> str:
         return f"{self.prefix}/members/{member}"
+
+    def bad(self, release: str = "") -> str:
+        return f"{self.prefix}/bad/{release}"
 
     @property
     def switch(self) -> str:
         return f"{self.prefix}/switch"
 
-    def state(self, switch: str, member: str) -> str:
-        return f"{self.prefix}/s/{switch}/state/{member}"
+    def of_switch(self, switch: str) -> str:
+        return f"{self.prefix}/s/{switch}/"
+
+    def state(self, switch: str, member: str = "") -> str:
+        return f"{self.of_switch(switch)}state/{member}"
 
     def decision(self, switch: str) -> str:
-        return f"{self.prefix}/s/{switch}/decision"
+        return f"{self.of_switch(switch)}decision"
 
     def go_at(self, switch: str) -> str:
-        return f"{self.prefix}/s/{switch}/go_at"
+        return f"{self.of_switch(switch)}go_at"
 
     def reason(self, switch: str) -> str:
-        return f"{self.prefix}/s/{switch}/reason"
-
-    def bad(self, release: str) -> str:
-        return f"{self.prefix}/bad/{release}"
+        return f"{self.of_switch(switch)}reason"
 
 
 @dataclass(frozen=True)
@@ -118,34 +164,37 @@ class View:
 
     members: tuple[str, ...]
     alive: set[str] = field(default_factory=set)
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reports: dict[str, Report] = field(default_factory=dict)
     switch: SwitchRecord | None = None
-    states: dict[str, str] = field(default_factory=dict)  # of the switch in progress (or the one asked about)
+    states: dict[str, Standing] = field(default_factory=dict)  # in the switch in progress (or the one asked about)
     decision: Decision | None = None
     go_at: float | None = None
     reason: str = ""
     bad: dict[str, str] = field(default_factory=dict)
 
     def state_of(self, member: str) -> MemberState | None:
-        raw = self.states.get(member, "")
-        try:
-            return MemberState(raw.split(":", 1)[0])
-        except ValueError:
-            return None
-
-    def detail_of(self, member: str) -> str:
-        return self.states.get(member, "").partition(":")[2]
+        standing = self.states.get(member)
+        return standing.state if standing else None
 
     def digest_of(self, member: str) -> str:
-        return self.detail_of(member) if self.state_of(member) is MemberState.PREPARED else ""
+        standing = self.states.get(member)
+        return standing.digest if standing and standing.state is MemberState.PREPARED else ""
+
+    def runs_hooks(self, member: str) -> bool:
+        standing = self.states.get(member)
+        return bool(standing and standing.runs_hooks)
 
     def all_in(self, states: tuple[MemberState, ...]) -> bool:
         return all(self.state_of(m) in states for m in self.members)
 
     def finished(self) -> bool:
-        """The switch is decided for good and every member still there is through with it."""
+        """The switch is decided for good and every member still there is through with it. After an abort, a
+        member that holds no state in it never joined (it was away, or the release had not reached it yet): it has
+        nothing to undo, so it is through too. Waiting for it would hold the cluster for ever: nothing it does
+        later writes a state into a switch decided without it."""
+        through = (*FINISHED, None) if self.decision is Decision.ABORT else FINISHED
         return self.decision in (Decision.COMMIT, Decision.ABORT) and all(
-            self.state_of(m) in FINISHED for m in self.members if m in self.alive)
+            self.state_of(m) in through for m in self.members if m in self.alive)
 
     def as_json(self, me: str) -> dict[str, Any]:
         """`maintctl cluster --json`: every member (alive or not, its live release, its state in the switch) and
@@ -153,10 +202,10 @@ class View:
         active = self.switch is not None and not self.finished()
         members = []
         for name in self.members:
-            report = self.reports.get(name, {})
-            state = self.states.get(name, "not prepared").split(":", 1)[0] if active else report.get("state", "idle")
-            members.append({"name": name, "alive": name in self.alive, "current": report.get("current"),
-                            "state": state})
+            state = self.state_of(name)
+            report = self.reports.get(name)
+            members.append({"name": name, "alive": name in self.alive, "current": report.current if report else None,
+                            "state": str(state) if active and state else "not prepared" if active else "idle"})
         switch = None
         if self.switch:
             switch = {**asdict(self.switch), "decision": self.decision, "reason": self.reason or None,
@@ -197,32 +246,34 @@ class Coordinator:
         self.etcd = etcd
         self.keys = Keys(cluster.prefix)
         self.me = cluster.member
+        # Set when the daemon stops: every wait on etcd or on the other members ends then (see waiting.py).
+        self.stopping = threading.Event()
 
     def view(self, switch_id: str | None = None, writes: tuple[dict[str, Any], ...] = ()) -> View:
         """One consistent reading of the keys that matter now, in one round trip (two when the switch in progress
         is not known yet), after `writes` if any: the members, the abandoned releases, and the switch `switch_id`
         (default: the one in progress) with its states and decision; `switch` is None once that switch is no
-        longer the one in P/switch."""
-        p, k = self.cluster.prefix, self.keys
-        base = [f"{p}/alive/", f"{p}/members/", f"{p}/bad/", k.switch]
-        found = self.etcd.read(base + ([f"{p}/s/{switch_id}/"] if switch_id else []), writes)
+        longer the one in P/switch. The second round trip reads everything again: an abort between the two would
+        otherwise show its decision without the release it marked bad."""
+        k = self.keys
+        base = [k.alive(), k.report(), k.bad(), k.switch]
+        found = self.etcd.read(base + ([k.of_switch(switch_id)] if switch_id else []), writes)
         if not switch_id and k.switch in found:
             switch_id = SwitchRecord.parse(found[k.switch]).id
-            found.update(self.etcd.read([f"{p}/s/{switch_id}/"]))
+            found = self.etcd.read([*base, k.of_switch(switch_id)])
         view = View(self.cluster.members)
         for key, value in found.items():
-            head, _, tail = key[len(p) + 1:].partition("/")
-            if head == "alive":
-                view.alive.add(tail)
-            elif head == "members":
-                view.reports[tail] = _json(value)
-            elif head == "bad":
-                view.bad[tail] = value
+            if key.startswith(k.alive()):
+                view.alive.add(key.removeprefix(k.alive()))
+            elif key.startswith(k.report()):
+                view.reports[key.removeprefix(k.report())] = Report.parse(value)
+            elif key.startswith(k.bad()):
+                view.bad[key.removeprefix(k.bad())] = value
             elif key == k.switch:
                 record = SwitchRecord.parse(value)
                 view.switch = record if record.id == switch_id else None  # another switch is not this one's
-            elif switch_id and key.startswith(f"{p}/s/{switch_id}/state/"):
-                view.states[key.rsplit("/", 1)[1]] = value
+            elif switch_id and key.startswith(k.state(switch_id)) and (standing := Standing.parse(value)):
+                view.states[key.removeprefix(k.state(switch_id))] = standing
         if switch_id:
             decision = found.get(k.decision(switch_id))
             view.decision = Decision(decision) if decision else None
@@ -231,17 +282,17 @@ class Coordinator:
             view.reason = found.get(k.reason(switch_id), "")
         return view
 
-    def set_state(self, switch_id: str, state: MemberState, detail: str = "") -> View:
+    def set_state(self, switch_id: str, standing: Standing) -> View:
         """Record this member's state in the switch, and read the others' in the same round trip."""
-        value = f"{state}:{detail}" if detail else str(state)
-        return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), value),))
+        return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), standing.as_json()),))
 
     def begin(self, record: SwitchRecord) -> bool:
         """Create the switch where none is in progress; whether this member's record is the one."""
         return self.etcd.txn([Compare.absent(self.keys.switch)], [put_op(self.keys.switch, record.as_json())])
 
     def end(self, record: SwitchRecord) -> bool:
-        """Remove a finished switch, if it is still this one, so that the next may begin."""
+        """Remove a finished switch, if it is still this one, so that the next may begin (or, by hand, one decided
+        but not finished: a member still in it obeys the decision kept under P/s/<id>/)."""
         key = self.keys.switch
         return self.etcd.txn([Compare.equals(key, record.as_json())], [delete_op(key)])
 
@@ -255,16 +306,16 @@ class Coordinator:
         if move.decision is Decision.COMMIT:
             return self.etcd.txn([Compare.equals(decision, Decision.GO),
                                   *[Compare.present(k.alive(m)) for m in members],
-                                  *[Compare.equals(k.state(switch_id, m), MemberState.HEALTHY) for m in members]],
+                                  *[Compare.equals(k.state(switch_id, m), Standing(MemberState.HEALTHY).as_json())
+                                    for m in members]],
                                  [put_op(decision, Decision.COMMIT)])
         abort = [put_op(decision, Decision.ABORT), put_op(k.reason(switch_id), move.reason),
                  put_op(k.bad(release), move.reason)]
         return (self.etcd.txn([Compare.absent(decision)], abort)
                 or self.etcd.txn([Compare.equals(decision, Decision.GO)], abort))
 
-    def report(self, current: str | None, state: str) -> None:
-        self.etcd.put(self.keys.report(self.me), json.dumps({"current": current, "state": state,
-                                                             "at": time.time()}))
+    def report(self, current: str | None) -> None:
+        self.etcd.put(self.keys.report(self.me), Report(current, time.time()).as_json())
 
 
 class Membership(threading.Thread):

@@ -167,6 +167,9 @@ def show_paused(result: Mapping[str, Any]) -> str:
 def show_cluster(c: Mapping[str, Any]) -> str:
     if "aborted" in c:
         return f"switch {c['aborted']['id']} of release {c['aborted']['release']} aborted"
+    if "ended" in c:
+        return (f"switch {c['ended']['id']} of release {c['ended']['release']} was decided already "
+                f"({c['ended']['decision']}): ended; a member still in it finishes by that decision")
     members = table(["MEMBER", "ALIVE", "CURRENT", "STATE"],
                     [[m["name"] + (" (this one)" if m["name"] == c["member"] else ""), "yes" if m["alive"] else "NO",
                       m["current"] or "-", m["state"]] for m in c["members"]])

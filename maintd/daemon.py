@@ -112,6 +112,8 @@ class Daemon:
             chores.append(self.tasks.spawn(self._keep_watchdog_fed(interval)))
         await self.stopping.wait()
         self.runner.accepting = False
+        if self.coordinator:  # a switch's waits end now; recovery at the next start obeys the decision
+            self.coordinator.stopping.set()
         self.notifier.stopping()
         self.log.info("stopping" + (" after the deploy in progress" if self.runner.current else ""))
         for chore in chores:

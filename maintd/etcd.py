@@ -98,10 +98,6 @@ class Etcd:
             return result
         raise EtcdUnavailable("etcd did not answer (" + "; ".join(problems) + ")")
 
-    def get(self, key: str) -> str | None:
-        values = self._call(lambda client: client.get(key))
-        return values[0].decode() if values else None
-
     def read(self, wanted: list[str], writes: tuple[dict[str, Any], ...] = ()) -> dict[str, str]:
         """Several keys and prefixes (those ending in "/") in one round trip, as one consistent snapshot: a
         transaction with no condition whose every operation is a range read, after `writes` (put_op), if any:
@@ -117,9 +113,6 @@ class Etcd:
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self.txn([], [put_op(key, value, lease)])
-
-    def delete(self, key: str) -> None:
-        self._call(lambda client: client.delete(key))
 
     def txn(self, compare: list[Compare], success: list[dict[str, Any]]) -> bool:
         """One transaction: `success` happens if every `compare` holds; whether it did. etcd serialises them, so

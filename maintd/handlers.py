@@ -125,7 +125,9 @@ async def flush(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) ->
 @handles("cluster")
 async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
     """Every member and the switch in progress, read from etcd; `abort` records the decision abort (while there is
-    none yet, or it is go), which every member obeys."""
+    none yet, or it is go), which every member obeys. A switch decided already but not finished (a member not
+    through with it) is ended instead: its record removed, so that the next may begin; a member still in it
+    obeys the decision, which stays, and cannot join the next switch before it is through."""
     co = daemon.coordinator
     if co is None:
         raise Refused("this maintd is not in cluster mode (its config has no [cluster] table)")
@@ -134,10 +136,14 @@ async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
         if args["action"] == "show":
             return view.as_json(co.me)
         switch = view.switch
-        if switch is None or view.finished():
+        if switch is None:
             raise Refused("no switch is in progress")
         if view.decision in (Decision.COMMIT, Decision.ABORT):
-            raise Refused(f"switch {switch.id} is decided already: {view.decision}")
+            if not await asyncio.to_thread(co.end, switch):
+                raise Refused(f"switch {switch.id} ended meanwhile; see `maintctl cluster`")
+            daemon.log.warning(f"switch {switch.id} of release {switch.release}, decided already ({view.decision}), "
+                               f"ended by {peer.name} on {co.me}", switch_id=switch.id, actor=peer.name)
+            return {"ended": {"id": switch.id, "release": switch.release, "decision": view.decision}}
         reason = f"aborted by {peer.name} on {co.me}"
         if not await asyncio.to_thread(co.decide, switch.id, Move(Decision.ABORT, reason), switch.release,
                                        time.time()):

@@ -4,7 +4,8 @@ A switch begins on whichever member first has the release complete (or where an 
 other member learns of it here, by reading the keys a few times a second, and joins as soon as the release is
 complete on it too; a release that is refused here aborts the switch at once instead of leaving the others waiting
 for `prepare_timeout`. A release the cluster abandoned is marked bad here too, whether it is already here or comes
-later, so it is never deployed automatically.
+later, so it is never deployed automatically. An upload whose deploy could not begin while another switch held the
+cluster is tried again here, once, when that switch has ended.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import time
 
 from . import log
-from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, View
+from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, Standing, View
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
 from .results import UPLOAD_ACTOR, DeployKind, Refused
@@ -42,8 +43,7 @@ class Joiner:
             self._mark_abandoned(view)
             self._settle(view)
             self._maybe_join(view)
-            if view.switch is None or view.finished():
-                self.runner.kick()  # an upload that could not begin its switch while another ran, begins it now
+            self._retry_held_back(view)
 
     def _mark_abandoned(self, view: View) -> None:
         for release, reason in view.bad.items():
@@ -68,9 +68,20 @@ class Joiner:
 
     def _sign_off(self, switch_id: str, state: MemberState) -> None:
         try:
-            self.co.set_state(switch_id, state)
+            self.co.set_state(switch_id, Standing(state))
         except EtcdUnavailable:
             pass
+
+    def _retry_held_back(self, view: View) -> None:
+        """An upload that could not begin its switch while another switch held the cluster is taken again once
+        that switch has ended (its record gone or another's, or finished: the next begin removes it), not before."""
+        held = self.runner.held_back
+        for release, holder in list(held.items()):
+            if view.switch is None or view.switch.id != holder or view.finished():
+                del held[release]
+                self.inventory.store.record(release).auto_considered = False
+                self.log.info(f"switch {holder} has ended: release {release} is tried again", release=release)
+                self.runner.kick()
 
     def _maybe_join(self, view: View) -> None:
         switch, me = view.switch, self.co.me

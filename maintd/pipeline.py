@@ -26,7 +26,7 @@ from .config import MaintenanceWhen
 from .confined import PathRefused
 from .context import Context
 from .maintenance import Notice
-from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord, StepResult
+from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
 from .steps import LONE, Ending, Fault, Step
 from .tree import ReleaseError
@@ -77,7 +77,14 @@ class Deploy:
         t0 = time.perf_counter()
         self.log.info(f"{self.kind} of release {self.release} started (live: {self.previous or 'none'})",
                       previous=self.previous)
-        records, error = self.run_steps(self.STEPS)
+        try:
+            records, error = self.run_steps(self.STEPS)
+        except Interrupted as stop:  # cluster: the daemon stops mid-wait. No undo and no outcome recorded: the
+            # journal stays, and recovery at the next start obeys the switch's decision (see waiting.py)
+            self.log.warning(str(stop), step=self.step)
+            interrupted = self.outcome(str(stop), [], t0)
+            interrupted.result = StepResult.FAILED
+            return interrupted
         if self.crash_at == "end":
             _crash()
         if not error:
@@ -141,6 +148,8 @@ class Deploy:
             message, result, fault = str(exc), StepResult.FAILED, Fault.RELEASE
         except OSError as exc:  # the server: a full disk, permissions, a missing shared path, too many files
             message, result, fault = _describe(exc), StepResult.FAILED, Fault.SERVER
+        except Interrupted:  # the daemon stops while a cluster member waits: not a failure (see `run`)
+            raise
         except Exception as exc:
             message, result, fault = f"unexpected error: {exc!r}", StepResult.FAILED, Fault.SERVER
             output = traceback.format_exc()

@@ -7,7 +7,8 @@ tree says the rest. `current` is only ever replaced by an fsynced rename, so it 
 - otherwise (or if one of those fails): the deploy's own undo: back to the previous release, restarted and flushed,
   out of maintenance, and the release marked bad, so an upload that kills maintd cannot make it crash in a loop.
 In a cluster the switch's decision in etcd decides instead: forward after `commit`; after anything else the switch is
-aborted (if nobody has yet: this member failed it by crashing) and undone.
+aborted (if nobody has yet: this member failed it by crashing) and undone. A deploy that a stop interrupted while it
+waited (`Interrupted`) is recovered the same way.
 After-swap hooks are not run again: a hook that killed maintd would kill it on every start.
 The outcome is one `recovery` log entry and one history entry, beside the steps' own entries.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from .cluster import Coordinator, Decision, SwitchRecord
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
-from .results import DeployKind, Outcome, StepResult
+from .results import DeployKind, Interrupted, Outcome, StepResult
 from .state import InFlight, MaintenanceOwner
 from .steps import FINISH, Ending, Fault, Step
 from .switch import ClusterDeploy
@@ -28,8 +29,9 @@ from .switch import ClusterDeploy
 
 def recover(ctx: Context, coordinator: Coordinator | None = None,
             on_start: Callable[[Deploy], object] | None = None) -> Outcome | None:
-    """Finish or undo the deploy the journal names; None when none was in flight. In a cluster, the switch's
-    recorded decision says which (waiting for etcd as long as it takes), never this member's own reading."""
+    """Finish or undo the deploy the journal names; None when none was in flight, or when the daemon stopped
+    before etcd told the decision. In a cluster, the switch's recorded decision says which (waiting for etcd as
+    long as it takes), never this member's own reading."""
     inflight = ctx.store.in_flight()
     if inflight is None:
         return None
@@ -39,7 +41,11 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
         on_start(deploy)
     cut_off = f"{inflight.kind} of {inflight.release} was cut off before {inflight.step}"
     notes = [cut_off]
-    forward, problem = _forward(ctx, deploy, inflight)
+    try:
+        forward, problem = _forward(ctx, deploy, inflight)
+    except Interrupted as stop:  # the daemon stops before etcd told the decision: the journal stays for next time
+        deploy.log.warning(str(stop), step="recovery")
+        return None
     if forward:
         records, error = deploy.run_steps((*(() if deploy.swapped else (Step.SWAP,)), *FINISH))
         notes += [r.message for r in records]
@@ -47,6 +53,8 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
             notes.append(f"finished forward: {inflight.release} is live")
     else:
         error = f"deploy cut off before {inflight.step}" + (f"; {problem}" if problem else "")
+        if problem:  # why it goes back: in a cluster, the switch's decision
+            notes.append(problem)
         if not deploy.swapped:
             notes.append(f"{ctx.tree.live() or 'no release'} stayed live")
         # Held against the release, whatever killed maintd: one that does (a hook eating memory until the OOM killer
@@ -74,7 +82,7 @@ def _forward(ctx: Context, deploy: Deploy, inflight: InFlight) -> tuple[bool, st
     if isinstance(deploy, ClusterDeploy):
         if not inflight.switch:
             return False, "cut off before joining the switch"
-        view = deploy.keep_trying(lambda: deploy.co.view(inflight.switch), "read the switch's decision")
+        view = deploy.waits.keep_trying(lambda: deploy.co.view(inflight.switch), "to read the switch's decision")
         if view.decision is Decision.COMMIT:
             deploy.committed = True
             return True, ""

@@ -49,6 +49,11 @@ class StepFailed(Exception):
         self.fault = fault
 
 
+class Interrupted(Exception):
+    """The daemon stops while a cluster member waits (for etcd, for the others): the deploy ends here, neither
+    undone nor closed, and recovery at the next start obeys the switch's decision. The message says what it left."""
+
+
 @dataclass(frozen=True)
 class StepRecord:
     step: str

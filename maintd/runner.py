@@ -40,6 +40,9 @@ class DeployRunner:
         self._outcome: asyncio.Future[Outcome] | None = None
         # The outcome of the deploy that ran last, if maintd started it by itself (an upload's, a cluster switch's)
         self.last_automatic: Outcome | None = None
+        # Automatic deploys that could not begin while another switch held the cluster: release -> that switch's id.
+        # The joiner tries each again once that switch has ended, not before (joiner.py)
+        self.held_back: dict[str, str] = {}
 
     @property
     def busy(self) -> bool:
@@ -109,8 +112,9 @@ class DeployRunner:
             self.last_automatic = outcome if automatic else None
             if deploy.blame:
                 self.inventory.complete.pop(name, None)
-            else:  # it could not start (another release was switching): an upload's deploy is tried again
-                self.ctx.store.record(name).auto_considered = False
+            elif automatic and isinstance(deploy, ClusterDeploy):
+                # It could not begin while another switch held the cluster: tried again once that one has ended
+                self.held_back[name] = deploy.held_by
         return outcome
 
     def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep) -> Deploy:

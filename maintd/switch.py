@@ -4,26 +4,37 @@
 the primary runs (after every member is in maintenance; the others wait for it), and a check of the decision
 before the swap. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
 transaction the rule says (`View.next_move`). While etcd cannot be reached it waits, never guessing: before
-maintenance nothing has happened, and in maintenance nobody can leave it without the decision.
+maintenance nothing has happened, and in maintenance nobody can leave it without the decision. How it waits, and
+how a wait ends when the daemon stops, is `waiting.Waiting`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
-from .cluster import IN_MAINTENANCE, POLL_FIRST, POLL_MOST, Coordinator, Decision, MemberState, Move, SwitchRecord, View
+from .cluster import (
+    IN_MAINTENANCE,
+    POLL_FIRST,
+    POLL_MOST,
+    Coordinator,
+    Decision,
+    MemberState,
+    Move,
+    Standing,
+    SwitchRecord,
+    View,
+)
 from .config import Cluster
 from .context import Context
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy, OnStep, new_deploy_id
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
-from .steps import SWITCH
+from .state import MaintenanceOwner
+from .steps import SWITCH, Fault
+from .waiting import Waiting
 
-T = TypeVar("T")
 FRESH = 0.05  # seconds for which the decision a wait just read stands in for reading it again
-UNREACHABLE_PAUSE = 0.5  # seconds between two tries while etcd does not answer
 
 
 class ClusterDeploy(Deploy):
@@ -38,7 +49,8 @@ class ClusterDeploy(Deploy):
         self.switch: SwitchRecord | None = None
         self.planned_id = new_deploy_id()
         self.committed = False
-        self._unreachable = ""
+        self.held_by = ""  # the switch that held the cluster when this one could not begin
+        self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
 
@@ -61,7 +73,8 @@ class ClusterDeploy(Deploy):
             pass
         self.log = self.log.bind(switch_id=self.planned_id)
         outcome = super().run()
-        self._report_member()
+        if not self.co.stopping.is_set():  # not worth a wait for etcd while stopping
+            self._report_member()
         return outcome
 
     def leave(self) -> None:
@@ -69,7 +82,7 @@ class ClusterDeploy(Deploy):
         over: the site is out of maintenance already, and the joiner signs a switch off later if this could not."""
         if self.switch:
             try:
-                self.co.set_state(self.switch_id, MemberState.DONE)
+                self.co.set_state(self.switch_id, Standing(MemberState.DONE))
             except EtcdUnavailable:
                 return
             self._finish_switch()
@@ -78,44 +91,45 @@ class ClusterDeploy(Deploy):
 
     def prepare(self) -> str:
         digest = self.ctx.tree.digest(self.release, self.ctx.written_by_maintd())
-        self.switch = self.keep_trying(lambda: self._join_or_begin(digest), "begin or join the switch")
+        self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
         self.log = self.log.bind(switch_id=self.switch.id)
-        self._say(MemberState.PREPARED, digest)
-        self._await(lambda view: view.decision is Decision.GO, "every member to prepare the release")
+        self._say(Standing(MemberState.PREPARED, digest=digest))
+        self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
         return f"every member prepared release {self.release} ({digest[:12]}): go"
 
     def maintenance_on(self) -> str:
         try:
             return super().maintenance_on()
-        finally:  # skipped or not, the others learn that this member is ready to swap; a primary without hooks
-            # says so, and the others need not wait for it to have run none
-            self._say(MemberState.MAINTENANCE, "" if self._runs_hooks() else "nohooks")
+        finally:  # skipped or not, the others learn that this member is ready to swap; the primary says whether
+            # it has hooks to run, and when it has none, the others need not wait for it to have run none
+            self._say(Standing(MemberState.MAINTENANCE, runs_hooks=self._runs_hooks()))
 
     def hooks_before(self) -> str:
         primary = self.cluster.primary
         if self.cluster.member != primary:
             self._await(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
                                                                  MemberState.DONE)
-                        or (view.detail_of(primary) == "nohooks" and view.all_in(IN_MAINTENANCE)),
-                        f"the primary, {primary}, to run the before-swap hooks")
+                        or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
+                            and view.all_in(IN_MAINTENANCE)),
+                        f"for the primary, {primary}, to run the before-swap hooks")
             raise Skipped(f"the before-swap hooks are run by the primary, {primary}")
-        self._await(lambda view: view.all_in(IN_MAINTENANCE), "every member to be in maintenance")
+        self._await(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
         try:
             return super().hooks_before()
         finally:
-            self._say(MemberState.HOOKS_DONE)
+            self._say(Standing(MemberState.HOOKS_DONE))
 
     def swap(self) -> str:
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
         # the primary ran its hooks stops every member here.
         at, decision = self._seen
         if decision is not Decision.GO or time.monotonic() - at > FRESH:
-            self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "the decision")
+            self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "for the decision")
         return super().swap()
 
     def commit(self) -> str:
-        self._say(MemberState.HEALTHY)
-        self._await(lambda view: view.decision is Decision.COMMIT, "every member to be healthy")
+        self._say(Standing(MemberState.HEALTHY))
+        self._await(lambda view: view.decision is Decision.COMMIT, "for every member to be healthy")
         self.committed = True
         return "every member swapped and is healthy: committed"
 
@@ -125,10 +139,11 @@ class ClusterDeploy(Deploy):
         """A failure before commit aborts the switch for every member (if none has yet), then goes back here."""
         if self.blame:
             self.abort(error)
+            self.fault = Fault.RELEASE  # contract §7: an aborted switch marks the release bad on every member
         record = super().undo(error)
         if self.switch:
             try:
-                self.co.set_state(self.switch_id, MemberState.BACK)
+                self.co.set_state(self.switch_id, Standing(MemberState.BACK))
             except EtcdUnavailable:
                 pass  # the decision is what counts; recovery and the others read that
             self._finish_switch()
@@ -172,7 +187,7 @@ class ClusterDeploy(Deploy):
             elif view.switch.release == self.release and view.decision is None:
                 return view.switch
             else:
-                self.blame = False  # not this release's fault: it may be switched later
+                self.blame, self.held_by = False, view.switch.id  # not this release's fault: it may switch later
                 raise StepFailed(f"a switch of release {view.switch.release} is in progress "
                                  f"({view.decision or 'preparing'})")
 
@@ -184,58 +199,44 @@ class ClusterDeploy(Deploy):
         while True:
             try:
                 view, self._said = self._said or self.co.view(self.switch.id), None
+                self._seen = (time.monotonic(), view.decision)
                 move = view.next_move(self.cluster, time.time())
                 if move and self.co.decide(self.switch.id, move, self.release, time.time()):
                     self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
                                   switch_id=self.switch.id, decision=str(move.decision))
                     continue
             except EtcdUnavailable as exc:
-                self._unreachable_for(what, exc)
+                self.waits.unanswered(what, exc)
                 continue
-            self._reachable()
+            self.waits.answered()
             if view.decision is Decision.ABORT:
                 raise StepFailed(f"the switch was aborted: {view.reason}")
             if ready(view):
-                self.waiting = ""
-                self._seen = (time.monotonic(), view.decision)
+                self.waits.over()
                 return view
-            self.waiting = f"waiting for {what}"
             # After go every member is in (or entering) maintenance and every wait is inside the window: read at
             # the quickest pace. Before it, slow down while nothing changes.
-            seen = (view.decision, sorted(view.states.items()), sorted(view.alive))
+            seen = (view.decision, dict(view.states), frozenset(view.alive))
             quiet = seen == last and view.decision is None
             pause, last = (min(POLL_MOST, pause * 1.5) if quiet else POLL_FIRST), seen
-            time.sleep(pause)
+            self.waits.pause(pause, what)
 
-    def _say(self, state: MemberState, detail: str = "") -> None:
+    def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
-        self._said = self.keep_trying(lambda: self.co.set_state(self.switch_id, state, detail), f"record {state}")
+        self._said = self.waits.keep_trying(lambda: self.co.set_state(self.switch_id, standing),
+                                            f"to record {standing.state}")
 
     def _runs_hooks(self) -> bool:
         return self.cluster.member == self.cluster.primary and bool(self.cfg.hooks.before_swap)
 
-    def keep_trying(self, action: Callable[[], T], what: str) -> T:
-        while True:
-            try:
-                result = action()
-            except EtcdUnavailable as exc:
-                self._unreachable_for(what, exc)
-                continue
-            self._reachable()
-            return result
-
-    def _unreachable_for(self, what: str, exc: EtcdUnavailable) -> None:
-        if not self._unreachable:
-            self.log.error(f"etcd cannot be reached; waiting to {what}, never guessing: {exc}",
-                           switch_id=self.switch_id)
-        self._unreachable = str(exc)
-        self.waiting = f"etcd unreachable: waiting to {what}"
-        time.sleep(UNREACHABLE_PAUSE)
-
-    def _reachable(self) -> None:
-        if self._unreachable:
-            self.log.info("etcd answers again", switch_id=self.switch_id)
-            self._unreachable = ""
+    def _left(self) -> str:
+        """What this member leaves behind if it stops now, in words, for the line that says so."""
+        maintenance = "not in maintenance" if self.maintenance is MaintenanceOwner.NONE else "in maintenance"
+        live = f"current -> releases/{self.ctx.tree.live() or 'none'}" + (" (swapped)" if self.swapped else "")
+        decision = self._seen[1]
+        switch = (f"switch {self.switch_id} " + (f"last read as {decision}" if decision else "undecided")
+                  if self.switch else "in no switch yet")
+        return f"{maintenance}, {live}, {switch}"
 
     def _finish_switch(self) -> None:
         """The last member through a decided switch removes it, so that the next may begin."""
@@ -248,6 +249,6 @@ class ClusterDeploy(Deploy):
 
     def _report_member(self) -> None:
         try:
-            self.co.report(self.ctx.tree.live(), "idle")
+            self.co.report(self.ctx.tree.live())
         except EtcdUnavailable:
             pass

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
+from etcd_proxy import EtcdProxy
 
 from conftest import BIN, App, Daemon, maintctl, wait_until
 
@@ -83,12 +84,16 @@ class Cluster:
         self.etcd = etcd
         self.prefix = f"/maintd/test-{base.name}"
         self.members = [Member(name, App(base / name, memcached)) for name in MEMBERS]
+        self.proxies: dict[str, EtcdProxy] = {}  # members that reach etcd through a proxy the test can cut
 
     def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
-                  extra: str = "", **per_member: str) -> None:
-        """Every member's config: the restart command does nothing (the trees run no app), and `per_member` adds
-        tables to one member's."""
+                  extra: str = "", proxied: tuple[str, ...] = (), **per_member: str) -> None:
+        """Every member's config: the restart command does nothing (the trees run no app), `per_member` adds
+        tables to one member's, and the members `proxied` reach etcd through a proxy of their own (`proxies`)."""
+        for name in proxied:
+            self.proxies[name] = EtcdProxy(self.etcd.client[self.etcd.names[0]])
         for member in self.members:
+            endpoints = [self.proxies[member.name].url] if member.name in proxied else self.etcd.endpoints
             member.app.write_config(extra + per_member.get(member.name, "") + """
 [restart]
 method = "command"
@@ -96,7 +101,7 @@ command = ["true"]""" + f"""
 [cluster]
 members = {json.dumps(list(MEMBERS))}
 member = "{member.name}"
-etcd = {json.dumps(self.etcd.endpoints)}
+etcd = {json.dumps(endpoints)}
 prefix = "{self.prefix}"
 lease_ttl = {lease_ttl}
 prepare_timeout = {prepare_timeout}
@@ -122,6 +127,13 @@ switch_timeout = {switch_timeout}
             assert (member.app.current / "REVISION").read_text().strip() == release
             assert not (member.app.current / "tmp" / "maintenance.txt").exists(), f"{member.name} in maintenance"
 
+    def keys(self, under: str) -> str:
+        """What etcd holds under the cluster's prefix + `under`, as etcdctl prints it (keys and values)."""
+        return self.etcd.etcdctl("get", "--prefix", f"{self.prefix}/{under}").stdout
+
+    def alive(self, name: str) -> bool:
+        return bool(self.keys(f"alive/{name}"))
+
     def events_tail(self, count: int = 25) -> str:
         """What each member said last, for a failure's message."""
         return "\n".join(f"{m.name}: {json.dumps(e)}" for m in self.members if m.daemon
@@ -131,6 +143,8 @@ switch_timeout = {switch_timeout}
         for member in self.members:
             if member.daemon:
                 member.daemon.stop(signal.SIGKILL)
+        for proxy in self.proxies.values():
+            proxy.stop()
 
 
 @pytest.fixture
@@ -245,7 +259,7 @@ def assert_abandoned(cluster: Cluster, release: str = "r1", because: str = "") -
     cluster.assert_on("r0")
     for member in cluster.members:
         bad = json.loads((member.app.state / "state.json").read_text())["releases"][release]["bad"]
-        assert because in bad, f"{member.name}: {bad}"
+        assert because in bad, f"{member.name}: {bad}\n{cluster.events_tail()}"
 
 
 def test_a_member_stopped_past_its_lease_is_gone_and_everyone_goes_back(cluster):
@@ -398,3 +412,122 @@ def test_maintd_check_checks_the_cluster_table_and_etcd(cluster, etcd):
     app.config.write_text(app.config.read_text().replace('member = "m1"', 'member = "m9"'))
     done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
     assert done.returncode == 1 and "cluster.member 'm9' is not one of members (m1, m2, m3)" in done.stderr
+
+
+def take_away(cluster: Cluster, member: Member, how: str) -> None:
+    """`member` gone to the others: its maintd killed, or cut off from etcd by its proxy while it runs."""
+    if how == "killed":
+        member.daemon.stop(signal.SIGKILL)
+    elif how == "refused":
+        cluster.proxies[member.name].refuse()
+    else:
+        cluster.proxies[member.name].silence()
+    wait_until(lambda: not cluster.alive(member.name), 30, f"{member.name}'s lease to expire")
+
+
+def bring_back(cluster: Cluster, member: Member, how: str) -> None:
+    if how == "killed":
+        member.start()
+    else:
+        cluster.proxies[member.name].forward()
+    wait_until(lambda: cluster.alive(member.name), 30, f"{member.name} alive again")
+
+
+@pytest.mark.parametrize("how", ["killed", "refused", "unanswered"])
+def test_a_switch_aborted_while_a_member_was_away_ends_and_the_next_release_goes_live(cluster, how):
+    away = cluster.members[2]
+    go_live(cluster, proxied=(away.name,))
+    take_away(cluster, away, how)
+    # r1 reaches m1 alone first: m1 begins its switch and aborts it (m3 is gone) before any other member joined;
+    # m2 gets r1 only then, and agrees that it is bad.
+    cluster.upload("r1", to=("m1",))
+    assert cluster.members[0].daemon.deployed("r1")["result"] == "failed"
+    cluster.upload("r1", to=("m2",))
+    cluster.members[1].daemon.wait_for(release="r1", event=lambda e: "abandoned" in e)
+    bring_back(cluster, away, how)
+    wait_until(lambda: not cluster.keys("switch"), 30, "the aborted switch to end")
+    cluster.upload("r2")
+    outcomes = cluster.deployed("r2")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r2")
+    held = [e for m in cluster.members for e in m.daemon.events if "is in progress" in e["event"]]
+    assert not held, held[:3]
+
+
+def test_an_upload_that_finds_another_switch_in_progress_is_tried_once_more_when_that_one_ends(cluster):
+    go_live(cluster, prepare_timeout=4.0)
+    late = cluster.members[2]
+    cluster.upload("r1", to=("m1", "m2"))  # r1 never reaches m3: its switch waits for prepare_timeout, then ends
+    late.daemon.wait_for(event=lambda e: "waits for release r1 to be uploaded here" in e)
+    cluster.upload("r2")
+    late.daemon.wait_for(release="r2", step="prepare", result="failed",
+                         event=lambda e: "a switch of release r1 is in progress" in e)
+
+    def refused() -> int:
+        return len([e for e in list(late.daemon.events) if e.get("release") == "r2" and e.get("step") == "prepare"
+                    and e.get("result") == "failed"])
+
+    for member in cluster.members[:2]:  # r1's switch held the cluster until here
+        assert member.daemon.deployed("r1")["result"] == "failed"
+    assert refused() == 1, f"r2 tried {refused()} times on {late.name} while r1's switch held the cluster"
+    late.daemon.wait_for(release="r2", event=lambda e: "has ended" in e and "r2" in e, timeout=60)
+    for member in cluster.members:
+        member.daemon.wait_for(release="r2", result="ok", event=lambda e: e.startswith("deploy of release r2"),
+                               timeout=60)
+    cluster.assert_on("r2")
+    assert refused() == 1
+
+
+def test_maintctl_cluster_abort_ends_a_switch_decided_but_not_finished(cluster):
+    primary = hold_at_primary_hook(cluster)
+    maintctl(cluster.members[2].app, "cluster", "abort", check_rc=0)
+    for member in cluster.members[1:]:  # back at once; the primary is still in its hook, so the switch is unfinished
+        assert member.daemon.deployed("r1")["result"] in ("failed", "rolled_back")
+    assert cluster.keys("switch")
+    done = maintctl(cluster.members[1].app, "cluster", "abort", check_rc=0)
+    assert "decided already (abort)" in done.stdout and "ended" in done.stdout, done.stdout
+    assert not cluster.keys("switch")
+    primary.app.gate.open()
+    assert_abandoned(cluster, because="aborted by root on m3")
+    cluster.upload("r2")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r2"))
+    cluster.assert_on("r2")
+
+
+def test_sigterm_while_cut_off_from_etcd_in_maintenance_ends_the_wait_and_recovery_obeys_the_decision(cluster):
+    cut = cluster.members[1]
+    primary = cluster.members[0]
+    primary.app.gate.open()
+    go_live(cluster, proxied=(cut.name,), m1=f"[hooks]\nbefore_swap = [{primary.app.gate.hook()}]\n")
+    primary.app.gate.opened.unlink()
+    cluster.upload("r1")
+    primary.app.gate.wait_entered()
+    wait_until(lambda: all((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members), 30,
+               "every member in maintenance")
+    mark = cut.daemon.mark()
+    cluster.proxies[cut.name].silence()
+    cut.daemon.wait_for(since=mark, event=lambda e: e.startswith("etcd cannot be reached; waiting"))
+    cut.daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        cut.daemon.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM did not end {cut.name}'s wait:\n{cluster.events_tail()}") from None
+    cut.daemon.reader.join(5)
+    left = cut.daemon.wait_for(since=mark, event=lambda e: e.startswith("stopping while waiting"))
+    assert "in maintenance" in left["event"] and "recovery at the next start" in left["event"], left
+    assert left.get("switch_id"), left
+    assert not any(e.get("step") in ("abort", "rollback") for e in cut.daemon.events[mark:]), "undone: a guess"
+    assert (cut.app.current / "tmp" / "maintenance.txt").exists(), "it left maintenance without the decision"
+    assert (cut.app.state / "deploy.json").exists(), "the deploy journal is gone: recovery would not know"
+    primary.app.gate.open()  # the others abort (m2 is gone) and go back
+    for member in (cluster.members[0], cluster.members[2]):
+        assert member.daemon.deployed("r1")["result"] in ("failed", "rolled_back")
+    cluster.proxies[cut.name].forward()
+    cut.start()
+    recovered = cut.daemon.wait_for(step="recovery")
+    assert "the switch was aborted: " in recovered["event"], recovered
+    wait_until(lambda: not (cut.app.current / "tmp" / "maintenance.txt").exists(), 30, f"{cut.name} out of maintenance")
+    cluster.assert_on("r0")
+    cluster.upload("r2")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r2"))
+    cluster.assert_on("r2")

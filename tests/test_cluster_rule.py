@@ -3,7 +3,7 @@ no daemon, a clock passed in, as the upload tracker is tested."""
 
 import pytest
 
-from maintd.cluster import Decision, MemberState, Move, SwitchRecord, View
+from maintd.cluster import Decision, Keys, MemberState, Move, Report, Standing, SwitchRecord, View
 from maintd.config import Cluster
 
 CLUSTER = Cluster(members=("a", "b", "c"), member="a", prefix="/p", primary="a", prepare_timeout=100.0,
@@ -13,10 +13,13 @@ SWITCH = SwitchRecord("s1", "r1", "d1", "deploy", "a", "upload", since=1000.0)
 
 def view(states: dict[str, str], decision: Decision | None = None, alive: frozenset[str] = frozenset("abc"),
          go_at: float | None = None) -> View:
-    return View(CLUSTER.members, alive=set(alive), switch=SWITCH, states=states, decision=decision, go_at=go_at)
+    """`states` as short words: "prepared:<digest>", or a state's name."""
+    standings = {m: Standing(MemberState(word.partition(":")[0]), digest=word.partition(":")[2])
+                 for m, word in states.items()}
+    return View(CLUSTER.members, alive=set(alive), switch=SWITCH, states=standings, decision=decision, go_at=go_at)
 
 
-PREPARED = {m: f"{MemberState.PREPARED}:d1" for m in "abc"}
+PREPARED = {m: "prepared:d1" for m in "abc"}
 
 
 @pytest.mark.parametrize("reading, now, move", [
@@ -48,9 +51,41 @@ def test_a_switch_is_finished_once_decided_and_every_member_there_is_through():
     assert not view({m: "done" for m in "abc"}, Decision.GO).finished()
 
 
+def test_an_abort_recorded_before_the_others_joined_is_finished():
+    """The wedge of issue #20: the member that began the switch aborted it (another was gone) before the others
+    joined; they hold no state in it and never will, so it is finished once the one that joined is back."""
+    assert view({"a": "back"}, Decision.ABORT).finished()
+    assert view({"a": "back"}, Decision.ABORT, alive={"a", "b"}).finished()  # c still away
+    assert view({}, Decision.ABORT).finished()  # aborted by an operator or a refusal before anyone prepared
+    assert not view({"a": "prepared:d1"}, Decision.ABORT).finished()  # a goes back itself, then signs off
+    assert not view({"a": "back", "b": "maintenance"}, Decision.ABORT).finished()
+    assert view({"a": "back"}, Decision.ABORT).next_move(CLUSTER, 9999.0) is None  # decided: nothing to try
+
+
+def test_a_commit_waits_for_every_member_there_even_one_without_state():
+    assert not view({"a": "done", "b": "done"}, Decision.COMMIT).finished()
+
+
+def test_a_member_state_is_json_read_in_one_place():
+    prepared = Standing(MemberState.PREPARED, digest="d1")
+    assert Standing.parse(prepared.as_json()) == prepared
+    assert Standing(MemberState.HEALTHY).as_json() == '{"state": "healthy"}'  # what commit's transaction compares
+    assert Standing.parse(Standing(MemberState.MAINTENANCE, runs_hooks=True).as_json()).runs_hooks
+    for unreadable in ("prepared:d1", "", "{}", '{"state": "lost"}', '{"state": "done", "colour": 1}', "[1]"):
+        assert Standing.parse(unreadable) is None, unreadable
+
+
+def test_every_key_of_a_switch_is_under_its_prefix():
+    keys = Keys("/p")
+    switch = keys.of_switch("s1")
+    assert all(key.startswith(switch) for key in (keys.state("s1", "a"), keys.decision("s1"), keys.go_at("s1"),
+                                                   keys.reason("s1"), keys.state("s1")))
+    assert keys.alive("a") == keys.alive() + "a" and keys.bad("r1") == keys.bad() + "r1"
+
+
 def test_maintctl_cluster_json_has_the_contract_fields():
     reading = view({"a": "maintenance", "b": "prepared:d1"}, Decision.GO, alive={"a", "b"})
-    reading.reports = {"a": {"current": "r0"}, "c": {"current": "r0"}}
+    reading.reports = {"a": Report("r0", 1000.0), "c": Report("r0", 1000.0)}
     shown = reading.as_json("a")
     assert shown["members"] == [{"name": "a", "alive": True, "current": "r0", "state": "maintenance"},
                                 {"name": "b", "alive": True, "current": None, "state": "prepared"},

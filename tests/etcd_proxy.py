@@ -1,0 +1,123 @@
+"""A TCP proxy between one maintd and an etcd member's client port, which a test cuts off while the daemon runs.
+
+Cutting a member off from etcd for real, without touching the etcd cluster that the other members keep using: the
+member's config names the proxy (`etcd = [proxy.url]`), and the proxy forwards bytes both ways until the test says
+`refuse()` (connections in progress are reset, new ones refused: etcd's host is down) or `silence()` (connections in
+progress and new ones are held open, and nothing is ever answered: a network that drops packets). `forward()` lets
+new connections through again; connections silenced stay silent, as a client whose packets were lost must time out.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from conftest import free_port
+
+
+class Link:
+    """One client's connection and the proxy's connection upstream for it."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client, self.upstream = client, upstream
+        self.silent = False
+
+    def close(self) -> None:
+        for sock in (self.client, self.upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class EtcdProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.links: list[Link] = []
+        self.held: list[socket.socket] = []  # accepted while silent: never answered
+        self.silent = False
+        self.listener: socket.socket | None = None
+        self._listen()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def refuse(self) -> None:
+        """Every connection reset, and none accepted: connecting fails with ECONNREFUSED."""
+        with self.lock:
+            if self.listener:
+                self.listener.close()
+                self.listener = None
+            for link in self.links:
+                link.close()
+            self.links.clear()
+
+    def silence(self) -> None:
+        """Every connection, open or new, accepted and never answered."""
+        with self.lock:
+            self.silent = True
+            for link in self.links:
+                link.silent = True
+        if self.listener is None:
+            self._listen()
+
+    def forward(self) -> None:
+        """New connections reach etcd again."""
+        with self.lock:
+            self.silent = False
+        if self.listener is None:
+            self._listen()
+
+    def stop(self) -> None:
+        self.refuse()
+        for sock in self.held:
+            sock.close()
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self.lock:
+            self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: refusing
+            with self.lock:
+                if self.silent:
+                    self.held.append(client)
+                    continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            link = Link(client, upstream)
+            with self.lock:
+                self.links.append(link)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(link: Link, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not link.silent:  # silenced: what comes in is dropped, as a lossy network would
+                    dst.sendall(data)
+            except OSError:
+                break
+        if not link.silent:
+            link.close()
