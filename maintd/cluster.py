@@ -314,6 +314,16 @@ class Coordinator:
         return (self.etcd.txn([Compare.absent(decision)], abort)
                 or self.etcd.txn([Compare.equals(decision, Decision.GO)], abort))
 
+    def abort(self, release: str, reason: str, switch_id: str = "") -> str:
+        """Abort switch `switch_id`, or (a member that failed before it joined) the switch of `release` in
+        progress, if any; the id of the switch this member's transaction aborted, or "" when none did."""
+        if not switch_id:
+            view = self.view()
+            if not view.switch or view.switch.release != release:
+                return ""
+            switch_id = view.switch.id
+        return switch_id if self.decide(switch_id, Move(Decision.ABORT, reason), release, time.time()) else ""
+
     def report(self, current: str | None) -> None:
         self.etcd.put(self.keys.report(self.me), Report(current, time.time()).as_json())
 

@@ -9,6 +9,7 @@ drift apart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,44 @@ class Context:
             return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
         return None
 
+    def link_shared(self, release: str) -> str:
+        """The `link_shared` step: a path missing from `shared/` is the server's fault, not the release's."""
+        shared = self.config.shared
+        if not shared.files and not shared.dirs:
+            raise Skipped("no shared files or dirs configured")
+        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.lexists(self.tree.shared / rel)]:
+            raise StepFailed(f"shared path(s) missing from {self.tree.shared}: {', '.join(missing)}; create them and "
+                             "deploy this release again", fault=Fault.SERVER)
+        linked = self.tree.link_shared(release, shared.files, shared.dirs)
+        return f"linked {len(linked)} shared path(s)" if linked else "shared paths already linked"
+
+    def remove_retired(self, protected: set[str | None]) -> str:
+        """The `cleanup` step: releases that were live, beyond the newest `keep_releases`, never one `protected`."""
+        store, tree, keep = self.store, self.tree, self.config.keep_releases
+        doomed = [name for name in store.retired(keep, protected) if os.path.isdir(tree.releases / name)]
+        for name in doomed:
+            tree.remove(name)
+            store.forget(name)
+        if not doomed:
+            raise Skipped(f"no more than {keep} releases have been live")
+        return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
+
+    def return_to(self, previous: str, logger: Any) -> list[str]:
+        """A failed deploy's way back after its swap: `current` to `previous`, restarted and flushed, as far as it
+        goes; what it did, and what it could not, in words for the undo's record."""
+        done = []
+        try:
+            self.tree.swap(previous)
+            done.append(f"current -> releases/{previous}")
+            done.append(self.restart_app(previous))
+            done.append(self.flush_cache(logger))
+        except Skipped as skip:
+            done.append(str(skip))
+        except Exception as exc:  # going back as far as it can, and saying what it could not
+            done.append(f"rollback incomplete: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            logger.exception("rollback incomplete")
+        return done
+
     def restart_app(self, release: str) -> str:
         """The `restart` step, also `maintctl restart` on the live release."""
         r, root = self.config.restart, self.config.root
@@ -93,9 +132,11 @@ class Context:
 
     def run_hooks(self, commands: tuple[tuple[str, ...], ...], release: Path, env: dict[str, str],
                   logger: Any) -> str:
-        """`hooks.before_swap` or `hooks.after_swap`, in the release's directory, each bounded by `hooks.timeout`."""
+        """`hooks.before_swap` or `hooks.after_swap`, in the release's directory, each bounded by `hooks.timeout`;
+        `env` (the deploy's MAINTD_* variables) beside MAINTD_APP and MAINTD_ROOT."""
         if not commands:
             raise Skipped("no hooks configured")
+        env = {"MAINTD_APP": self.config.app, "MAINTD_ROOT": str(self.config.root), **env}
         for argv in commands:
             ran = proc.run(argv, cwd=release, timeout=self.config.hooks.timeout, env=env, runas=self.runas)
             if not ran.ok:

@@ -40,6 +40,7 @@ from .upload import UploadTracker
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
 FIXED = ("app", "root", "state", "control", "cluster")
 JOIN_WAIT = 5.0  # seconds a cluster member waits at start for its lease
+RESCAN_INTERVAL = 60.0  # seconds between two rescans of releases/
 
 
 class AlreadyRunning(Exception):
@@ -101,7 +102,7 @@ class Daemon:
                       paused=self.memory.paused)
         self.serving = True
         self.notifier.ready(self.status_line())
-        chores = [self.tasks.spawn(self.intake.rescan_periodically())]
+        chores = [self.tasks.spawn(self._rescan_periodically())]
         if switch_cut_off:  # may wait for etcd as long as it takes: after READY, shown in `status`
             self.tasks.spawn(self.runner.recover())
         else:
@@ -125,6 +126,16 @@ class Daemon:
             if self.membership:
                 await asyncio.to_thread(self.membership.stop)
         self.log.info("stopped")
+
+    async def _rescan_periodically(self) -> None:
+        """The safety net under inotify, which can overflow; it outlives a rescan that fails (releases/ unreadable
+        for a moment: out of descriptors)."""
+        while True:
+            await asyncio.sleep(RESCAN_INTERVAL)
+            try:
+                self.intake.rescan()
+            except OSError as exc:
+                self.log.error(f"rescan of releases/ failed: {exc}; trying again in {RESCAN_INTERVAL:g}s")
 
     def _etcd_problem(self, problem: str) -> None:
         """From the membership thread: etcd went away (or came back)."""
@@ -167,8 +178,8 @@ class Daemon:
         """systemd's STATUS=: what `systemctl status` shows in one line."""
         live = self.ctx.tree.live() or "none"
         if deploy := self.runner.current:
-            return (f"deploying {deploy.release}: {deploy.step or 'starting'}"
-                    + (f", {deploy.waiting}" if deploy.waiting else "")
+            return (f"deploying {deploy.release}: {deploy.phase.step or 'starting'}"
+                    + (f", {deploy.phase.waiting}" if deploy.phase.waiting else "")
                     + f" (live {live})")
         if self.memory.maintenance:
             return f"maintenance: {self.memory.maintenance.reason} (live {live})"

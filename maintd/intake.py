@@ -11,18 +11,16 @@ import asyncio
 import errno
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from . import log
 from .config import Upload
 from .context import Context
 from .inventory import Inventory
 from .tasks import Tasks
-from .tree import ReleaseError, name_key, name_problem
+from .tree import ReleaseError, name_key
 from .upload import STILL_CHANGING, Verdict
 from .watcher import Change, ChangeKind, ReleaseWatcher
 
-RESCAN_INTERVAL = 60.0  # seconds; a safety net under inotify, which can overflow
 RETRY_INTERVAL = 5.0  # seconds before a release that could not be read (out of descriptors, say) is read again
 GONE = (errno.ENOENT, errno.ENOTDIR)  # what a walk of a release that was removed under it fails with
 
@@ -39,10 +37,6 @@ class Intake:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._checking: dict[str, asyncio.Event] = {}  # release -> set when its check in progress is over
-
-    @property
-    def releases(self) -> Path:
-        return self.ctx.tree.releases
 
     # --- life cycle -----------------------------------------------------------------------------------------------
 
@@ -62,11 +56,10 @@ class Intake:
         return self.watcher is not None and self.watcher.is_alive()
 
     def reconfigure(self, ctx: Context) -> None:
-        """A reload: the tracker and the watcher follow `upload.marker`, `require_marker` and `quiet_period`.
-
-        The new watcher starts before the old one stops, so no event falls between them. When deep watching
-        starts only now (require_marker was true), a break-off of an upload already under way was not watched for:
-        those uploads are in doubt, and wait to be written again (or for their marker), as after an overflow."""
+        """A reload: the tracker and the watcher follow `upload.marker`, `require_marker` and `quiet_period`. The new
+        watcher starts before the old one stops, so no event falls between them. When deep watching starts only now
+        (require_marker was true), a break-off of an upload under way was not watched for: those uploads are in
+        doubt, and wait to be written again (or for their marker), as after an overflow."""
         old, new = self.ctx.config.upload, ctx.config.upload
         self.ctx = ctx
         self.tracker.quiet_period, self.tracker.require_marker = new.quiet_period, new.require_marker
@@ -77,22 +70,13 @@ class Intake:
             stale.stop()
             if old.require_marker and not new.require_marker:
                 self.tracker.doubt(time.time())
-        self._rescan()
+        self.rescan()
 
     def _new_watcher(self, upload: Upload) -> ReleaseWatcher:
-        watcher = ReleaseWatcher(self.releases, upload.marker, not upload.require_marker, self._deliver,
+        watcher = ReleaseWatcher(self.ctx.tree.releases, upload.marker, not upload.require_marker, self._deliver,
                                  self._watcher_failed)
         watcher.start()
         return watcher
-
-    async def rescan_periodically(self) -> None:
-        """The safety net must outlive a rescan that fails (releases/ unreadable for a moment: out of descriptors)."""
-        while True:
-            await asyncio.sleep(RESCAN_INTERVAL)
-            try:
-                self._rescan()
-            except OSError as exc:
-                self.log.error(f"rescan of {self.releases} failed: {exc}; trying again in {RESCAN_INTERVAL:g}s")
 
     # --- changes --------------------------------------------------------------------------------------------------
 
@@ -113,7 +97,7 @@ class Intake:
             assert self.watcher
             for upload in list(self.tracker.uploads):
                 self.watcher.rewatch(upload)
-            self._rescan()
+            self.rescan()
         elif change.kind is ChangeKind.GONE:
             self._forget(name)
         elif change.kind is ChangeKind.APPEARED:
@@ -132,14 +116,11 @@ class Intake:
 
     def _startup_scan(self) -> None:
         """Contract §1: a release found at start goes live only if marked, newer than live, and never live."""
-        live = self.ctx.tree.live()
-        if live:
-            record = self.ctx.store.record(live)
-            record.went_live = record.went_live or time.time()
+        live = self.inventory.seen_live()
         for name in self.ctx.tree.entries():
             if name == live or self.inventory.went_live_before(name) or not self._is_release(name):
                 continue
-            if (self.releases / name / self.ctx.config.upload.marker).exists():
+            if self._marked(name):
                 if live is not None and name_key(name) <= name_key(live):
                     self.ctx.store.record(name).auto_considered = True
                 self.tasks.spawn(self._check(name))
@@ -150,13 +131,9 @@ class Intake:
 
     def _is_release(self, name: str) -> bool:
         """Refuses (once, with the reason) what can never be a release; hidden staging areas pass silently."""
-        if problem := name_problem(name):
+        if problem := self.ctx.tree.entry_problem(name):
             if not name.startswith("."):
                 self._refuse(name, problem)
-            return False
-        path = self.releases / name
-        if path.is_symlink() or not path.is_dir():
-            self._refuse(name, "a symlink, not a directory" if path.is_symlink() else "not a directory")
             return False
         return True
 
@@ -165,7 +142,7 @@ class Intake:
             return
         self._resume(name)
         self.tracker.activity(name, now)
-        if (self.releases / name / self.ctx.config.upload.marker).exists():
+        if self._marked(name):
             self.tracker.marker_seen(name, now)
 
     def _resume(self, name: str) -> None:
@@ -183,7 +160,12 @@ class Intake:
         if self.inventory.refuse(name, reason):
             self.log.warning(f"release {name} refused: {reason}", release=name, result="refused")
 
-    def _rescan(self) -> None:
+    def _marked(self, name: str) -> bool:
+        return (self.ctx.tree.releases / name / self.ctx.config.upload.marker).exists()
+
+    def rescan(self) -> None:
+        """Every entry of releases/ against what is known of it: the safety net under inotify (the daemon runs it
+        every minute), and what follows an overflow or a reload."""
         on_disk = set(self.ctx.tree.entries())
         known = self.inventory.known()
         for name in known - on_disk:
@@ -212,7 +194,7 @@ class Intake:
     async def settle(self, name: str) -> None:
         """Judge an upload whose marker is there now, without waiting for its event: an operator's (or
         Capistrano's) `deploy NAME` just after writing the marker must not be refused as still uploading."""
-        if name in self.tracker and (self.releases / name / self.ctx.config.upload.marker).exists():
+        if name in self.tracker and self._marked(name):
             self.tracker.marker_seen(name, time.time())
             await self._check(name)
 
@@ -234,10 +216,8 @@ class Intake:
         descriptors, an I/O error) is read again later: the upload must not be lost, nor refused for it."""
         try:
             await self._judge(name)
-        except ReleaseError:
-            self._forget(name)
-        except OSError as exc:
-            if exc.errno in GONE:
+        except (ReleaseError, OSError) as exc:
+            if not isinstance(exc, OSError) or exc.errno in GONE:
                 self._forget(name)
                 return
             why = f"could not be read: {exc.strerror or exc}"
@@ -245,11 +225,10 @@ class Intake:
                 self.log.warning(f"release {name} {why}; reading it again every {RETRY_INTERVAL:g}s", release=name)
 
     async def _judge(self, name: str) -> None:
-        marker = self.releases / name / self.ctx.config.upload.marker
         probe = await asyncio.to_thread(self.ctx.tree.probe, name)
         before = list(self.tracker.uploads[name].reasons) if name in self.tracker else []
-        manifest = (self.releases / name / self.ctx.config.upload.manifest).exists()
-        if self.tracker.judge(name, probe, marker.exists(), time.time(), manifest) is Verdict.WAIT:
+        manifest = (self.ctx.tree.releases / name / self.ctx.config.upload.manifest).exists()
+        if self.tracker.judge(name, probe, self._marked(name), time.time(), manifest) is Verdict.WAIT:
             reasons = self.tracker.uploads[name].reasons
             if reasons != before and reasons[:1] != [STILL_CHANGING]:
                 self.log.info(f"release {name} is not complete: {'; '.join(reasons)}", release=name)

@@ -10,6 +10,7 @@ by making directories and calling methods.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -130,6 +131,14 @@ class Inventory:
 
     def found_dormant(self, name: str) -> None:
         self.dormant.add(name)
+
+    def seen_live(self) -> str | None:
+        """The live release, found at start: it has gone live, whenever that was (the state may not know it)."""
+        live = self.tree.live()
+        if live:
+            record = self.store.record(live)
+            record.went_live = record.went_live or time.time()
+        return live
 
     def went_live_before(self, name: str) -> bool:
         record = self.store.memory.releases.get(name)

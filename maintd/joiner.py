@@ -46,12 +46,20 @@ class Joiner:
             self._retry_held_back(view)
 
     def _mark_abandoned(self, view: View) -> None:
+        """Marked bad here too, and saved at once: a restart must not forget what the cluster abandoned."""
+        store, marked = self.inventory.store, False
         for release, reason in view.bad.items():
-            record = self.inventory.store.memory.releases.get(release)
+            record = store.memory.releases.get(release)
             here = (self.inventory.tree.releases / release).is_dir()
             if here and not (record and record.bad):
-                self.inventory.store.record(release).bad = f"abandoned by the cluster: {reason}"
+                store.record(release).bad = f"abandoned by the cluster: {reason}"
                 self.log.warning(f"release {release} marked bad: the cluster abandoned it: {reason}", release=release)
+                marked = True
+        if marked:
+            try:
+                store.save()
+            except OSError as exc:
+                self.log.error(f"could not save {store.path}: {exc.strerror or exc}")
 
     def _settle(self, view: View) -> None:
         """A decided switch this member went through but did not sign off (killed in the last instant) would

@@ -190,3 +190,23 @@ def file_sha256(top: bytes, rel: bytes) -> str:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotARegularFile("is not a regular file")
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def digest(release: Path, uploaded: Iterable[bytes]) -> str:
+    """A sha256 over a release as uploaded (`uploaded`: Tree.uploaded, less the marker, the manifest and what maintd
+    itself puts there, shared links included, so that per-server shared files may differ): every file's path and
+    content (a link's target), in the lines sha256sum would write for them. Equal on two servers means the same
+    release (the cluster's `prepare`)."""
+    top = os.fsencode(release)
+    total = hashlib.sha256()
+    for rel in uploaded:
+        path = os.path.join(top, rel)
+        if os.path.islink(path):
+            content = b"link " + os.readlink(path)
+        else:
+            try:
+                content = file_sha256(top, rel).encode()
+            except NotARegularFile:  # a FIFO or a device: its kind is all two servers can compare
+                content = b"special %o" % stat.S_IFMT(os.lstat(path).st_mode)
+        total.update(line(content, rel))
+    return total.hexdigest()

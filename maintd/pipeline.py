@@ -10,6 +10,7 @@ undo, so there is one way to restart, flush, check health and go back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -17,6 +18,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,31 +45,49 @@ def new_deploy_id() -> str:
 OnStep = Callable[[StepRecord], object]  # what it returns is ignored
 
 
+@dataclass
+class Phase:
+    """Where a deploy is: what its undo, its outcome, recovery and `status` must know of what it has done. The deploy
+    alone changes it (its steps, its undo, resuming from a journal); its journal (`InFlight`) records it."""
+
+    step: Step | None = None
+    waiting: str = ""  # what the step in progress waits for (a cluster member waits on the others)
+    maintenance: MaintenanceOwner = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
+    swapped: bool = False
+    switch: str = ""  # the cluster switch this deploy is part of, whose decision recovery obeys
+    committed: bool = False  # a cluster switch's point of no return: a failure after it is noted, not undone
+    begun: bool = True  # false when a cluster member could not begin (another switch held the cluster): no verdict
+    fault: Fault | None = None  # whose fault the failure that ended the deploy was
+    notes: list[str] = field(default_factory=list)  # failures after the point of no return
+
+
 class Deploy:
-    """One deploy or rollback of `release`, asked for by `actor` ("upload" or a user name)."""
+    """One deploy or rollback of `release`, asked for by `actor` ("upload" or a user name); or, given the journal
+    a crash left (`journal`), that deploy resumed, to be finished or undone (recovery.py)."""
 
     STEPS: tuple[Step, ...] = LONE
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
-                 on_step: OnStep | None = None) -> None:
+                 on_step: OnStep | None = None, journal: InFlight | None = None) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
         self.release = release
         self.actor = actor
         self.kind = DeployKind(kind)
-        self.id = new_deploy_id()
-        self.previous = ctx.tree.live()
-        self.started = now_iso()
         self.on_step = on_step or (lambda record: None)
-        self.step: Step | None = None
-        self.waiting = ""  # what the step in progress waits for, for `status` (a cluster member waits on others)
-        self.maintenance = MaintenanceOwner.NONE  # whose flags this deploy wrote into releases, if any
-        self.swapped = False
-        self.blame = True  # a failure marks the release bad (not when it merely could not start, in a cluster)
-        self.fault: Fault | None = None  # whose fault the failure that ended the deploy was
-        self.notes: list[str] = []  # failures after the point of no return, which did not end the deploy
         self.path = ctx.tree.path(release)
-        self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor)
+        self.phase = Phase()
+        if journal:
+            self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
+            self.phase.swapped, self.phase.switch = ctx.tree.live() == release, journal.switch
+            # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours
+            # may be up whatever it says, and lowering a flag that is not there costs nothing.
+            owner = MaintenanceOwner(journal.maintenance)
+            self.phase.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
+        else:
+            self.id, self.previous, self.started = new_deploy_id(), ctx.tree.live(), now_iso()
+        self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor,
+                           **({"switch_id": self.phase.switch} if self.phase.switch else {}))
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
         self.crash_at = os.environ.get("MAINTD_CRASH_AT", "")
 
@@ -79,16 +99,11 @@ class Deploy:
                       previous=self.previous)
         try:
             records, error = self.run_steps(self.STEPS)
-        except Interrupted as stop:  # cluster: the daemon stops mid-wait. No undo and no outcome recorded: the
-            # journal stays, and recovery at the next start obeys the switch's decision (see waiting.py)
-            self.log.warning(str(stop), step=self.step)
-            interrupted = self.outcome(str(stop), [], t0)
-            interrupted.result = StepResult.FAILED
-            return interrupted
+        except Interrupted as stop:  # the daemon stops mid-wait: no undo, no outcome recorded, the journal kept for
+            self.log.warning(str(stop), step=self.phase.step)  # recovery, which obeys the switch's decision
+            return dataclasses.replace(self.outcome(str(stop), [], t0), result=StepResult.FAILED)
         if self.crash_at == "end":
             _crash()
-        if not error:
-            self.leave()  # before the journal goes: a crash in between finds the journal, and recovery leaves again
         outcome = self.outcome(error, records, t0)
         record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.path), self.log)
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else outcome.result}"
@@ -97,42 +112,42 @@ class Deploy:
         return outcome
 
     def run_steps(self, steps: Iterable[Step]) -> tuple[list[StepRecord], str]:
-        """Run `steps` in order; the first that fails is undone (`undo`), unless there is no way back any more
-        (`beyond_return`): then the rest still run and the failure is only noted. Returns the records and the
-        error that ended the deploy."""
+        """Run `steps` in order; the first that fails is undone (`undo`), unless there is no way back any more (a
+        cluster switch committed): then the rest still run and the failure is only noted. Returns the records and
+        the error that ended the deploy."""
         records: list[StepRecord] = []
+        phase = self.phase
         for step in steps:
             record, output, fault = self._run_step(step)
             self._report(record, output)
             records.append(record)
-            if record.result is StepResult.FAILED and self.beyond_return():
-                self.notes.append(f"{step}: {record.message}")
+            if record.result is StepResult.FAILED and phase.committed:
+                phase.notes.append(f"{step}: {record.message}")
             elif record.result is StepResult.FAILED:
-                self.fault = fault
                 error = f"{step}: {record.message}"
-                records.append(self.undo(error))
-                self.step = None
+                records.append(self.undo(error, fault))
+                phase.step = None
                 return records, error
-        self.step = None
+        phase.step = None
         return records, ""
 
-    def leave(self) -> None:
-        """Done, forward: nothing more for a lone server (a cluster member leaves its switch)."""
-
-    def beyond_return(self) -> bool:
-        """Whether a failure can no longer be undone; a lone server can always go back."""
-        return False
-
     def outcome(self, error: str, records: list[StepRecord], t0: float) -> Outcome:
-        result = StepResult.OK if not error else StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED
+        phase = self.phase
+        result = StepResult.OK if not error else StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error or "; ".join(self.notes), records, self.fault if error else None)
+                       error or "; ".join(phase.notes), records, phase.fault if error else None)
+
+    def way_forward(self) -> tuple[bool, str]:
+        """After a crash: whether to finish forward, and if not, why. A lone server finishes when `current`
+        already points at the release and the release passes the same check an upload does."""
+        problem = self.ctx.release_problem(self.release) if self.phase.swapped else None
+        return self.phase.swapped and problem is None, problem or ""
 
     def _run_step(self, step: Step) -> tuple[StepRecord, str, Fault | None]:
         """One step, whatever it raises: an error nobody foresaw (a bug, a library's surprise) fails the step like
         any other, with its traceback in the step's log entry, so that the undo runs and nothing is left half done.
         Returns the record, what a command printed, and whose fault a failure is."""
-        self.step = step
+        self.phase.step = step
         t0 = time.perf_counter()
         output, fault = "", None
         try:
@@ -142,17 +157,10 @@ class Deploy:
             message, result = getattr(self, step.value)(), StepResult.OK
         except Skipped as skip:
             message, result = str(skip), StepResult.SKIPPED
-        except StepFailed as exc:
-            message, result, output, fault = str(exc), StepResult.FAILED, exc.output, exc.fault or step.blames
-        except (ReleaseError, PathRefused) as exc:  # the release itself: a path that leads out of the tree
-            message, result, fault = str(exc), StepResult.FAILED, Fault.RELEASE
-        except OSError as exc:  # the server: a full disk, permissions, a missing shared path, too many files
-            message, result, fault = _describe(exc), StepResult.FAILED, Fault.SERVER
         except Interrupted:  # the daemon stops while a cluster member waits: not a failure (see `run`)
             raise
         except Exception as exc:
-            message, result, fault = f"unexpected error: {exc!r}", StepResult.FAILED, Fault.SERVER
-            output = traceback.format_exc()
+            (message, output, fault), result = failure(exc, step), StepResult.FAILED
         return StepRecord(step, result, _ms(t0), message), output, fault
 
     def _report(self, record: StepRecord, output: str) -> None:
@@ -170,29 +178,19 @@ class Deploy:
         return "release is complete" + ("; manifest verified" if verified else "")
 
     def link_shared(self) -> str:
-        shared = self.cfg.shared
-        if not shared.files and not shared.dirs:
-            raise Skipped("no shared files or dirs configured")
-        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.lexists(self.ctx.tree.shared / rel)]:
-            raise StepFailed(f"shared path(s) missing from {self.ctx.tree.shared}: {', '.join(missing)}; create them "
-                             "and deploy this release again", fault=Fault.SERVER)
-        linked = self.ctx.tree.link_shared(self.release, shared.files, shared.dirs)
-        return f"linked {len(linked)} shared path(s)" if linked else "shared paths already linked"
+        return self.ctx.link_shared(self.release)
 
     def maintenance_on(self) -> str:
         with self.ctx.store.lock:  # an operator's `maintenance on` is seen whole or not at all (see Context)
             if operator := self.ctx.store.memory.maintenance:
-                self.maintenance = MaintenanceOwner.CARRIED
+                self.phase.maintenance = MaintenanceOwner.CARRIED
                 self.ctx.flags.raise_in(self.path, operator)
                 return "operator maintenance is on; carried into the new release"
-        when = self.cfg.maintenance.when
-        if when is MaintenanceWhen.NEVER:
-            raise Skipped('maintenance.when = "never"')
         previous = self.ctx.tree.path(self.previous) if self.previous else None
-        if when is MaintenanceWhen.MIGRATIONS and not migrations_differ(self.path, previous):
-            raise Skipped("db/migrate is the same as the live release's")
+        if why_not := needless(self.cfg.maintenance.when, self.path, previous):
+            raise Skipped(why_not)
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
-        self.maintenance = MaintenanceOwner.OURS
+        self.phase.maintenance = MaintenanceOwner.OURS
         self.ctx.flags.raise_in(self.path, notice)
         if previous and previous.is_dir():
             self.ctx.flags.raise_in(previous, notice)
@@ -203,7 +201,7 @@ class Deploy:
 
     def swap(self) -> str:
         self.ctx.tree.swap(self.release)
-        self.swapped = True
+        self.phase.swapped = True
         record = self.ctx.store.record(self.release)
         record.went_live, record.failed = time.time(), ""
         return f"current -> releases/{self.release}"
@@ -224,61 +222,44 @@ class Deploy:
         with self.ctx.store.lock:  # checked and lowered in one go: an operator's `maintenance on` waits for it
             if self.ctx.store.memory.maintenance:
                 raise Skipped("operator maintenance stays on until `maintctl maintenance off`")
-            if self.maintenance is MaintenanceOwner.NONE:
+            if self.phase.maintenance is MaintenanceOwner.NONE:
                 raise Skipped("this deploy did not turn maintenance on")
             self._lower_flags()
         return "maintenance off"
 
     def cleanup(self) -> str:
-        store, tree = self.ctx.store, self.ctx.tree
-        doomed = [name for name in store.retired(self.cfg.keep_releases, {tree.live(), self.previous})
-                  if os.path.isdir(tree.releases / name)]
-        for name in doomed:
-            tree.remove(name)
-            store.forget(name)
-        if not doomed:
-            raise Skipped(f"no more than {self.cfg.keep_releases} releases have been live")
-        return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
+        return self.ctx.remove_retired({self.ctx.tree.live(), self.previous})
 
     # --- going back -----------------------------------------------------------------------------------------------
 
-    def undo(self, error: str) -> StepRecord:
+    def undo(self, error: str, fault: Fault | None) -> StepRecord:
         """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
         A release whose own fault it was is marked bad, so no upload can make maintd deploy it (or crash on it) in a
         loop; a server's fault is only noted (`maintctl releases` shows it), and the same release may go again."""
         t0 = time.perf_counter()
+        phase = self.phase
+        phase.fault = fault
         record = self.ctx.store.record(self.release)
-        if self.blame and self.fault is Fault.RELEASE:
+        if phase.begun and fault is Fault.RELEASE:
             record.bad = error
-        elif self.blame:
+        elif phase.begun:
             record.failed = error
-        notes = []
-        if self.swapped and self.previous:
-            try:
-                self.ctx.tree.swap(self.previous)
-                notes.append(f"current -> releases/{self.previous}")
-                notes.append(self.ctx.restart_app(self.previous))
-                notes.append(self.ctx.flush_cache(self.log))
-            except Skipped as skip:
-                notes.append(str(skip))
-            except Exception as exc:  # going back as far as it can, and saying what it could not
-                notes.append(f"rollback incomplete: {_describe(exc)}")
-                self.log.exception("rollback incomplete")
+        notes = self.ctx.return_to(self.previous, self.log) if phase.swapped and self.previous else []
         with self.ctx.store.lock:  # as in maintenance_off
             if self.ctx.store.memory.maintenance:
                 notes.append("operator maintenance stays on")
-            elif (self.maintenance is MaintenanceOwner.OURS and self.cfg.maintenance.keep_on_failure
+            elif (phase.maintenance is MaintenanceOwner.OURS and self.cfg.maintenance.keep_on_failure
                   and self.kind is not DeployKind.RECOVERY):
                 notes.append("maintenance kept on (maintenance.keep_on_failure)")
-            elif self.maintenance is not MaintenanceOwner.NONE:
+            elif phase.maintenance is not MaintenanceOwner.NONE:
                 try:
                     self._lower_flags()
                     notes.append("maintenance off")
                 except Exception as exc:
                     notes.append(f"maintenance could not be lifted: {_describe(exc)}")
                     self.log.exception("maintenance could not be lifted")
-        ending = StepRecord(Ending.ROLLBACK if self.swapped else Ending.ABORT,
-                            StepResult.ROLLED_BACK if self.swapped else StepResult.FAILED, _ms(t0),
+        ending = StepRecord(Ending.ROLLBACK if phase.swapped else Ending.ABORT,
+                            StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED, _ms(t0),
                             "; ".join(notes) or "nothing to undo")
         self._report(ending, "")
         return ending
@@ -287,23 +268,17 @@ class Deploy:
 
     def _in_flight(self, step: Step) -> InFlight:
         return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
-                        self.maintenance, self.switch_id)
-
-    @property
-    def switch_id(self) -> str:
-        """The cluster switch this deploy is part of; none for a lone server."""
-        return ""
+                        self.phase.maintenance, self.phase.switch)
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
-        env = {"MAINTD_APP": self.cfg.app, "MAINTD_RELEASE": self.release, "MAINTD_PREVIOUS": self.previous or "",
-               "MAINTD_ROOT": str(self.cfg.root), "MAINTD_DEPLOY_ID": self.id}
-        return self.ctx.run_hooks(commands, self.path, env, self.log.bind(step=self.step))
+        env = {"MAINTD_RELEASE": self.release, "MAINTD_PREVIOUS": self.previous or "", "MAINTD_DEPLOY_ID": self.id}
+        return self.ctx.run_hooks(commands, self.path, env, self.log.bind(step=self.phase.step))
 
     def _lower_flags(self) -> None:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
-        self.maintenance = MaintenanceOwner.NONE
+        self.phase.maintenance = MaintenanceOwner.NONE
 
 
 def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: Any) -> None:
@@ -336,6 +311,27 @@ def revision_line(outcome: Outcome, release: Path) -> str:
 
 def _crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failure(exc: Exception, step: Step) -> tuple[str, str, Fault]:
+    """What a step that raised `exc` failed with: the message, what a command printed (or, for an error nobody
+    foresaw, a bug, its traceback), and whose fault it is."""
+    if isinstance(exc, StepFailed):
+        return str(exc), exc.output, exc.fault or step.blames
+    if isinstance(exc, (ReleaseError, PathRefused)):  # the release itself: a path that leads out of the tree
+        return str(exc), "", Fault.RELEASE
+    if isinstance(exc, OSError):  # the server: a full disk, permissions, too many open files
+        return _describe(exc), "", Fault.SERVER
+    return f"unexpected error: {exc!r}", traceback.format_exc(), Fault.SERVER
+
+
+def needless(when: MaintenanceWhen, release: Path, previous: Path | None) -> str:
+    """Why this deploy needs no maintenance of its own (`maintenance.when`), or "" when it does."""
+    if when is MaintenanceWhen.NEVER:
+        return 'maintenance.when = "never"'
+    if when is MaintenanceWhen.MIGRATIONS and not migrations_differ(release, previous):
+        return "db/migrate is the same as the live release's"
+    return ""
 
 
 def migrations_differ(release: Path, previous: Path | None) -> bool:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .cluster import Coordinator, Decision, SwitchRecord
+from .cluster import Coordinator
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
 from .results import DeployKind, Interrupted, Outcome, StepResult
-from .state import InFlight, MaintenanceOwner
 from .steps import FINISH, Ending, Fault, Step
 from .switch import ClusterDeploy
 
@@ -36,18 +35,21 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
     if inflight is None:
         return None
     t0 = time.perf_counter()
-    deploy = _resumed(ctx, inflight, coordinator)
+    deploy: Deploy
+    if coordinator:  # cut off before it joined a switch, it still aborts the switch of its release (if any)
+        deploy = ClusterDeploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY, None, coordinator, inflight)
+    else:
+        deploy = Deploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY, journal=inflight)
     if on_start:
         on_start(deploy)
-    cut_off = f"{inflight.kind} of {inflight.release} was cut off before {inflight.step}"
-    notes = [cut_off]
+    notes = [f"{inflight.kind} of {inflight.release} was cut off before {inflight.step}"]
     try:
-        forward, problem = _forward(ctx, deploy, inflight)
+        forward, problem = deploy.way_forward()
     except Interrupted as stop:  # the daemon stops before etcd told the decision: the journal stays for next time
-        deploy.log.warning(str(stop), step="recovery")
+        deploy.log.warning(str(stop), step=Ending.RECOVERY)
         return None
     if forward:
-        records, error = deploy.run_steps((*(() if deploy.swapped else (Step.SWAP,)), *FINISH))
+        records, error = deploy.run_steps((*(() if deploy.phase.swapped else (Step.SWAP,)), *FINISH))
         notes += [r.message for r in records]
         if not error:
             notes.append(f"finished forward: {inflight.release} is live")
@@ -55,18 +57,18 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
         error = f"deploy cut off before {inflight.step}" + (f"; {problem}" if problem else "")
         if problem:  # why it goes back: in a cluster, the switch's decision
             notes.append(problem)
-        if not deploy.swapped:
+        if not deploy.phase.swapped:
             notes.append(f"{ctx.tree.live() or 'no release'} stayed live")
         # Held against the release, whatever killed maintd: one that does (a hook eating memory until the OOM killer
         # comes) would otherwise be deployed again at every start, and crash it again.
-        deploy.fault = Fault.RELEASE
-        records = [deploy.undo(error)]
+        records = [deploy.undo(error, Fault.RELEASE)]
         notes.append(records[0].message)
     result = StepResult.ROLLED_BACK if error else StepResult.OK
     if result is StepResult.OK:
         record = ctx.store.record(inflight.release)
         record.went_live = record.went_live or time.time()
-        deploy.leave()
+        if isinstance(deploy, ClusterDeploy):
+            deploy.leave()  # through the switch, forward, as its cleanup step would have said
     outcome = deploy.outcome(error, records, t0)
     outcome.result, outcome.error = result, "; ".join(notes)
     record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, deploy.path),
@@ -75,38 +77,3 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
         f"recovery: {outcome.error}", step=Ending.RECOVERY, result=result, duration_ms=outcome.duration_ms,
         interrupted_step=inflight.step)
     return outcome
-
-
-def _forward(ctx: Context, deploy: Deploy, inflight: InFlight) -> tuple[bool, str]:
-    """Whether to finish forward, and if not, why."""
-    if isinstance(deploy, ClusterDeploy):
-        if not inflight.switch:
-            return False, "cut off before joining the switch"
-        view = deploy.waits.keep_trying(lambda: deploy.co.view(inflight.switch), "to read the switch's decision")
-        if view.decision is Decision.COMMIT:
-            deploy.committed = True
-            return True, ""
-        return False, ("the switch was aborted: " + view.reason if view.decision is Decision.ABORT
-                       else "the switch was not committed")
-    problem = ctx.release_problem(inflight.release) if deploy.swapped else None
-    return deploy.swapped and problem is None, problem or ""
-
-
-def _resumed(ctx: Context, inflight: InFlight, coordinator: Coordinator | None) -> Deploy:
-    """The deploy a crash cut off, as its journal left it."""
-    deploy: Deploy
-    if coordinator:  # cut off before it joined a switch, it still aborts the switch of its release (if any)
-        deploy = ClusterDeploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY, None, coordinator)
-        if inflight.switch:
-            deploy.switch = SwitchRecord(inflight.switch, inflight.release, "", inflight.kind, "", "", 0.0)
-            deploy.log = deploy.log.bind(switch_id=inflight.switch)
-    else:
-        deploy = Deploy(ctx, inflight.release, inflight.actor, DeployKind.RECOVERY)
-    deploy.id, deploy.previous, deploy.started = inflight.deploy_id, inflight.previous, inflight.started
-    deploy.log = deploy.log.bind(deploy_id=inflight.deploy_id)
-    deploy.swapped = ctx.tree.live() == inflight.release
-    # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours may be up
-    # whatever it says, and lowering a flag that is not there costs nothing.
-    owner = MaintenanceOwner(inflight.maintenance)
-    deploy.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
-    return deploy

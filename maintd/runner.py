@@ -110,7 +110,7 @@ class DeployRunner:
                 self.on_change()
             outcome_future.set_result(outcome)
             self.last_automatic = outcome if automatic else None
-            if deploy.blame:
+            if deploy.phase.begun:
                 self.inventory.complete.pop(name, None)
             elif automatic and isinstance(deploy, ClusterDeploy):
                 # It could not begin while another switch held the cluster: tried again once that one has ended
@@ -174,5 +174,6 @@ class DeployRunner:
         deploy = self.current
         if not deploy:
             return None
-        return {"release": deploy.release, "step": deploy.step, "kind": deploy.kind, "deploy_id": deploy.id,
-                "actor": deploy.actor, "switch_id": deploy.switch_id or None, "waiting": deploy.waiting or None}
+        phase = deploy.phase
+        return {"release": deploy.release, "step": phase.step, "kind": deploy.kind, "deploy_id": deploy.id,
+                "actor": deploy.actor, "switch_id": phase.switch or None, "waiting": phase.waiting or None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from . import manifest
 from .cluster import (
     IN_MAINTENANCE,
     POLL_FIRST,
@@ -20,7 +21,6 @@ from .cluster import (
     Coordinator,
     Decision,
     MemberState,
-    Move,
     Standing,
     SwitchRecord,
     View,
@@ -30,7 +30,7 @@ from .context import Context
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy, OnStep, new_deploy_id
 from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
-from .state import MaintenanceOwner
+from .state import InFlight, MaintenanceOwner
 from .steps import SWITCH, Fault
 from .waiting import Waiting
 
@@ -41,33 +41,24 @@ class ClusterDeploy(Deploy):
     STEPS = SWITCH
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind, on_step: OnStep | None,
-                 coordinator: Coordinator) -> None:
-        super().__init__(ctx, release, actor, kind, on_step)
+                 coordinator: Coordinator, journal: InFlight | None = None) -> None:
+        super().__init__(ctx, release, actor, kind, on_step, journal)
         assert ctx.config.cluster
         self.cluster: Cluster = ctx.config.cluster
         self.co = coordinator
-        self.switch: SwitchRecord | None = None
+        # Resumed, the switch is known by its id alone: what recovery needs to read its decision and to abort it
+        self.switch = SwitchRecord(self.phase.switch, release, "", kind, "", "", 0.0) if self.phase.switch else None
         self.planned_id = new_deploy_id()
-        self.committed = False
         self.held_by = ""  # the switch that held the cluster when this one could not begin
         self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
 
-    @property
-    def switch_id(self) -> str:
-        return self.switch.id if self.switch else ""
-
-    def beyond_return(self) -> bool:
-        """After commit every member serves the new release: a failure then is noted, not undone alone."""
-        return self.committed
-
     def run(self) -> Outcome:
         # Every entry of the switch carries its id from the first step on: the id of the switch of this release
         # in progress, or the one this member will begin it under (it is re-bound in the rare race of two).
         try:
-            view = self.co.view()
-            if view.switch and view.switch.release == self.release and view.decision is None:
+            if (view := self.co.view()).switch and view.switch.release == self.release and view.decision is None:
                 self.planned_id = view.switch.id
         except EtcdUnavailable:
             pass
@@ -82,16 +73,30 @@ class ClusterDeploy(Deploy):
         over: the site is out of maintenance already, and the joiner signs a switch off later if this could not."""
         if self.switch:
             try:
-                self.co.set_state(self.switch_id, Standing(MemberState.DONE))
+                self.co.set_state(self.switch.id, Standing(MemberState.DONE))
             except EtcdUnavailable:
                 return
             self._finish_switch()
 
+    def way_forward(self) -> tuple[bool, str]:
+        """After a crash, the switch's recorded decision says (waiting for etcd as long as it takes), never this
+        member's own reading: forward after commit, back after anything else."""
+        if not self.switch:
+            return False, "cut off before joining the switch"
+        view = self.waits.keep_trying(lambda: self.co.view(self.phase.switch), "to read the switch's decision")
+        if view.decision is Decision.COMMIT:
+            self.phase.committed = True
+            return True, ""
+        return False, ("the switch was aborted: " + view.reason if view.decision is Decision.ABORT
+                       else "the switch was not committed")
+
     # --- the steps of contract §7 ---------------------------------------------------------------------------------
 
     def prepare(self) -> str:
-        digest = self.ctx.tree.digest(self.release, self.ctx.written_by_maintd())
+        uploaded = self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd())
+        digest = manifest.digest(self.path, uploaded)
         self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
+        self.phase.switch = self.switch.id
         self.log = self.log.bind(switch_id=self.switch.id)
         self._say(Standing(MemberState.PREPARED, digest=digest))
         self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
@@ -130,43 +135,43 @@ class ClusterDeploy(Deploy):
     def commit(self) -> str:
         self._say(Standing(MemberState.HEALTHY))
         self._await(lambda view: view.decision is Decision.COMMIT, "for every member to be healthy")
-        self.committed = True
+        self.phase.committed = True
         return "every member swapped and is healthy: committed"
+
+    def cleanup(self) -> str:
+        """The last step of a switch gone forward: then this member leaves it (before the journal is closed, so
+        that a crash in between finds the journal, finishes forward and leaves again)."""
+        try:
+            return super().cleanup()
+        finally:
+            self.leave()
 
     # --- going back -----------------------------------------------------------------------------------------------
 
-    def undo(self, error: str) -> StepRecord:
+    def undo(self, error: str, fault: Fault | None) -> StepRecord:
         """A failure before commit aborts the switch for every member (if none has yet), then goes back here."""
-        if self.blame:
+        if self.phase.begun:
             self.abort(error)
-            self.fault = Fault.RELEASE  # contract §7: an aborted switch marks the release bad on every member
-        record = super().undo(error)
+            fault = Fault.RELEASE  # contract §7: an aborted switch marks the release bad on every member
+        record = super().undo(error, fault)
         if self.switch:
             try:
-                self.co.set_state(self.switch_id, Standing(MemberState.BACK))
+                self.co.set_state(self.switch.id, Standing(MemberState.BACK))
             except EtcdUnavailable:
                 pass  # the decision is what counts; recovery and the others read that
             self._finish_switch()
         return record
 
     def abort(self, reason: str) -> None:
-        switch = self.switch
-        if switch is None:  # failed before joining: abort a switch of this release that the others began
-            try:
-                view = self.co.view()
-            except EtcdUnavailable:
-                return
-            if not view.switch or view.switch.release != self.release:
-                return
-            switch = view.switch
+        """Abort this member's switch, or (failed before joining) the one of this release the others began."""
+        said = f"{self.cluster.member}: {reason}"
         try:
-            if self.co.decide(switch.id, Move(Decision.ABORT, f"{self.cluster.member}: {reason}"), self.release,
-                              time.time()):
-                self.log.warning(f"switch aborted: {self.cluster.member}: {reason}", switch_id=switch.id)
+            if aborted := self.co.abort(self.release, said, self.phase.switch):
+                self.log.warning(f"switch aborted: {said}", switch_id=aborted)
         except EtcdUnavailable as exc:
             # Going back alone is safe before commit: commit needs this member healthy. The others abort at their
             # timeout once etcd answers again.
-            self.log.error(f"could not record the abort in etcd ({exc}); going back here", switch_id=switch.id)
+            self.log.error(f"could not record the abort in etcd ({exc}); going back here")
 
     # --- waiting on the others ------------------------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class ClusterDeploy(Deploy):
             elif view.switch.release == self.release and view.decision is None:
                 return view.switch
             else:
-                self.blame, self.held_by = False, view.switch.id  # not this release's fault: it may switch later
+                self.phase.begun, self.held_by = False, view.switch.id  # not this release's fault: it may switch later
                 raise StepFailed(f"a switch of release {view.switch.release} is in progress "
                                  f"({view.decision or 'preparing'})")
 
@@ -223,7 +228,7 @@ class ClusterDeploy(Deploy):
 
     def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
-        self._said = self.waits.keep_trying(lambda: self.co.set_state(self.switch_id, standing),
+        self._said = self.waits.keep_trying(lambda: self.co.set_state(self.phase.switch, standing),
                                             f"to record {standing.state}")
 
     def _runs_hooks(self) -> bool:
@@ -231,18 +236,18 @@ class ClusterDeploy(Deploy):
 
     def _left(self) -> str:
         """What this member leaves behind if it stops now, in words, for the line that says so."""
-        maintenance = "not in maintenance" if self.maintenance is MaintenanceOwner.NONE else "in maintenance"
-        live = f"current -> releases/{self.ctx.tree.live() or 'none'}" + (" (swapped)" if self.swapped else "")
+        maintenance = "not in maintenance" if self.phase.maintenance is MaintenanceOwner.NONE else "in maintenance"
+        live = f"current -> releases/{self.ctx.tree.live() or 'none'}" + (" (swapped)" if self.phase.swapped else "")
         decision = self._seen[1]
-        switch = (f"switch {self.switch_id} " + (f"last read as {decision}" if decision else "undecided")
+        switch = (f"switch {self.phase.switch} " + (f"last read as {decision}" if decision else "undecided")
                   if self.switch else "in no switch yet")
         return f"{maintenance}, {live}, {switch}"
 
     def _finish_switch(self) -> None:
         """The last member through a decided switch removes it, so that the next may begin."""
         try:
-            view = self.co.view(self.switch_id)
-            if view.switch and view.switch.id == self.switch_id and view.finished():
+            view = self.co.view(self.phase.switch)
+            if view.switch and view.switch.id == self.phase.switch and view.finished():
                 self.co.end(view.switch)
         except EtcdUnavailable:
             pass  # the next switch to begin removes a finished one

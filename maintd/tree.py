@@ -7,7 +7,6 @@ so at no instant does it not exist or point anywhere but the old or the new rele
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -92,6 +91,14 @@ class Tree:
         if not stat.S_ISDIR(mode):
             raise ReleaseError(f"release {name!r} is not a directory")
         return path
+
+    def entry_problem(self, name: str) -> str | None:
+        """Why entry `name` of releases/ can never be a release (None when it can be one)."""
+        try:
+            self.release_dir(name)
+        except ReleaseError as exc:
+            return str(exc)
+        return None
 
     def entries(self) -> list[str]:
         """Every entry of `releases/` (valid or not), for the watcher's rescans."""
@@ -227,25 +234,6 @@ class Tree:
         skips = [os.fsencode(skip) for skip in ignore]
         return sorted(rel for rel in _files_under(self.release_dir(name))
                       if not any(rel == skip or rel.startswith(skip + b"/") for skip in skips))
-
-    def digest(self, name: str, ignore: tuple[str, ...]) -> str:
-        """A sha256 over the release as uploaded: every file's path and content (a link's target), in the lines
-        sha256sum would write for them, less `ignore` (the marker, the manifest, and what maintd itself puts there,
-        shared links included, so that per-server shared files may differ). Equal on two servers means the same
-        release."""
-        release = os.fsencode(self.release_dir(name))
-        total = hashlib.sha256()
-        for rel in self.uploaded(name, ignore):
-            path = os.path.join(release, rel)
-            if os.path.islink(path):
-                content = b"link " + os.readlink(path)
-            else:
-                try:
-                    content = manifest.file_sha256(release, rel).encode()
-                except manifest.NotARegularFile:  # a FIFO or a device: its kind is all two servers can compare
-                    content = b"special %o" % stat.S_IFMT(os.lstat(path).st_mode)
-            total.update(manifest.line(content, rel))
-        return total.hexdigest()
 
     def remove(self, name: str) -> None:
         """Remove a release, reaching it through a `releases/` that is no symlink (an uploader who owns `<root>`

@@ -42,21 +42,21 @@ class Waiting:
         """etcd did not answer: say so once, and pause before the next try."""
         if not self.unreachable:
             self.deploy.log.error(f"etcd cannot be reached; waiting {what}, never guessing: {exc}",
-                                  switch_id=self.deploy.switch_id)
+                                  switch_id=self.deploy.phase.switch)
         self.unreachable = str(exc)
         self.pause(UNREACHABLE_PAUSE, what, f"etcd unreachable: waiting {what}")
 
     def answered(self) -> None:
         if self.unreachable:
-            self.deploy.log.info("etcd answers again", switch_id=self.deploy.switch_id)
+            self.deploy.log.info("etcd answers again", switch_id=self.deploy.phase.switch)
             self.unreachable = ""
 
     def pause(self, seconds: float, what: str, shown: str = "") -> None:
         """Wait `seconds`, `status` showing what for, unless the daemon stops first: then `Interrupted`."""
-        self.deploy.waiting = shown or f"waiting {what}"
+        self.deploy.phase.waiting = shown or f"waiting {what}"
         if self.stopping.wait(seconds):
             raise Interrupted(f"stopping while waiting {what}: {self.left()}; recovery at the next start obeys "
                               "the decision recorded in etcd")
 
     def over(self) -> None:
-        self.deploy.waiting = ""
+        self.deploy.phase.waiting = ""

@@ -276,7 +276,7 @@ def test_operator_maintenance_is_one_change_a_deploy_sees_whole(app, monkeypatch
     run_deploy(app, "r1")
     ctx = Context.build(load(app.config), Store(load(app.config).state_dir))
     deploy = Deploy(ctx, "r1", "alice")
-    deploy.maintenance = MaintenanceOwner.OURS  # as if this deploy had raised its own flags
+    deploy.phase.maintenance = MaintenanceOwner.OURS  # as if this deploy had raised its own flags
     real_raise = ctx.flags.raise_in
     lowered: list[str] = []
 
