@@ -70,11 +70,12 @@ class Context:
         return None
 
     def link_shared(self, release: str) -> str:
-        """The `link_shared` step: a path missing from `shared/` is the server's fault, not the release's."""
+        """The `link_shared` step: a path missing from `shared/` (or a dangling link there, which Tree.link_shared
+        would refuse the same way) is the server's fault, not the release's."""
         shared = self.config.shared
         if not shared.files and not shared.dirs:
             raise Skipped("no shared files or dirs configured")
-        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.lexists(self.tree.shared / rel)]:
+        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.exists(self.tree.shared / rel)]:
             raise StepFailed(f"shared path(s) missing from {self.tree.shared}: {', '.join(missing)}; create them and "
                              "deploy this release again", fault=Fault.SERVER)
         linked = self.tree.link_shared(release, shared.files, shared.dirs)

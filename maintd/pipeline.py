@@ -3,7 +3,8 @@
 `Deploy.run` walks `STEPS` in order. Each step either does its work and says what it did, raises `Skipped` when it
 does not apply, or raises anything else to fail. Every step is one log event with its duration. A failure before
 the swap lifts the maintenance this deploy raised; a failure at or after it points `current` back at the previous
-release first (`rolled_back`). Either way the release is marked bad, so it is never deployed automatically again.
+release first (`rolled_back`). A failure that is the release's own fault (`steps.Fault`) marks it bad, so it is
+never deployed automatically again; a server's fault is only noted.
 Recovery after a crash (`recovery.py`) rebuilds the `Deploy` from its journal and runs the same steps and the same
 undo, so there is one way to restart, flush, check health and go back.
 """

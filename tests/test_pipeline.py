@@ -345,3 +345,12 @@ def test_the_deploy_thread_and_the_loop_share_the_memory_under_one_lock(app):
         other.join()
         sys.setswitchinterval(switch_interval)
     assert errors == []
+
+
+def test_a_dangling_link_in_shared_is_the_servers_fault_too(app):
+    """shared/log a link to nothing is as missing as no shared/log at all: the release is not condemned for it."""
+    app.make_release("r1")
+    os.symlink("/nonexistent-maintd-target", app.shared / "log")
+    outcome, _, ctx = run_deploy(app, "r1", '[shared]\ndirs = ["log"]\n')
+    assert outcome.result == "failed" and outcome.fault == "server"
+    assert not ctx.store.memory.releases["r1"].bad
