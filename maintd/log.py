@@ -27,7 +27,11 @@ def journal_field(key: str) -> str:
 
 
 class JournalRenderer:
-    """Final processor: send the event to journald and drop it from the stderr chain."""
+    """Final processor: send the event to journald and drop it from the stderr chain.
+
+    A journald that is not there (restarting during an upgrade, or stale sockets of a stopped one) must not fail the
+    deploy step that happened to log: the event goes on down the chain as a JSON line on stderr instead, with why,
+    so it is kept wherever stderr goes rather than lost."""
 
     def __init__(self) -> None:
         from systemd import journal  # only the daemon under systemd pays for this import
@@ -37,8 +41,11 @@ class JournalRenderer:
     def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> Any:
         fields = {journal_field(key): _text(value) for key, value in event.items()
                   if key not in _JOURNAL_OWN and value is not None}
-        self._send(str(event.get("event", "")), PRIORITY=str(_PRIORITY.get(event.get("level", "info"), 6)),
-                   SYSLOG_IDENTIFIER="maintd", **fields)
+        try:
+            self._send(str(event.get("event", "")), PRIORITY=str(_PRIORITY.get(event.get("level", "info"), 6)),
+                       SYSLOG_IDENTIFIER="maintd", **fields)
+        except OSError as exc:
+            return {**event, "journald": f"not reachable ({exc.strerror or exc}): logged here instead"}
         raise structlog.DropEvent
 
 
@@ -62,20 +69,20 @@ def default_format(stream: TextIO = sys.stderr) -> str:
 def configure(fmt: str | None = None, stream: TextIO = sys.stderr, level: int = logging.INFO) -> str:
     """Set up structlog for the whole process; returns the format chosen."""
     fmt = fmt or default_format(stream)
-    renderer: Any
+    renderers: list[Any]
     if fmt == "journal":
-        renderer = JournalRenderer()
+        renderers = [JournalRenderer(), structlog.processors.JSONRenderer(sort_keys=False)]
     elif fmt == "json":
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        renderers = [structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
+        renderers = [structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),

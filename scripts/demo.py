@@ -30,9 +30,8 @@ sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent)]
 
 from test_web import CONFIG_RU, NginxPuma, get  # noqa: E402
 
-from conftest import BIN, App, Memcached, wait_until  # noqa: E402
+from conftest import BIN, App, Memcached, journald_listens, wait_until  # noqa: E402
 
-JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 REASON = re.compile(r'id="reason">([^<]*)<')
 
 
@@ -116,7 +115,11 @@ class Demo:
         return done.stdout
 
     def status(self) -> dict:
-        return json.loads(self.maintctl("status", "--json", show=False))
+        done = subprocess.run([str(BIN / "maintctl"), "--socket", str(self.app.socket), "status", "--json"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise SystemExit(f"maintctl status failed ({done.returncode}): {done.stderr.strip()}")
+        return json.loads(done.stdout)
 
     def live_and_idle(self, name: str) -> None:
         wait_until(lambda: (s := self.status())["current"] == name and not s["deploying"], 30, f"{name} live")
@@ -140,7 +143,7 @@ def main() -> None:
         demo.release("20261126090000", marker=False)
         os.symlink("releases/20261126090000", app.current)
         stack = NginxPuma(app)
-        journal = JOURNAL_SOCKET.exists()
+        journal = journald_listens()
         app.config.write_text(f"""app = "shop"
 root = "{app.root}"
 [upload]

@@ -447,6 +447,17 @@ Subsystem sftp internal-sftp
 
 
 JOURNALD_PATHS = (Path("/run/systemd/journal"), Path("/run/log/journal"))  # its sockets, its volatile journal
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+
+def journald_listens() -> bool:
+    """Whether a journald answers on its socket: a stopped one's socket file may still be there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(str(JOURNAL_SOCKET))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -456,22 +467,15 @@ def journald():
     journald does not remove its sockets when it stops (systemd owns them where it runs): left behind, they make
     every later program on the machine believe journald runs, and lose what it logs there. So what it creates is
     removed again, and the teardown fails if anything of it is left."""
-    sock = Path("/run/systemd/journal/socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(str(sock))
+    if journald_listens():
         yield None
         return
-    except OSError:
-        pass
-    finally:
-        probe.close()
     binary = Path("/lib/systemd/systemd-journald")
     if not binary.exists():
         pytest.skip("systemd-journald is not installed")
     before = _paths_under(JOURNALD_PATHS)
     proc = subprocess.Popen([str(binary)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: sock.is_socket(), 10, "journald's socket")
+    wait_until(journald_listens, 10, "journald's socket")
     yield proc
     proc.terminate()
     proc.wait(10)

@@ -4,10 +4,12 @@ a real journald read back with journalctl, the shipped units checked by systemd-
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -185,6 +187,30 @@ def test_every_step_reaches_journald_with_its_fields(app, journald, start_daemon
         assert float(entry["MAINTD_DURATION_MS"]) == step["duration_ms"]  # the step's own measure, not a stand-in
         assert entry["MESSAGE"] == f"{step['step']}: {step['message']}"
     daemon.stop()
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0, reason="needs root and unshare(1)")
+def test_a_deploy_goes_live_and_logs_on_stderr_when_journald_left_only_its_socket(app):
+    """A stopped journald's socket file (journald restarting, or a stale one) refuses connections: that must not fail
+    the step that logs. In a private mount namespace, /run/systemd/journal holds just such a socket, bound and
+    closed, so systemd-python's send() really fails with ECONNREFUSED, as it does on a server."""
+    stale = ("import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+             "s.bind('/run/systemd/journal/socket'); s.close()")
+    hide = f"mkdir -p /run/systemd/journal && mount -t tmpfs none /run/systemd/journal && {sys.executable} -c " \
+           f"{shlex.quote(stale)} && exec \"$@\""
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "sh",
+                             str(BIN / "maintd"), "run", "--config", str(app.config), "--log-format", "journal"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        wait_until(lambda: app.socket.exists(), 20, "maintd's socket")
+        app.make_release("r1")
+        wait_until(lambda: any(h["release"] == "r1" for h in app.history()), 30, "r1's deploy recorded")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert app.history()[-1]["result"] == "ok", err
+    went_live = [e for e in map(json.loads, err.splitlines()) if "went live" in e["event"]]
+    assert went_live and went_live[0]["journald"].startswith("not reachable"), err
 
 
 def test_journal_field_names_are_what_journald_keeps():
