@@ -56,7 +56,8 @@ clean:
 	rm -rf $(VENV) .deps build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
-# (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page and the Capistrano plugin.
+# (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page, the Capistrano plugin and
+# the Rails cache initializer.
 UNITDIR   ?= /etc/systemd/system
 install:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
@@ -71,6 +72,7 @@ install:
 	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do \
 		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$${snippet#etc/}; done
 	install -D -m 0644 etc/capistrano/maintd.rake $(DESTDIR)$(PREFIX)/share/maintd/capistrano/maintd.rake
+	install -D -m 0644 etc/rails/maintd_cache.rb $(DESTDIR)$(PREFIX)/share/maintd/rails/maintd_cache.rb
 
 # Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
 bench: deps

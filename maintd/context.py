@@ -10,11 +10,12 @@ drift apart.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, manifest, proc, restart
+from . import boot, cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
@@ -109,14 +110,23 @@ class Context:
         return done
 
     def restart_app(self, release: str) -> str:
-        """The `restart` step, also `maintctl restart` on the live release."""
+        """The `restart` step, also `maintctl restart` on the live release: it ends once the app has booted
+        `release` (boot.py), so that the boot falls inside maintenance, not into the first visitor's request."""
         r, root = self.config.restart, self.config.root
         if r.method is RestartMethod.COMMAND:
-            return restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
+            serving = boot.app_listeners(root)
+            done = restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
+            if not serving:
+                return f"{done}; no process of the app listened before: no boot to wait for"
+            return f"{done}; {boot.answering(root, release, r.health_timeout)}"
+        since = time.time()
         try:
-            return restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
+            restarted = restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
         except StepFailed as exc:  # passenger-config is the system's tool, not the release's
             raise StepFailed(str(exc), exc.output, Fault.SERVER) from exc
+        if not restarted.instances:
+            return restarted.done
+        return f"{restarted.done}; {boot.passenger_booted(root, restarted.instances, since, r.health_timeout)}"
 
     def flush_cache(self, logger: Any) -> str:
         """The `flush` step, also `maintctl flush`; servers that are down are warnings, not failures."""

@@ -12,6 +12,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
@@ -22,14 +23,21 @@ from .runas import RunAs
 RESTART_FILE = "tmp/restart.txt"
 _RESTART_DIR, _RESTART_NAME = os.path.split(RESTART_FILE)
 PASSENGER_NOT_RUNNING = "doesn't seem to be running"  # passenger-config's words when no instance is up
+PASSENGER_RESTARTING = "Restarting "  # what it prints for each app it restarts ("Restarting /srv/shop/current (…)")
 # Sent with every health request: the shipped web snippets let a request from this host through maintenance only
 # with it, so that visitors behind a proxy on this host (who all come from loopback) still get the page.
 HEALTH_HEADER = "X-Maintd-Health"
 HEALTH_INTERVAL = 0.2  # seconds between health requests; an app booting needs a moment, not a busy loop
 
 
-def passenger(root: Path, release: Path, timeout: float) -> str:
-    """Touch `tmp/restart.txt` in the release and ask Passenger to restart now; returns what was done."""
+@dataclass(frozen=True)
+class PassengerRestart:
+    done: str  # what was done, for the step's message
+    instances: list[Path]  # the Passenger instances that restarted an app of this tree: the boot to wait for
+
+
+def passenger(root: Path, release: Path, timeout: float) -> PassengerRestart:
+    """Touch `tmp/restart.txt` in the release and ask Passenger to restart now."""
     # Passenger restarts on any change of its mtime; a fresh file is one. Made aside and renamed into place, never
     # written through a symlink (it could point anywhere root can write), and owned by the release's owner, whose own
     # `touch tmp/restart.txt` must keep working.
@@ -37,18 +45,21 @@ def passenger(root: Path, release: Path, timeout: float) -> str:
         where.write(_RESTART_NAME, "")
     tool = shutil.which("passenger-config")
     if not tool:
-        return f"touched {RESTART_FILE}"
-    if not passenger_instances():
+        return PassengerRestart(f"touched {RESTART_FILE}", [])
+    if not (instances := passenger_instances()):
         # Spawning passenger-config (Ruby) only to hear that nothing runs cost ~95 ms inside every maintenance
         # window on machines that have Passenger installed but serve with something else.
-        return f"touched {RESTART_FILE} (no Passenger instance is registered)"
+        return PassengerRestart(f"touched {RESTART_FILE} (no Passenger instance is registered)", [])
     ran = proc.run((tool, "restart-app", str(root), "--ignore-app-not-running"), cwd=root, timeout=timeout)
     if not ran.ok and PASSENGER_NOT_RUNNING in ran.output:
         # Nothing to restart: a Passenger that starts later loads the new release anyway.
-        return f"touched {RESTART_FILE} (Passenger is not running)"
+        return PassengerRestart(f"touched {RESTART_FILE} (Passenger is not running)", [])
     if not ran.ok:
         raise StepFailed(f"passenger-config restart-app: {ran.describe()}", ran.output)
-    return f"touched {RESTART_FILE} and ran passenger-config restart-app"
+    if PASSENGER_RESTARTING not in ran.output:
+        # No app of this tree runs: the first request will start the new release.
+        return PassengerRestart(f"touched {RESTART_FILE} (Passenger runs no app under {root})", [])
+    return PassengerRestart(f"touched {RESTART_FILE} and ran passenger-config restart-app", instances)
 
 
 def passenger_instances() -> list[Path]:
