@@ -151,12 +151,17 @@ class Confined:
 
     # --- what is in it --------------------------------------------------------------------------------------------
 
-    def kind(self, name: str) -> int | None:
-        """The file type bits (`stat.S_IFMT`) of entry `name`, never following it; None when there is none."""
+    def entry(self, name: str) -> os.stat_result | None:
+        """The status of entry `name` itself, never following it; None when there is none."""
         try:
-            return stat.S_IFMT(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
+            return os.stat(name, dir_fd=self._fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def kind(self, name: str) -> int | None:
+        """The file type bits (`stat.S_IFMT`) of entry `name`, never following it; None when there is none."""
+        found = self.entry(name)
+        return stat.S_IFMT(found.st_mode) if found else None
 
     def link_target(self, name: str) -> str | None:
         """Where entry `name` points, when it is a symlink."""
@@ -164,15 +169,18 @@ class Confined:
 
     # --- changing it ----------------------------------------------------------------------------------------------
 
-    def write(self, name: str, text: str) -> None:
+    def write(self, name: str, text: str, mtime_ns: int | None = None) -> None:
         """Replace entry `name` (a file or a link, never followed) with a new file holding `text`, owned by `owner`
-        before it appears there."""
+        (and modified at `mtime_ns`, when given) before it appears there."""
 
         def make(stage: int, entry: str) -> None:
             fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=stage)
             with open(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
+                handle.flush()
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
 
         _place(self._fd, name, self.owner, make)
 

@@ -98,9 +98,10 @@ class Context:
         goes; what it did, and what it could not, in words for the undo's record."""
         done = []
         try:
+            failed = self.tree.live()
             self.tree.swap(previous)
             done.append(f"current -> releases/{previous}")
-            done.append(self.restart_app(previous))
+            done.append(self.restart_app(previous, before=failed))
             done.append(self.flush_cache(logger))
         except Skipped as skip:
             done.append(str(skip))
@@ -109,9 +110,10 @@ class Context:
             logger.exception("rollback incomplete")
         return done
 
-    def restart_app(self, release: str) -> str:
+    def restart_app(self, release: str, before: str | None = None) -> str:
         """The `restart` step, also `maintctl restart` on the live release: it ends once the app has booted
-        `release` (boot.py), so that the boot falls inside maintenance, not into the first visitor's request."""
+        `release` (boot.py), so that the boot falls inside maintenance, not into the first visitor's request.
+        `before`: the release `current` pointed at until now (default: `release`, no swap)."""
         r, root = self.config.restart, self.config.root
         if r.method is RestartMethod.COMMAND:
             serving = boot.app_listeners(root)
@@ -121,7 +123,8 @@ class Context:
             return f"{done}; {boot.answering(root, release, r.health_timeout)}"
         since = time.time()
         try:
-            restarted = restart.passenger(root, self.tree.path(release), self.config.hooks.timeout)
+            restarted = restart.passenger(root, self.tree.path(release), self.tree.path(before or release),
+                                          self.config.hooks.timeout)
         except StepFailed as exc:  # passenger-config is the system's tool, not the release's
             raise StepFailed(str(exc), exc.output, Fault.SERVER) from exc
         if not restarted.instances:

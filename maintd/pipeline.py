@@ -208,7 +208,7 @@ class Deploy:
         return f"current -> releases/{self.release}"
 
     def restart(self) -> str:
-        return self.ctx.restart_app(self.release)
+        return self.ctx.restart_app(self.release, before=self.previous)
 
     def flush(self) -> str:
         return self.ctx.flush_cache(self.log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -36,30 +37,50 @@ class PassengerRestart:
     instances: list[Path]  # the Passenger instances that restarted an app of this tree: the boot to wait for
 
 
-def passenger(root: Path, release: Path, timeout: float) -> PassengerRestart:
-    """Touch `tmp/restart.txt` in the release and ask Passenger to restart now."""
-    # Passenger restarts on any change of its mtime; a fresh file is one. Made aside and renamed into place, never
-    # written through a symlink (it could point anywhere root can write), and owned by the release's owner, whose own
-    # `touch tmp/restart.txt` must keep working.
-    with Confined.open(root, release) as top, top.dir(_RESTART_DIR, create=True) as where:
-        where.write(_RESTART_NAME, "")
+def passenger(root: Path, release: Path, before: Path, timeout: float) -> PassengerRestart:
+    """Restart the app at once where Passenger's tool can, and leave `tmp/restart.txt` in the release.
+
+    Passenger compares the restart file's mtime with the one it saw at its last look, at the first request after
+    the restart: a fresh mtime there restarts the app a second time, so the first visitor after maintenance waits
+    for a whole boot again (measured: the request that met the new release took 5.3 s). So when `restart-app`
+    restarted the app, the new release's file gets the mtime that `before`'s (the release `current` pointed at when
+    Passenger last looked) has, and only otherwise a fresh one, for Passenger to restart by at its next look."""
     tool = shutil.which("passenger-config")
     if not tool:
-        return PassengerRestart(f"touched {RESTART_FILE}", [])
+        return PassengerRestart(_touch(root, release, None), [])
     if not (instances := passenger_instances()):
         # Spawning passenger-config (Ruby) only to hear that nothing runs cost ~95 ms inside every maintenance
         # window on machines that have Passenger installed but serve with something else.
-        return PassengerRestart(f"touched {RESTART_FILE} (no Passenger instance is registered)", [])
+        return PassengerRestart(f"{_touch(root, release, None)} (no Passenger instance is registered)", [])
     ran = proc.run((tool, "restart-app", str(root), "--ignore-app-not-running"), cwd=root, timeout=timeout)
     if not ran.ok and PASSENGER_NOT_RUNNING in ran.output:
         # Nothing to restart: a Passenger that starts later loads the new release anyway.
-        return PassengerRestart(f"touched {RESTART_FILE} (Passenger is not running)", [])
+        return PassengerRestart(f"{_touch(root, release, None)} (Passenger is not running)", [])
     if not ran.ok:
+        _touch(root, release, None)
         raise StepFailed(f"passenger-config restart-app: {ran.describe()}", ran.output)
     if PASSENGER_RESTARTING not in ran.output:
         # No app of this tree runs: the first request will start the new release.
-        return PassengerRestart(f"touched {RESTART_FILE} (Passenger runs no app under {root})", [])
-    return PassengerRestart(f"touched {RESTART_FILE} and ran passenger-config restart-app", instances)
+        return PassengerRestart(f"{_touch(root, release, None)} (Passenger runs no app under {root})", [])
+    return PassengerRestart(f"ran passenger-config restart-app; {_touch(root, release, before)}", instances)
+
+
+def _touch(root: Path, release: Path, like: Path | None) -> str:
+    """Write `tmp/restart.txt` in `release`: with the mtime `like`'s has (none there: no file, as there), else
+    fresh. Made aside and renamed into place, never written through a symlink (it could point anywhere root can
+    write), and owned by the release's owner, whose own `touch tmp/restart.txt` must keep working."""
+    seen: os.stat_result | None = None
+    if like is not None:
+        try:
+            with Confined.open(root, like) as top, top.dir(_RESTART_DIR) as where:
+                seen = where.entry(_RESTART_NAME)
+        except OSError:  # no tmp/ there (or not a plain one): Passenger saw no file
+            seen = None
+        if seen is None or not stat.S_ISREG(seen.st_mode):
+            return f"left {RESTART_FILE} out (none in release {like.name}: a new one would restart the app again)"
+    with Confined.open(root, release) as top, top.dir(_RESTART_DIR, create=True) as where:
+        where.write(_RESTART_NAME, "", mtime_ns=seen.st_mtime_ns if seen else None)
+    return f"touched {RESTART_FILE}" + (f" (as in release {like.name})" if like is not None else "")
 
 
 def passenger_instances() -> list[Path]:

@@ -131,7 +131,7 @@ class App:
         self.write_config()
 
     def write_config(self, extra: str = "", quiet_period: float = 0.5, top: str = "", control: str = "",
-                     upload: str = "", hooks_user: str | None = "root") -> Path:
+                     upload: str = "", hooks_user: str | None = "root", memcached: str = "") -> Path:
         """The app's config; `extra` adds tables at the end. The tests' trees are root's, so hooks run as root
         only because this says `hooks.user = "root"` (pass None to leave it unsaid)."""
         if hooks_user:
@@ -148,6 +148,7 @@ quiet_period = {quiet_period}
 [memcached]
 servers = ["{self.memcached}"]
 timeout = 0.5
+{memcached}
 [control]
 socket = "{self.socket}"
 {control}

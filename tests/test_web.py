@@ -127,7 +127,8 @@ http {{
 
 
 class NginxPuma:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, env: dict[str, str] | None = None) -> None:
+        """`env`: the app's environment, added to Puma's."""
         self.base = app.base / "web"
         self.base.mkdir()
         self.puma_port, self.port = free_port(), free_port()
@@ -138,7 +139,8 @@ class NginxPuma:
         as_owner = ["setpriv", f"--reuid={owner.st_uid}", f"--regid={owner.st_gid}", "--init-groups"]
         self.puma = subprocess.Popen([*as_owner, "puma", "--dir", str(app.current), "-b", f"tcp://127.0.0.1:{self.puma_port}",
                                       "--pidfile", str(self.pidfile), "-e", "production", "-t", "1:4"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         wait_until(lambda: port_open(self.puma_port), 30, "puma")
         self.nginx = Nginx(self.base, self.port, f"""
         root {app.current}/public;
@@ -188,9 +190,10 @@ before_swap = [{app.gate.hook()}]
 
 
 class ApachePassenger:
-    MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "passenger")
+    MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "env", "passenger")
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, user: str = "www-data", env: dict[str, str] | None = None) -> None:
+        """Passenger runs the app as `user`, with `env` added to its environment (SetEnv, as the README shows)."""
         self.base = app.base / "apache"
         (self.base / "run").mkdir(parents=True)
         self.registry = self.base / "passenger"
@@ -219,8 +222,9 @@ PassengerDisableAnonymousTelemetry on
 <VirtualHost 127.0.0.1:{self.port}>
     Define MAINTD_ROOT {app.root}
     DocumentRoot {app.root}/current/public
-    PassengerUser www-data
+    PassengerUser {user}
     PassengerAppEnv production
+{"".join(f"    SetEnv {name} {value}{chr(10)}" for name, value in (env or {}).items())}
     <Directory {app.root}/current/public>
         Require all granted
         Options -MultiViews
