@@ -191,6 +191,36 @@ def test_idle_peers_and_peers_that_never_read_are_cut_off(app, start_daemon):
     greedy.close()
 
 
+def test_any_local_user_cannot_write_the_daemons_log_by_asking_history(public_app, start_daemon):
+    """`history` is open to every local user: a history line that does not parse is said once for each state of the
+    file, not once per request, or `nobody` could write into the daemon's log as fast as it asks (and journald's rate
+    limit would then drop the deploys' own entries)."""
+    app = public_app
+    app.make_release("r1")
+    app.state.mkdir(parents=True, exist_ok=True)
+    (app.state / "history.jsonl").write_text("{cut by a crash\n")
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+
+    def asked_by_nobody(times: int) -> list[dict[str, Any]]:
+        """`nobody` asks `history` `times` times; the one line the daemon said of the lines that do not parse."""
+        mark = daemon.mark()
+        for _ in range(times):
+            done = as_user(app, NOBODY, "history", "--json")
+            assert done.returncode == 0, done.stderr
+            assert [entry["release"] for entry in json.loads(done.stdout)][-1:] == [app.live()]
+        daemon.wait_for(since=mark, event=lambda e: "do not parse" in e)
+        said = [e for e in daemon.events[mark:] if "do not parse" in str(e.get("event"))]
+        assert len(said) == 1, f"{len(said)} lines in the daemon's log from {times} `history` requests by nobody"
+        return said
+
+    [said] = asked_by_nobody(20)
+    assert said["level"] == "error" and "history.jsonl: 1 line(s) that do not parse" in said["event"]
+    app.make_release("r2")  # its deploy adds a line: the file changed, and is said of again, once
+    assert daemon.deployed("r2")["result"] == "ok"
+    asked_by_nobody(20)
+
+
 @contextmanager
 def out_of_descriptors(pid: int) -> Iterator[None]:
     """The daemon's soft limit on open files lowered to its lowest free descriptor, for real (prlimit): every
