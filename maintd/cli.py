@@ -52,7 +52,7 @@ def check(config: Config) -> int:
     from .tree import Tree
 
     problems: list[str] = []
-    warnings: list[str] = []
+    warnings = list(config.warnings)  # values `run` takes, saying what it does with them
     tree = Tree(config.root)
     if not config.root.is_dir():
         problems.append(f"root {config.root} is not a directory")

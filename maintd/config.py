@@ -2,7 +2,9 @@
 
 A deploy daemon that guesses at a mistyped key deploys the wrong way, so every unknown key, wrong type or impossible
 value is an error that names the key and, because TOML parsers do not report where a value stood, the line we find
-it on ourselves.
+it on ourselves. A few values an earlier maintd took without a word work, though not as the operator may think:
+each is a warning in the same form (`Config.warnings`), so that a daemon upgraded in place starts on the config it
+ran with (see `_tolerated`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class Config:
     state: State = field(default_factory=State)
     cluster: Cluster | None = None  # no [cluster] table: a single server, and nothing of contract §7 applies
     source: Path | None = None
+    warnings: tuple[str, ...] = ()  # "file:line: key ...", each logged at start and printed by `maintd check`
 
     @property
     def state_dir(self) -> Path:
@@ -388,11 +391,6 @@ def _absolute(value: Any) -> str:
     return text
 
 
-def _absolute_or_empty(value: Any) -> str:
-    """Absolute: a relative path would be read from the daemon's working directory, not where `check` runs."""
-    return _absolute(value) if _string(value) else ""
-
-
 def _app_name(value: Any) -> str:
     text = _nonempty(value)
     if not RELEASE_NAME.fullmatch(text):
@@ -410,7 +408,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
                         "manifest": _file_name, "required": _relative_paths}),
     "shared": (Shared, {"files": _relative_paths, "dirs": _relative_paths}),
     "maintenance": (Maintenance, {"file": _file_path, "when": _one_of(MaintenanceWhen), "keep_on_failure": _bool,
-                                  "template": _absolute_or_empty}),
+                                  "template": _string}),
     "restart": (Restart, {"method": _one_of(RestartMethod), "command": _argv, "health_url": _http_url,
                           "health_expect": _string, "health_timeout": _positive}),
     "memcached": (Memcached, {"servers": _servers, "flush": _one_of(FlushMode), "namespace_key": _cache_key,
@@ -451,11 +449,15 @@ def parse(text: str, path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
-    def fail(table: str | None, key: str, problem: str, line_key: str | None = None) -> ConfigError:
+    def said(table: str | None, key: str, problem: str, line_key: str | None = None) -> str:
+        """One line about a key: file and line first."""
         dotted = f"{table}.{key}" if table else key
         line = _line_of(text, table, line_key or key)
         at = f"{where}:{line}" if line else where
-        return ConfigError(f"{at}: {dotted} {problem}")
+        return f"{at}: {dotted} {problem}"
+
+    def fail(table: str | None, key: str, problem: str, line_key: str | None = None) -> ConfigError:
+        return ConfigError(said(table, key, problem, line_key))
 
     top: dict[str, Any] = {}
     sections: dict[str, Any] = {}
@@ -495,28 +497,53 @@ def parse(text: str, path: Path | None = None) -> Config:
     for name, (section_type, _checks) in SECTIONS.items():
         built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
     _conflicts(built, sections, fail)
+    warnings = _tolerated(built, said)
     cluster = _cluster(sections["cluster"], app, fail) if "cluster" in sections else None
     return Config(app=app, root=Path(top["root"]), keep_releases=top.get("keep_releases", 5), cluster=cluster,
-                  source=path, **built)
+                  source=path, warnings=tuple(warnings), **built)
 
 
 def _conflicts(built: dict[str, Any], given: dict[str, dict[str, Any]], fail: Callable[..., ConfigError]) -> None:
     """Values each right on its own that cannot work together (or with a default)."""
-    restart, upload, memcached, control = built["restart"], built["upload"], built["memcached"], built["control"]
+    restart, upload, control = built["restart"], built["upload"], built["control"]
     if restart.method is RestartMethod.COMMAND and not restart.command:
         raise fail("restart", "command", 'must be set when restart.method = "command"', line_key="method")
-    if restart.method is RestartMethod.PASSENGER and restart.command:
-        raise fail("restart", "command", 'would never run: restart.method is "passenger" (set method = "command")')
     if upload.marker == upload.manifest:
         key, other = ("manifest", "marker") if "manifest" in given.get("upload", {}) else ("marker", "manifest")
         raise fail("upload", key, f"must differ from upload.{other} ({upload.marker!r}): one file cannot be "
                                   "both the marker and the manifest")
-    if not memcached.servers and memcached.flush is not FlushMode.NONE:
-        raise fail("memcached", "servers", f'is empty, so memcached.flush = "{memcached.flush}" cannot flush '
-                                           'anything (set flush = "none")')
     if (size := len(control.socket.encode())) > SOCKET_PATH_MAX:
         raise fail("control", "socket", f"{control.socket} is too long for a Unix socket ({size} bytes, at most "
                                         f"{SOCKET_PATH_MAX})")
+
+
+def _tolerated(built: dict[str, Any], said: Callable[..., str]) -> list[str]:
+    """Values that maintd before issue #20 took without a word and that work, though not as the operator may think:
+    one warning each, naming key and line, and what the daemon does instead. Contract §3 refuses impossible values
+    only, and these are not: refusing them would stop a daemon upgraded in place on the config it ran with.
+
+    - A relative `maintenance.template` is read from `/` (`built` is given the absolute path): `/` is the working
+      directory systemd gives a service without WorkingDirectory=, the shipped unit among them, so the path names
+      the file the daemon read before, and `maintd check` run by hand in any directory reads that same file. (The
+      config file's directory would be the other choice, but it would name a file the running daemon never read.)
+    - `restart.command` with `restart.method = "passenger"` is never run: the restart is Passenger's.
+    - `memcached.servers = []` with `memcached.flush` other than "none" flushes nothing: the flush step is skipped
+      (`Context.flush_cache`), and this is the one warning about it.
+    """
+    maintenance, restart, memcached = built["maintenance"], built["restart"], built["memcached"]
+    warnings = []
+    if maintenance.template and not maintenance.template.startswith("/"):
+        read_as = str(Path("/", maintenance.template))
+        built["maintenance"] = dataclasses.replace(maintenance, template=read_as)
+        warnings.append(said("maintenance", "template", f"{maintenance.template!r} is relative: it is read as "
+                                                        f"{read_as}, from / as systemd runs maintd; write it absolute"))
+    if restart.method is RestartMethod.PASSENGER and restart.command:
+        warnings.append(said("restart", "command", 'is never run: restart.method is "passenger", whose restart is '
+                                                   'used (set method = "command" to run it, or remove it)'))
+    if not memcached.servers and memcached.flush is not FlushMode.NONE:
+        warnings.append(said("memcached", "servers", f'is empty, so memcached.flush = "{memcached.flush}" flushes '
+                                                     'nothing: the flush step is skipped (set flush = "none")'))
+    return warnings
 
 
 def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError]) -> Cluster:

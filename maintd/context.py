@@ -136,6 +136,8 @@ class Context:
         m = self.config.memcached
         if m.flush is FlushMode.NONE:
             raise Skipped('memcached.flush = "none"')
+        if not m.servers:  # the config's warning said so once, at start
+            raise Skipped("memcached.servers is empty")
         outcomes = cache.flush(m.servers, m.flush, m.namespace_key, m.timeout)
         down = [o for o in outcomes if o.error]
         for outcome in down:

@@ -55,6 +55,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = log.get(app=config.app)
+        for warning in config.warnings:
+            self.log.warning(warning)
         self.notifier = Notifier()
         self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
         self.store = Store(config.state_dir, self.log.error)
@@ -168,6 +170,8 @@ class Daemon:
             self.runner.ctx = ctx
             self.intake.reconfigure(ctx)
             self.log.info(f"configuration reloaded from {new.source}")
+            for warning in new.warnings:
+                self.log.warning(warning)
             self.runner.kick()
         if self.serving:  # a SIGHUP during start-up must not announce READY early
             self.notifier.ready(self.status_line())

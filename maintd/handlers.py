@@ -62,7 +62,7 @@ async def releases(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit)
 
 @handles("history")
 async def history(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    entries = list(daemon.store.history())
+    entries = await asyncio.to_thread(daemon.store.history)  # the whole file, read off the event loop
     return entries[-args["n"]:] if args["n"] > 0 else []
 
 

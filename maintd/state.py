@@ -13,7 +13,8 @@ must not change under it (an operator's maintenance, then the flags: see `Contex
 What a failing disk or a hand edit leaves is read as a fault, never a traceback: a `state.json` or deploy journal
 that is empty, not JSON or of the wrong shape is `Damaged` (the message names the file and the fault) and kept aside
 as `<name>.bad-<time>` for inspection; history lines that do not parse are passed over and counted. The store says
-so through `report` (the daemon's log); rebuild.py rebuilds a lost state from the history and the tree.
+so through `report` (the daemon's log), once for each state of a file; rebuild.py rebuilds a lost state from the
+history and the tree.
 """
 
 from __future__ import annotations
@@ -178,10 +179,14 @@ def read_in_flight(path: Path) -> InFlight | None:
     return _read(path, "a deploy journal", InFlight.from_json)
 
 
+FileState = tuple[int, int, int, int]  # device, inode, size, mtime (ns): which file, as it was when read
+
+
 @dataclass(frozen=True)
 class History:
     entries: list[dict[str, Any]]  # oldest first
     skipped: list[int]  # numbers of the lines that do not parse (a line cut by a crash, a bad sector, a hand edit)
+    read_as: FileState | None = None  # the file as it was read; None when there was none
 
     def problem(self, path: Path) -> str | None:
         if not self.skipped:
@@ -193,7 +198,9 @@ class History:
 def read_history(path: Path) -> History:
     """`history.jsonl`: each line that is a JSON object, and where the others were."""
     try:
-        lines = path.read_bytes().splitlines()
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            lines = file.read().splitlines()
     except FileNotFoundError:
         return History([], [])
     entries, skipped = [], []
@@ -206,7 +213,7 @@ def read_history(path: Path) -> History:
             entries.append(entry)
         else:
             skipped.append(number)
-    return History(entries, skipped)
+    return History(entries, skipped, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
 
 
 def faults(directory: Path) -> list[str]:
@@ -240,6 +247,7 @@ class Store:
         self.report = report or log.get().error
         self._journal_fd: int | None = None  # the journal of the deploy in flight, open from its first record
         self._journal_size = JOURNAL_RECORD  # bytes every record of that journal is padded to
+        self._history_read_as: FileState | None = None  # the history file as its last read found it
         directory.mkdir(parents=True, exist_ok=True)
         # Why state.json could not be read, and where it was kept: then the memory is blank and paused (nothing
         # deploys by itself) until rebuild.py fills it in from the history and the tree.
@@ -368,8 +376,15 @@ class Store:
             os.fsync(history.fileno())
 
     def history(self) -> list[dict[str, Any]]:
-        """Past deploys, oldest first; lines that do not parse are passed over, and said once per read."""
+        """Past deploys, oldest first; lines that do not parse are passed over, and said once per state of the file
+        (which file, its size and mtime), not once per read: `maintctl history` is open to every local user
+        (contract section 5), and a line per request would let any of them write into the daemon's log at will,
+        until journald's rate limit dropped the deploys' own entries. A file that changed is said again.
+
+        It reads the whole file: callers on the event loop run it in a thread."""
         read = read_history(self.history_path)
-        if problem := read.problem(self.history_path):
+        with self.lock:
+            last_read, self._history_read_as = self._history_read_as, read.read_as
+        if (problem := read.problem(self.history_path)) and read.read_as != last_read:
             self.report(problem)
         return read.entries

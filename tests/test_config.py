@@ -1,9 +1,11 @@
 """contract §3: every default as written, and errors that name the key and the line."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import BIN
 from maintd.config import ConfigError, FlushMode, MaintenanceWhen, RestartMethod, load, parse
 
 MINIMAL = 'app = "shop"\nroot = "/srv/shop"\n'
@@ -97,16 +99,12 @@ LONG_SOCKET = "/run/maintd/" + "s" * 100 + ".sock"
     (MINIMAL + '[maintenance]\nfile = "tmp/"\n', ":4: maintenance.file must name a file, not a directory"),
     (MINIMAL + '[maintenance]\nfile = "."\n', ":4: maintenance.file must be a path inside the release"),
     (MINIMAL + '[maintenance]\nfile = "tmp/maintenance.html"\n', ":4: maintenance.file must not be named"),
-    (MINIMAL + '[maintenance]\ntemplate = "etc/page.html"\n', ":4: maintenance.template must be an absolute path"),
     # a shared "." would replace the whole release with a link
     (MINIMAL + '[shared]\ndirs = ["."]\n', ":4: shared.dirs must be a path inside the release"),
     # no system call takes a NUL: the hook, the environment or the path would fail mid-deploy
     (MINIMAL + '[hooks]\nenv = { PATH = "/bin\\u0000x" }\n', ":4: hooks.env PATH must not hold a NUL character"),
     (MINIMAL + '[hooks]\nafter_swap = [["bin/x\\u0000"]]\n', ":4: hooks.after_swap must not hold a NUL"),
     (MINIMAL + '[state]\ndir = "/var/lib/x\\u0000"\n', ":4: state.dir must not hold a NUL"),
-    # a restart command that the method ignores
-    (MINIMAL + '[restart]\ncommand = ["kill", "-USR2", "1"]\n', ":4: restart.command would never run"),
-    (MINIMAL + '[memcached]\nservers = []\n', ':4: memcached.servers is empty, so memcached.flush = "all"'),
     # TOML's nan and inf: a deadline that never comes
     (MINIMAL + "[restart]\nhealth_timeout = nan\n", ":4: restart.health_timeout must be a finite number"),
     (MINIMAL + "[upload]\nquiet_period = inf\n", ":4: upload.quiet_period must be a finite number"),
@@ -123,6 +121,60 @@ def test_values_that_cannot_work_name_key_and_line(text, expected):
     assert expected in str(caught.value)
 
 
+# Values maintd took before issue #20 that work, though not as the operator may think: a warning each, never a
+# refusal, or a daemon upgraded in place would not start on the config it ran with.
+@pytest.mark.parametrize("text, expected", [
+    (MINIMAL + '[maintenance]\ntemplate = "etc/page.html"\n',
+     ":4: maintenance.template 'etc/page.html' is relative: it is read as /etc/page.html, from / as systemd runs"),
+    (MINIMAL + '[restart]\ncommand = ["kill", "-USR2", "1"]\n',
+     ':4: restart.command is never run: restart.method is "passenger", whose restart is used'),
+    (MINIMAL + '[memcached]\nservers = []\n',
+     ':4: memcached.servers is empty, so memcached.flush = "all" flushes nothing: the flush step is skipped'),
+    (MINIMAL + '[memcached]\nflush = "namespace"\nservers = []\n',
+     ':5: memcached.servers is empty, so memcached.flush = "namespace" flushes nothing'),
+])
+def test_values_an_earlier_maintd_took_are_warnings_naming_key_and_line(text, expected):
+    [warning] = parse(text, Path("/etc/maintd/shop.toml")).warnings
+    assert warning.startswith("/etc/maintd/shop.toml:") and expected in warning
+
+
+def test_a_relative_template_is_read_from_the_root_directory():
+    """As the systemd unit, whose working directory is /, always read it; `maintd check`, run anywhere, agrees."""
+    assert parse(MINIMAL + '[maintenance]\ntemplate = "etc/page.html"\n').maintenance.template == "/etc/page.html"
+    assert parse(MINIMAL + '[maintenance]\ntemplate = "/etc/page.html"\n').warnings == ()
+
+
+def test_check_and_run_take_them_saying_so_once_and_doing_what_each_warning_says(app, start_daemon, tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<p>from the relative template: {{reason}}</p>\n")
+    seen, ran = tmp_path / "seen.html", tmp_path / "restart-command-ran"
+    app.write_config(f'[maintenance]\ntemplate = "{str(page).removeprefix("/")}"\n'
+                     f'[restart]\ncommand = ["touch", "{ran}"]\n'
+                     f'[hooks]\nbefore_swap = [["cp", "tmp/maintenance.html", "{seen}"]]\n')
+    app.config.write_text(app.config.read_text().replace(f'servers = ["{app.memcached}"]', "servers = []"))
+    warnings = load(app.config).warnings
+    assert [w.split(": ", 2)[1].split()[0] for w in warnings] == [
+        "maintenance.template", "restart.command", "memcached.servers"]
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # warnings only
+    assert [f"maintd: warning: {w}" for w in warnings] == done.stderr.splitlines()
+    assert f"{app.config}: ok" in done.stdout
+
+    daemon = start_daemon()
+    for name in ("r1", "r2"):
+        app.make_release(name)
+        steps = {e["step"]: e for e in daemon.steps(daemon.deployed(name)["deploy_id"])}
+        assert steps["restart"]["result"] == "ok" and not ran.exists()  # Passenger's restart, not the command
+        assert (app.releases / name / "tmp" / "restart.txt").exists()
+        assert (steps["flush"]["result"], steps["flush"]["event"]) == ("skipped", "flush: memcached.servers is empty")
+        assert seen.read_text() == f"<p>from the relative template: deploying release {name}</p>\n"
+    for warning in warnings:  # at start, once: not again with each deploy
+        assert [e["level"] for e in daemon.events if e["event"] == warning] == ["warning"]
+    since = daemon.events.index(daemon.reload())  # and once more with the configuration read again
+    daemon.wait_for(since=since, event=warnings[-1])
+    assert [e["event"] for e in daemon.events[since:] if e["level"] == "warning"] == list(warnings)
+
+
 def test_values_near_the_impossible_ones_still_parse():
     config = parse(MINIMAL + '[upload]\nmarker = "READY"\nmanifest = "SHA256SUMS"\n'
                    '[restart]\nhealth_url = "https://shop.example:8443/up?from=maintd"\n'
@@ -130,6 +182,7 @@ def test_values_near_the_impossible_ones_still_parse():
     assert (config.upload.marker, config.upload.manifest) == ("READY", "SHA256SUMS")
     assert config.restart.health_url == "https://shop.example:8443/up?from=maintd"
     assert config.memcached.servers == ()
+    assert config.warnings == ()
 
 
 def test_choices_are_parsed_into_enum_members():

@@ -1,5 +1,6 @@
 """maintctl and the control socket, end to end: the real CLI, the real socket, a real daemon, real users."""
 
+import errno
 import grp
 import json
 import os
@@ -256,6 +257,37 @@ def test_a_silent_client_is_dropped_and_others_are_served_meanwhile(app, live):
     assert b"no request within" in answer
     assert silent.recv(4096) == b""  # then dropped
     silent.close()
+
+
+def test_others_are_served_while_the_history_is_being_read(app, live):
+    """The history is read whole, off the event loop: a read that takes its time holds up that request only. The
+    slow disk is a stand-in, a FIFO in place of history.jsonl (a read that waits for as long as the test likes)."""
+    history = app.state / "history.jsonl"
+    written = history.read_bytes()
+    history.unlink()
+    os.mkfifo(history)
+    asking = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "history", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The daemon has the FIFO open for reading once a writer that will not wait can open it (ENXIO before).
+        writer = wait_until(lambda: _open_fifo_writer(history), 30, "the daemon reading the history")
+        assert maintctl_json(app, "status")["current"] == "r1"  # meanwhile, nothing else waits for that read
+        os.write(writer, written)
+        os.close(writer)
+        out, err = asking.communicate(timeout=60)
+    finally:
+        asking.kill()
+    assert asking.returncode == 0, err
+    assert [entry["release"] for entry in json.loads(out)] == ["r1"]
+
+
+def _open_fifo_writer(path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no reader yet
+            return None
+        raise
 
 
 def test_two_hundred_clients_at_once(app, live):

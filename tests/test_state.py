@@ -157,17 +157,22 @@ def test_a_torn_journal_is_said_once_and_kept_aside(tmp_path, content, fault):
     assert kept.read_bytes() == content
 
 
-def test_history_lines_that_do_not_parse_are_counted_once_per_read(tmp_path):
+def test_history_lines_that_do_not_parse_are_counted_once_per_state_of_the_file(tmp_path):
     good = json.dumps({"release": "r1", "result": "ok"})
     (tmp_path / "history.jsonl").write_bytes(b"\n".join([good.encode(), b'{"release": "r2", "res', b"\xff\xfe",
                                                          b"[1, 2]", good.encode()]) + b"\n")
     reports = []
     store = Store(tmp_path, recorded(reports))
     assert [e["release"] for e in store.history()] == ["r1", "r1"]
-    assert reports == [f"{tmp_path / 'history.jsonl'}: 3 line(s) that do not parse were passed over "
-                       "(the first is line 2)"]
+    said = f"{tmp_path / 'history.jsonl'}: 3 line(s) that do not parse were passed over (the first is line 2)"
+    assert reports == [said]
+    assert [e["release"] for e in store.history()] == ["r1", "r1"]
+    assert reports == [said]  # the same file as it was: said already
+    store.append_history({"release": "r3", "result": "ok"})
+    assert [e["release"] for e in store.history()] == ["r1", "r1", "r3"]
+    assert reports == [said, said]  # changed since: said again, once
     store.history()
-    assert len(reports) == 2
+    assert reports == [said, said]
 
 
 def test_check_warns_of_a_damaged_state_and_says_what_run_will_do(app):
