@@ -6,6 +6,9 @@ STAMP     := $(VENV)/.installed
 DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
              systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger \
              nodejs git default-jre-headless capistrano
+# Rails 6.1 for the Rails tests, without recommends: `rails`'s pull node-jest-worker, which fails to install where
+# Node.js does not come from Debian; these three give the same Rails.
+DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
@@ -18,12 +21,18 @@ ETCD := .deps/etcd/usr/bin/etcd
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@missing=""; for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# $(call apt_missing,PACKAGES,APT-OPTIONS): install those of PACKAGES that are not installed yet.
+define apt_missing
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+
+$(STAMP): pyproject.toml Makefile
+	$(call apt_missing,$(DEB_TEST),)
+	$(call apt_missing,$(DEB_RAILS),--no-install-recommends)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null
 	$(BIN)/pip install -q -e '.[test]'
