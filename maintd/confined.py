@@ -164,15 +164,18 @@ class Confined:
 
     # --- changing it ----------------------------------------------------------------------------------------------
 
-    def write(self, name: str, text: str) -> None:
+    def write(self, name: str, text: str, mtime: float | None = None) -> None:
         """Replace entry `name` (a file or a link, never followed) with a new file holding `text`, owned by `owner`
-        before it appears there."""
+        before it appears there, and modified at `mtime` when given (it appears with that time already set)."""
 
         def make(stage: int, entry: str) -> None:
             fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=stage)
             with open(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
+                if mtime is not None:
+                    handle.flush()
+                    os.utime(handle.fileno(), (mtime, mtime))
 
         _place(self._fd, name, self.owner, make)
 
