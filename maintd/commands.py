@@ -207,7 +207,8 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("maintenance", "operator maintenance on or off", "turn maintenance on or off", show_maintenance,
             (Arg("state", str, positional=True, choices=("on", "off")),
              Arg("reason", str, "", "why, shown on the page", of="on"),
-             Arg("until", str, "", "when it is expected to end, shown on the page", of="on")),
+             Arg("until", str, "", "when it is expected to end, shown on the page (as HH:MM or an ISO date and "
+                 "time, also its Retry-After)", of="on")),
             waits=lambda args: args.get("state") == "off"),
     Command("restart", "restart the app on the live release", "restart the app", show_single_step, waits=_always),
     Command("flush", "flush memcached", "flush memcached", show_single_step, waits=_always),

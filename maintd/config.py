@@ -256,15 +256,16 @@ def _relative_path(value: Any) -> str:
 
 
 def _file_path(value: Any) -> str:
-    """A file inside the release: not a directory's path ("tmp/"), and not the page beside it (maintenance.py puts
-    `maintenance.html` next to the flag: a flag of that name would overwrite its own page)."""
-    from .maintenance import PAGE_NAME  # here, not at the top: maintenance.py imports this module (through tree.py)
+    """A file inside the release: not a directory's path ("tmp/"), and not one of the files beside it (maintenance.py
+    puts `maintenance.html` and `maintenance.retry-after` next to the flag: a flag of such a name would be
+    overwritten by them, or overwrite them)."""
+    from .maintenance import BESIDE_FLAG  # here, not at the top: maintenance.py imports this module (through tree.py)
 
     path = _relative_path(value)
     if path.rsplit("/", 1)[-1] in ("", "."):
         raise ValueError(f"must name a file, not a directory: {path!r}")
-    if Path(path).name == PAGE_NAME:
-        raise ValueError(f"must not be named {PAGE_NAME}: maintd writes the maintenance page beside it by that name")
+    if Path(path).name in BESIDE_FLAG:
+        raise ValueError(f"must not be named {Path(path).name}: maintd writes {' and '.join(BESIDE_FLAG)} beside it")
     return path
 
 

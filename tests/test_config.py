@@ -95,10 +95,11 @@ LONG_SOCKET = "/run/maintd/" + "s" * 100 + ".sock"
     (MINIMAL + '[upload]\nmanifest = "meta/SHA256SUMS"\n', ":4: upload.manifest must be a file name at the top"),
     (MINIMAL + '[upload]\nmanifest = ".maintd-ready"\n', ":4: upload.manifest must differ from upload.marker"),
     (MINIMAL + '[upload]\nmarker = "READY"\nmanifest = "READY"\n', ":5: upload.manifest must differ from"),
-    # the flag is a file, and not the page written beside it
+    # the flag is a file, and not the page or the Retry-After written beside it
     (MINIMAL + '[maintenance]\nfile = "tmp/"\n', ":4: maintenance.file must name a file, not a directory"),
     (MINIMAL + '[maintenance]\nfile = "."\n', ":4: maintenance.file must be a path inside the release"),
     (MINIMAL + '[maintenance]\nfile = "tmp/maintenance.html"\n', ":4: maintenance.file must not be named"),
+    (MINIMAL + '[maintenance]\nfile = "tmp/maintenance.retry-after"\n', ":4: maintenance.file must not be named"),
     # a shared "." would replace the whole release with a link
     (MINIMAL + '[shared]\ndirs = ["."]\n', ":4: shared.dirs must be a path inside the release"),
     # no system call takes a NUL: the hook, the environment or the path would fail mid-deploy

@@ -3,21 +3,35 @@ Capistrano tree that maintd deploys. Users (requests from 127.0.0.2) see the app
 error; the health check (from 127.0.0.1) reaches the app through maintenance."""
 
 import http.client
+import itertools
 import os
 import shutil
 import signal
 import subprocess
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ETC, App, Daemon, free_port, port_open, wait_until
+from conftest import BIN, ETC, App, Daemon, free_port, maintctl, port_open, wait_until
+from maintd.maintenance import expected_end
 from maintd.restart import HEALTH_HEADER
 from maintd.tree import Tree
 
 USER_ADDRESS = "127.0.0.2"  # a visitor; 127.0.0.1 is "this host", let through for health checks
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # forms, JSON APIs and CORS preflights too
+# The app answers its release, or, on /unavailable, a 503 of its own (as an app whose database is away would).
 CONFIG_RU = """release = File.read(File.expand_path("REVISION", __dir__)).strip
-run lambda { |env| [200, {"content-type" => "text/plain", "cache-control" => "no-store"}, ["release #{release}\\n"]] }
+run lambda { |env|
+  if env["PATH_INFO"] == "/unavailable"
+    [503, {"content-type" => "text/plain"}, ["the app is unavailable\\n"]]
+  else
+    [200, {"content-type" => "text/plain", "cache-control" => "no-store"}, ["release #{release}\\n"]]
+  end
+}
 """
 
 
@@ -40,10 +54,19 @@ def rack_release(app: App, name: str, marker: bool = True) -> Path:
 
 def get(port: int, path: str = "/", source: str = USER_ADDRESS,
         headers: dict[str, str] | None = None) -> tuple[int | str, str, dict[str, str]]:
-    """One request with a fresh connection: (status or 'error: …', body, headers)."""
+    """A GET, as `send` makes it."""
+    return send(port, "GET", path, source, headers)
+
+
+def send(port: int, method: str, path: str = "/", source: str = USER_ADDRESS,
+         headers: dict[str, str] | None = None) -> tuple[int | str, str, dict[str, str]]:
+    """One request with a fresh connection, the path sent as written: (status or 'error: …', body, headers). A
+    method that carries a body sends a form, as a browser's POST does."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    body = "order=1" if method in ("POST", "PUT", "PATCH") else None
+    headers = {**({"Content-Type": "application/x-www-form-urlencoded"} if body else {}), **(headers or {})}
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers)
         answer = conn.getresponse()
         return answer.status, answer.read().decode(errors="replace"), {k.lower(): v for k, v in answer.getheaders()}
     except (OSError, http.client.HTTPException) as exc:
@@ -102,7 +125,7 @@ def go_live_by_hand(app: App, name: str) -> None:
 class Nginx:
     """An nginx of the test's own: `server` is the body of its one server block, on 127.0.0.1:`port`."""
 
-    def __init__(self, base: Path, port: int, server: str) -> None:
+    def __init__(self, base: Path, port: int, server: str, http: str = "") -> None:
         self.base = base
         conf = base / "nginx.conf"
         conf.write_text(f"""
@@ -113,7 +136,7 @@ events {{}}
 http {{
     access_log off;
     client_body_temp_path {base}/body;
-    proxy_temp_path {base}/proxy;
+    proxy_temp_path {base}/proxy;{http}
     server {{
         listen 127.0.0.1:{port};{server}
     }}
@@ -142,6 +165,8 @@ class NginxPuma:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         wait_until(lambda: port_open(self.puma_port), 30, "puma")
+        # nginx's own 503: limit_req lets one request a minute through /limited and rejects the others
+        self.own_503 = "/limited"
         self.nginx = Nginx(self.base, self.port, f"""
         root {app.current}/public;
         include {ETC}/nginx/maintd.conf;
@@ -149,9 +174,14 @@ class NginxPuma:
             include {ETC}/nginx/maintd-location.conf;
             try_files $uri @app;
         }}
+        location /limited {{
+            include {ETC}/nginx/maintd-location.conf;
+            limit_req zone=maintd_test;
+            try_files $uri @app;
+        }}
         location @app {{
             proxy_pass http://127.0.0.1:{self.puma_port};
-        }}""")
+        }}""", http="\n    limit_req_zone all zone=maintd_test:1m rate=1r/m;")  # one key ("all") for every request
         self.restart = f'[restart]\nmethod = "command"\ncommand = ["/bin/sh", "-c", "kill -USR2 $(cat {self.pidfile})"]'
         self.env: dict[str, str] = {}
 
@@ -190,7 +220,8 @@ before_swap = [{app.gate.hook()}]
 
 
 class ApachePassenger:
-    MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "env", "passenger")
+    MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "env", "proxy",
+               "proxy_http", "passenger")
 
     def __init__(self, app: App, user: str = "www-data", env: dict[str, str] | None = None) -> None:
         """Passenger runs the app as `user`, with `env` added to its environment (SetEnv, as the README shows)."""
@@ -200,6 +231,8 @@ class ApachePassenger:
         self.registry.mkdir()
         self.registry.chmod(0o755)
         self.port = free_port()
+        # Apache's own 503: mod_proxy's answer for a backend that is down (nothing listens on a free port)
+        self.own_503 = "/backend/checkout"
         modules = "\n".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so" for m in self.MODULES)
         self.conf = self.base / "apache2.conf"
         self.conf.write_text(f"""
@@ -229,6 +262,7 @@ PassengerDisableAnonymousTelemetry on
         Require all granted
         Options -MultiViews
     </Directory>
+    ProxyPass /backend http://127.0.0.1:{free_port()}
     Include {ETC}/apache2/maintd.conf
 </VirtualHost>
 """)
@@ -380,3 +414,189 @@ def test_passenger_is_restarted_at_once_not_on_its_next_stat(web_app, apache_pas
         assert get(apache_passenger.port)[:2] == (200, "release B\n")
     finally:
         daemon.stop()
+
+
+# --- every request a visitor sends (issue #21) ------------------------------------------------------------------
+
+REASON = "database upgrade"
+
+
+def maintenance(app: App, *args: str) -> None:
+    maintctl(app, "maintenance", *args, check_rc=0)
+
+
+def assert_the_page(answer: tuple, method: str, path: str) -> None:
+    """The 503 page of this maintenance, as every visitor's request must get it."""
+    status, body, headers = answer
+    assert status == 503, (method, path, status, body[:200])
+    assert headers.get("retry-after") and headers.get("cache-control") == "no-store", (method, path, headers)
+    if method != "HEAD":
+        assert "right back" in body and REASON in body, (method, path, body[:200])
+
+
+@pytest.fixture
+def on_stack(web_app, stack):
+    """maintd running on the stack, as an operator would use it."""
+    daemon = start(web_app, stack.port, stack.restart, env=stack.env)
+    yield stack
+    daemon.stop()
+
+
+def test_every_method_gets_the_page_during_maintenance(web_app, on_stack):
+    """A form posted, a JSON call or a CORS preflight sent during maintenance gets the 503 page as a GET does (nginx
+    answered them its own 405: a named location keeps the method, and nginx serves no static file to a POST)."""
+    maintenance(web_app, "on", "--reason", REASON)
+    for path in ("/", "/checkout", "/api/orders?page=2"):
+        for method in METHODS:
+            assert_the_page(send(on_stack.port, method, path), method, path)
+
+
+ASSET_LOOKING = ("/orders.json.css", "/users/1.png", "/missing.css", "/rails/active_storage/blobs/redirect/x/photo.JPG",
+                 "/app.css/more")
+
+
+def test_during_maintenance_only_files_that_exist_under_public_pass(web_app, on_stack):
+    """Whatever a URL ends like, it reaches neither the app (Apache let `POST /orders.json.css` through) nor a 404
+    (nginx's, cacheable): it gets the page. A file that exists under public/ is read as always; anything but reading
+    it gets the page too. maintd's health check still reaches the app, with any method."""
+    maintenance(web_app, "on", "--reason", REASON)
+    for path in ASSET_LOOKING:
+        for method in METHODS:
+            assert_the_page(send(on_stack.port, method, path), method, path)
+    for method in METHODS:
+        answer = send(on_stack.port, method, "/app.css")
+        if method in ("GET", "HEAD"):
+            assert answer[:2] == (200, "" if method == "HEAD" else "body { color: #333 }\n"), (method, answer)
+        else:
+            assert_the_page(answer, method, "/app.css")
+    for method in METHODS:
+        status, body, _ = send(on_stack.port, method, "/orders.json.css", source="127.0.0.1",
+                               headers={HEALTH_HEADER: "1"})
+        assert (status, body) == (200, "" if method == "HEAD" else "release A\n"), method
+
+
+def test_the_apps_own_503_reaches_the_visitor_as_it_is(web_app, on_stack):
+    """Outside maintenance an app's 503 is the app's: no page, no redirect, no Retry-After added (Apache added one to
+    every 503)."""
+    maintenance(web_app, "on", "--reason", REASON)
+    maintenance(web_app, "off")
+    for method in METHODS:
+        status, body, headers = send(on_stack.port, method, "/unavailable")
+        assert status == 503 and body == ("" if method == "HEAD" else "the app is unavailable\n"), (method, body)
+        assert "retry-after" not in headers and "location" not in headers, (method, headers)
+
+
+def test_the_servers_own_503_is_not_the_maintenance_page(web_app, on_stack):
+    """After maintenance, a 503 the web server makes itself reaches the visitor as the server made it: nginx's
+    limit_req rejection showed the old page with its old reason; Apache's 503 for a backend that is down became a
+    302 to / (a redirect loop for `curl -L`, a lost form for a POST)."""
+    maintenance(web_app, "on", "--reason", REASON, "--until", "22:00")
+    maintenance(web_app, "off")
+    send(on_stack.port, "GET", on_stack.own_503)  # nginx's limit_req lets the first request of the minute through
+    for method in METHODS:
+        status, body, headers = send(on_stack.port, method, on_stack.own_503)
+        assert status == 503 and "location" not in headers, (method, status, headers)
+        assert REASON not in body and "right back" not in body and "retry-after" not in headers, (method, body[:200])
+
+
+def test_retry_after_is_the_end_until_names(web_app, on_stack):
+    """`--until 22:00` is the next 22:00 on this host's clock, sent as an HTTP date (right however long the page is
+    cached or the maintenance lasts); an ISO date and time is itself; without an end the page says 120 seconds."""
+    end = (datetime.now().astimezone() + timedelta(hours=3)).replace(second=0, microsecond=0)
+    for until, expected in ((end.strftime("%H:%M"), format_datetime(end.astimezone(UTC), usegmt=True)),
+                            ("2030-01-02T03:04:05+00:00", "Wed, 02 Jan 2030 03:04:05 GMT"),
+                            ("", "120"), ("after lunch", "120")):
+        maintenance(web_app, "on", "--reason", REASON, *(["--until", until] if until else []))
+        for method in METHODS:
+            answer = send(on_stack.port, method, "/checkout")
+            assert_the_page(answer, method, "/checkout")
+            assert answer[2]["retry-after"] == expected, (until, method, answer[2])
+
+
+def test_the_page_asked_for_after_maintenance_sends_back_to_the_site_by_a_relative_url(web_app, on_stack):
+    """The redirect names no host or port: behind a proxy the backend's own port would lead visitors nowhere."""
+    front = FrontProxy(web_app.base, on_stack.port)
+    try:
+        maintenance(web_app, "on", "--reason", REASON)
+        maintenance(web_app, "off")
+        for port in (on_stack.port, front.port):
+            for method in METHODS:
+                status, _, headers = send(port, method, "/maintenance.html")
+                assert (status, headers.get("location")) == (302, "/"), (port, method, headers)
+    finally:
+        front.stop()
+
+
+@pytest.mark.parametrize(("until", "since", "end"), [
+    ("22:00", "2026-11-26T20:00:00+01:00", "2026-11-26T22:00:00+01:00"),
+    ("22:00", "2026-11-26T22:00:00+01:00", "2026-11-27T22:00:00+01:00"),  # the next 22:00, not this instant
+    ("07:30:15", "2026-11-26T23:00:00+00:00", "2026-11-27T07:30:15+00:00"),
+    ("2026-12-24 18:00", "2026-11-26T20:00:00+01:00", "2026-12-24T18:00:00+01:00"),  # in since's time zone
+    ("2026-12-24T18:00Z", "2026-11-26T20:00:00+01:00", "2026-12-24T18:00:00+00:00"),
+    ("after lunch", "2026-11-26T20:00:00+01:00", None), ("25:00", "2026-11-26T20:00:00+01:00", None),
+    ("06:00Z", "2026-11-26T20:00:00+01:00", "2026-11-27T06:00:00+00:00"),
+])
+def test_the_end_until_names(until, since, end):
+    named = expected_end(until, datetime.fromisoformat(since))
+    assert named == (datetime.fromisoformat(end) if end else None)
+
+
+# Every method on pages and on an asset-looking URL; an asset is read (anything else sent to it is a 405 outside
+# maintenance, on both servers).
+LOOP = [(method, path) for path in ("/", "/checkout", "/orders.json.css") for method in METHODS] + \
+    [("GET", "/app.css"), ("HEAD", "/app.css")]
+# Ways to ask for what lies beside public/: dot segments, encoded, with encoded slashes, behind the page's own URL.
+TRAVERSALS = ("/../tmp/maintenance.txt", "/%2e%2e/tmp/maintenance.txt", "/%2E%2E/tmp/secret.txt",
+              "/x/%2e%2e/%2e%2e/tmp/secret.txt", "/.%2e/tmp/secret.txt", "//../tmp/secret.txt",
+              "/..%2ftmp/secret.txt", "/x/..%2F..%2Ftmp%2Fsecret.txt", "/../tmp/maintenance.html",
+              "/maintd-maintenance.html/../../tmp/secret.txt", "/maintd-maintenance.html/../secret.txt",
+              "/..;/tmp/secret.txt", "/%252e%252e/tmp/secret.txt")
+
+
+def assert_nothing_from_tmp(port: int) -> None:
+    """No way of asking serves what lies in tmp/: the flag's body, another file, or the page other than as a 503."""
+    for path in TRAVERSALS:
+        for method in METHODS:
+            status, body, _ = send(port, method, path)
+            assert "not for visitors" not in body and "reason:" not in body, (method, path, status)
+            assert status == 503 or "right back" not in body, (method, path, status)
+
+
+def test_switching_maintenance_under_a_request_loop_never_errs_nor_shows_tmp(web_app, on_stack):
+    """40 times on and off under a loop of every method on pages, an asset and an asset-looking URL: each answer is
+    the app, the asset or the page, never a 404, 500, 502 or a reset; and nothing in tmp/ is ever served."""
+    (web_app.current / "tmp" / "secret.txt").write_text("not for visitors\n")
+    seen: list[tuple[str, str, tuple]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        for method, path in itertools.cycle(LOOP):
+            if stop.is_set():
+                return
+            seen.append((method, path, send(on_stack.port, method, path)))
+
+    def answered(status: int, since: int) -> Callable[[], bool]:
+        return lambda: any(answer[0] == status for _, _, answer in seen[since:])
+
+    looping = threading.Thread(target=loop)
+    looping.start()
+    try:
+        for round_ in range(40):
+            maintenance(web_app, "on", "--reason", REASON)
+            wait_until(answered(503, len(seen)), 30, "a visitor to meet the page")
+            if round_ == 0:
+                assert_nothing_from_tmp(on_stack.port)
+            maintenance(web_app, "off")
+            wait_until(answered(200, len(seen)), 30, "a visitor to meet the site")
+    finally:
+        stop.set()
+        looping.join(60)
+    assert_nothing_from_tmp(on_stack.port)
+    for method, path, (status, body, headers) in seen:
+        if status == 503:
+            assert_the_page((status, body, headers), method, path)
+        else:
+            assert status == 200, (method, path, status, body[:200])
+            expected = "body { color: #333 }\n" if path == "/app.css" else "release A\n"
+            assert body == ("" if method == "HEAD" else expected), (method, path, body[:200])
+    assert {s for _, _, (s, _, _) in seen} == {200, 503}
