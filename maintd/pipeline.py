@@ -183,10 +183,9 @@ class Deploy:
 
     def maintenance_on(self) -> str:
         with self.ctx.store.lock:  # an operator's `maintenance on` is seen whole or not at all (see Context)
-            if operator := self.ctx.store.memory.maintenance:
+            if self.ctx.store.memory.maintenance:
                 self.phase.maintenance = MaintenanceOwner.CARRIED
-                self.ctx.flags.raise_in(self.path, operator)
-                return "operator maintenance is on; carried into the new release"
+                return "operator maintenance is on; its flag goes where `current` goes"
         previous = self.ctx.tree.path(self.previous) if self.previous else None
         if why_not := needless(self.cfg.maintenance.when, self.path, previous):
             raise Skipped(why_not)
@@ -201,7 +200,7 @@ class Deploy:
         return self._hooks(self.cfg.hooks.before_swap)
 
     def swap(self) -> str:
-        self.ctx.tree.swap(self.release)
+        self.ctx.move_current(self.release)
         self.phase.swapped = True
         record = self.ctx.store.record(self.release)
         record.went_live, record.failed = time.time(), ""
