@@ -233,17 +233,12 @@ class Deploy:
     # --- going back -----------------------------------------------------------------------------------------------
 
     def undo(self, error: str, fault: Fault | None) -> StepRecord:
-        """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
-        A release whose own fault it was is marked bad, so no upload can make maintd deploy it (or crash on it) in a
-        loop; a server's fault is only noted (`maintctl releases` shows it), and the same release may go again."""
+        """After a failed step: the verdict on the release (`ReleaseRecord.judge`), back to the previous release if
+        the swap happened, then out of our maintenance."""
         t0 = time.perf_counter()
         phase = self.phase
-        phase.fault = fault
-        record = self.ctx.store.record(self.release)
-        if phase.begun and fault is Fault.RELEASE:
-            record.bad = error
-        elif phase.begun:
-            record.failed = error
+        phase.fault = fault if phase.begun else Fault.NOBODY
+        self.ctx.store.record(self.release).judge(phase.fault, error)
         notes = self.ctx.return_to(self.previous, self.log) if phase.swapped and self.previous else []
         with self.ctx.store.lock:  # as in maintenance_off
             if self.ctx.store.memory.maintenance:

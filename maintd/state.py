@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from . import log
 from .maintenance import Notice
+from .steps import Fault
 from .tree import name_problem, write_atomically
 
 STATE, HISTORY, JOURNAL = "state.json", "history.jsonl", "deploy.json"  # the files of `state.dir`
@@ -49,6 +50,16 @@ class ReleaseRecord:
     bad: str = ""  # why a deploy of it failed; a bad release is never deployed automatically again
     auto_considered: bool = False  # automatic deploys take a release at most once
     failed: str = ""  # why its last deploy failed through a fault of the server's, not the release's
+
+    def judge(self, fault: Fault | None, error: str) -> None:
+        """The verdict after a deploy of it failed with `error` (a deploy's undo, and the history replayed). Only
+        the release's own fault marks it bad, so that no upload can make maintd deploy it (or crash on it) in a
+        loop; a server's is only noted (`maintctl releases` shows it) and the same release may go again; a deploy
+        that could not begin changed nothing and says nothing of it."""
+        if fault is Fault.RELEASE:
+            self.bad = error
+        elif fault is Fault.SERVER:
+            self.failed = error
 
     @classmethod
     def from_json(cls, name: str, data: Any) -> ReleaseRecord:

@@ -18,6 +18,7 @@ class Fault(StrEnum):
 
     RELEASE = "release"
     SERVER = "server"
+    NOBODY = "nobody"  # it could not begin (a cluster member while another switch held the cluster): nothing changed
 
 
 class Step(StrEnum):
