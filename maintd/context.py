@@ -69,6 +69,13 @@ class Context:
             return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
         return None
 
+    def validate(self, release: str) -> str:
+        """The `validate` step: the release may go live (`release_problem`)."""
+        if problem := self.release_problem(release):
+            raise StepFailed(problem)
+        verified = (self.tree.path(release) / self.config.upload.manifest).is_file()
+        return "release is complete" + ("; manifest verified" if verified else "")
+
     def link_shared(self, release: str) -> str:
         """The `link_shared` step: a path missing from `shared/` (or a dangling link there, which Tree.link_shared
         would refuse the same way) is the server's fault, not the release's."""

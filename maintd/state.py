@@ -133,6 +133,10 @@ class InFlight:
     step: str
     maintenance: str = MaintenanceOwner.NONE
     switch: str = ""  # in a cluster: the switch this deploy is part of, whose recorded decision recovery obeys
+    # Once the deploy failed and goes back (`step` is an `Ending`): why, and whose fault it was (a `Fault`), so
+    # that recovery takes the same way back with the same verdict, never forward.
+    failed: str = ""
+    fault: str = ""
 
     @classmethod
     def from_json(cls, data: Any) -> InFlight:
@@ -145,6 +149,8 @@ class InFlight:
             if problem := name_problem(name):
                 raise ValueError(f"names {name!r}, which is no release name: {problem}")
         MaintenanceOwner(inflight.maintenance)
+        if inflight.fault:
+            Fault(inflight.fault)
         return inflight
 
 
