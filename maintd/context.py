@@ -70,6 +70,13 @@ class Context:
             return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
         return None
 
+    def validate(self, release: str) -> str:
+        """The `validate` step: the release may go live (`release_problem`)."""
+        if problem := self.release_problem(release):
+            raise StepFailed(problem)
+        verified = (self.tree.path(release) / self.config.upload.manifest).is_file()
+        return "release is complete" + ("; manifest verified" if verified else "")
+
     def link_shared(self, release: str) -> str:
         """The `link_shared` step: a path missing from `shared/` (or a dangling link there, which Tree.link_shared
         would refuse the same way) is the server's fault, not the release's."""
@@ -93,13 +100,27 @@ class Context:
             raise Skipped(f"no more than {keep} releases have been live")
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
 
+    def move_current(self, release: str) -> None:
+        """Point `current` at `release`: the swap, the way back, the one way it moves. While an operator holds
+        maintenance its flag moves along: into `release` first, so the site stays in maintenance wherever `current`
+        ends up, then out of the release left, which nobody serves now and whose flag `maintenance off` (lowering
+        it where `current` points) would never take down. Under the store's lock, as `operator_maintenance_on`
+        raises the flag where `current` points: neither can miss the other."""
+        with self.store.lock:
+            leaving = self.tree.live()
+            if operator := self.store.memory.maintenance:
+                self.flags.raise_in(self.tree.path(release), operator)
+            self.tree.swap(release)
+            if operator and leaving and leaving != release:
+                self.flags.lower_in(self.tree.path(leaving))
+
     def return_to(self, previous: str, logger: Any) -> list[str]:
         """A failed deploy's way back after its swap: `current` to `previous`, restarted and flushed, as far as it
         goes; what it did, and what it could not, in words for the undo's record."""
         done = []
         try:
             failed = self.tree.live()
-            self.tree.swap(previous)
+            self.move_current(previous)
             done.append(f"current -> releases/{previous}")
             done.append(self.restart_app(previous, before=failed))
             done.append(self.flush_cache(logger))
@@ -161,17 +182,18 @@ class Context:
                 logger.info(f"hook {argv[0]} said", output=ran.output)
         return f"ran {len(commands)} hook(s)"
 
-    def operator_maintenance_on(self, notice: Notice, releases: set[str]) -> None:
+    def operator_maintenance_on(self, notice: Notice) -> None:
         """`maintctl maintenance on`: one state change, under the store's lock, that a deploy checking whether an
         operator holds maintenance (and lowering its own flags if not) sees whole or not at all. Recorded first,
-        then raised: a crash in between leaves an operator's maintenance whose flag the next deploy or `status`
-        shows missing, never flags up that nothing would take down."""
+        then raised in the release `current` points to, which cannot move meanwhile (`move_current` takes the flag
+        along from then on). A crash in between leaves an operator's maintenance whose flag the next deploy or
+        `status` shows missing, never flags up that nothing would take down."""
         with self.store.lock:
             before, self.store.memory.maintenance = self.store.memory.maintenance, notice
             self.store.save()
             try:
-                for name in sorted(releases):
-                    self.flags.raise_in(self.tree.path(name), notice)
+                if live := self.tree.live():
+                    self.flags.raise_in(self.tree.path(live), notice)
             except BaseException:
                 self.store.memory.maintenance = before
                 self.store.save()

@@ -91,16 +91,16 @@ async def rollback(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit)
 
 @handles("maintenance")
 async def maintenance(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    """On at once, on the live release and on any release a deploy is taking live; off waits for a deploy in
-    progress, whose own maintenance must not be lifted under it."""
+    """On at once, in the live release (and wherever a deploy or its way back moves `current` from then on: see
+    `Context.move_current`); off waits for a deploy in progress, whose own maintenance must not be lifted under
+    it."""
     ctx = daemon.ctx
     live = ctx.tree.live()
     if args["state"] == "on":
         if not live:
             raise Refused("no live release: `current` is missing")
         notice = Notice(args["reason"] or "maintenance", now_iso(), peer.name, args["until"])
-        deploying = daemon.runner.current
-        ctx.operator_maintenance_on(notice, {live, *([deploying.release] if deploying else [])})
+        ctx.operator_maintenance_on(notice)
         daemon.log.info(f"maintenance on: {notice.reason}", actor=peer.name, until=notice.until or None)
         daemon.announce()
         return {"on": True, "reason": notice.reason, "since": notice.since, "by": notice.by,

@@ -59,7 +59,21 @@ class Phase:
     committed: bool = False  # a cluster switch's point of no return: a failure after it is noted, not undone
     begun: bool = True  # false when a cluster member could not begin (another switch held the cluster): no verdict
     fault: Fault | None = None  # whose fault the failure that ended the deploy was
+    failed: str = ""  # why it failed, once it goes back (journaled: recovery goes back again, never forward)
     notes: list[str] = field(default_factory=list)  # failures after the point of no return
+
+    @classmethod
+    def resumed(cls, journal: InFlight, at_release: bool) -> Phase:
+        """Where the deploy a crash cut off was, by its journal and by whether `current` points at its release. A
+        deploy cut off on its way back had swapped, wherever `current` points now: the way back is taken again
+        whole, the previous release restarted included."""
+        # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours
+        # may be up whatever it says, and lowering a flag that is not there costs nothing.
+        owner = MaintenanceOwner(journal.maintenance)
+        return cls(maintenance=MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner,
+                   swapped=at_release or journal.step == Ending.ROLLBACK, switch=journal.switch,
+                   begun=journal.fault != Fault.NOBODY, fault=Fault(journal.fault) if journal.fault else None,
+                   failed=journal.failed)
 
 
 class Deploy:
@@ -77,19 +91,15 @@ class Deploy:
         self.kind = DeployKind(kind)
         self.on_step = on_step or (lambda record: None)
         self.path = ctx.tree.path(release)
-        self.phase = Phase()
+        self.phase = Phase.resumed(journal, ctx.tree.live() == release) if journal else Phase()
         if journal:
             self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
-            self.phase.swapped, self.phase.switch = ctx.tree.live() == release, journal.switch
-            # The crash may have come in the middle of maintenance_on, before the journal said so: flags of ours
-            # may be up whatever it says, and lowering a flag that is not there costs nothing.
-            owner = MaintenanceOwner(journal.maintenance)
-            self.phase.maintenance = MaintenanceOwner.OURS if owner is MaintenanceOwner.NONE else owner
         else:
             self.id, self.previous, self.started = new_deploy_id(), ctx.tree.live(), now_iso()
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor,
                            **({"switch_id": self.phase.switch} if self.phase.switch else {}))
-        # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step (or at "end").
+        # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step, before the way back
+        # ("rollback", "abort": once it is journaled) or at "end".
         self.crash_at = os.environ.get("MAINTD_CRASH_AT", "")
 
     # --- the run --------------------------------------------------------------------------------------------------
@@ -140,7 +150,10 @@ class Deploy:
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash: whether to finish forward, and if not, why. A lone server finishes when `current`
-        already points at the release and the release passes the same check an upload does."""
+        already points at the release and the release passes the same check an upload does, unless the deploy
+        had failed already and was going back."""
+        if self.phase.failed:
+            return False, f"it had failed ({self.phase.failed}) and was going back"
         problem = self.ctx.release_problem(self.release) if self.phase.swapped else None
         return self.phase.swapped and problem is None, problem or ""
 
@@ -173,20 +186,16 @@ class Deploy:
     # --- the steps ------------------------------------------------------------------------------------------------
 
     def validate(self) -> str:
-        if problem := self.ctx.release_problem(self.release):
-            raise StepFailed(problem)
-        verified = (self.path / self.cfg.upload.manifest).is_file()
-        return "release is complete" + ("; manifest verified" if verified else "")
+        return self.ctx.validate(self.release)
 
     def link_shared(self) -> str:
         return self.ctx.link_shared(self.release)
 
     def maintenance_on(self) -> str:
         with self.ctx.store.lock:  # an operator's `maintenance on` is seen whole or not at all (see Context)
-            if operator := self.ctx.store.memory.maintenance:
+            if self.ctx.store.memory.maintenance:
                 self.phase.maintenance = MaintenanceOwner.CARRIED
-                self.ctx.flags.raise_in(self.path, operator)
-                return "operator maintenance is on; carried into the new release"
+                return "operator maintenance is on; its flag goes where `current` goes"
         previous = self.ctx.tree.path(self.previous) if self.previous else None
         if why_not := needless(self.cfg.maintenance.when, self.path, previous):
             raise Skipped(why_not)
@@ -201,7 +210,7 @@ class Deploy:
         return self._hooks(self.cfg.hooks.before_swap)
 
     def swap(self) -> str:
-        self.ctx.tree.swap(self.release)
+        self.ctx.move_current(self.release)
         self.phase.swapped = True
         record = self.ctx.store.record(self.release)
         record.went_live, record.failed = time.time(), ""
@@ -234,18 +243,22 @@ class Deploy:
     # --- going back -----------------------------------------------------------------------------------------------
 
     def undo(self, error: str, fault: Fault | None) -> StepRecord:
-        """After a failed step: back to the previous release if the swap happened, then out of our maintenance.
-        A release whose own fault it was is marked bad, so no upload can make maintd deploy it (or crash on it) in a
-        loop; a server's fault is only noted (`maintctl releases` shows it), and the same release may go again."""
+        """After a failed step: the verdict on the release (`ReleaseRecord.judge`), back to the previous release if
+        the swap happened, then out of our maintenance. The way back is journaled before it is taken, durably: a
+        crash on it (in the previous release's restart) is recovered by taking it again, never finished forward."""
         t0 = time.perf_counter()
-        phase = self.phase
-        phase.fault = fault
-        record = self.ctx.store.record(self.release)
-        if phase.begun and fault is Fault.RELEASE:
-            record.bad = error
-        elif phase.begun:
-            record.failed = error
-        notes = self.ctx.return_to(self.previous, self.log) if phase.swapped and self.previous else []
+        phase, notes = self.phase, []
+        phase.fault, phase.failed = fault if phase.begun else Fault.NOBODY, error
+        ending = Ending.ROLLBACK if phase.swapped else Ending.ABORT
+        try:  # one that cannot be journaled (a full disk) is taken all the same
+            self.ctx.store.journal(self._in_flight(ending), durable=True)
+        except OSError as exc:
+            notes.append(f"the way back could not be journaled ({_describe(exc)})")
+        if ending == self.crash_at:
+            _crash()
+        self.ctx.store.record(self.release).judge(phase.fault, error)
+        if phase.swapped and self.previous:
+            notes += self.ctx.return_to(self.previous, self.log)
         with self.ctx.store.lock:  # as in maintenance_off
             if self.ctx.store.memory.maintenance:
                 notes.append("operator maintenance stays on")
@@ -259,17 +272,16 @@ class Deploy:
                 except Exception as exc:
                     notes.append(f"maintenance could not be lifted: {_describe(exc)}")
                     self.log.exception("maintenance could not be lifted")
-        ending = StepRecord(Ending.ROLLBACK if phase.swapped else Ending.ABORT,
-                            StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED, _ms(t0),
+        closed = StepRecord(ending, StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED, _ms(t0),
                             "; ".join(notes) or "nothing to undo")
-        self._report(ending, "")
-        return ending
+        self._report(closed, "")
+        return closed
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
-    def _in_flight(self, step: Step) -> InFlight:
+    def _in_flight(self, step: Step | Ending) -> InFlight:
         return InFlight(self.id, self.kind, self.release, self.previous, self.actor, self.started, step,
-                        self.phase.maintenance, self.phase.switch)
+                        self.phase.maintenance, self.phase.switch, self.phase.failed, self.phase.fault or "")
 
     def _hooks(self, commands: tuple[tuple[str, ...], ...]) -> str:
         env = {"MAINTD_RELEASE": self.release, "MAINTD_PREVIOUS": self.previous or "", "MAINTD_DEPLOY_ID": self.id}

@@ -4,7 +4,7 @@ edit), so that the daemon carries on instead of stopping with a traceback, resta
 Most of it can be known again:
 - from `history.jsonl`, replayed as the deploys wrote it: when each release went live (by the end of its last deploy
   that went live), the previous release, the last deploy, and the bad releases (those whose last deploy failed or
-  rolled back: never taken live automatically again);
+  rolled back through their own fault: never taken live automatically again);
 - from the tree: the live release (when `current` was last replaced, if the history does not say), and an
   operator's maintenance: a flag up in the live release while no deploy was in flight is taken as the operator's,
   with the reason its body gives, and held until `maintctl maintenance off`.
@@ -84,10 +84,10 @@ def _replay(memory: Memory, entry: dict[str, Any], latest: float) -> float | Non
         previous = entry.get("previous")
         if isinstance(previous, str) and previous != release:
             memory.previous = previous
-    elif entry.get("fault") == Fault.SERVER:  # the server's fault: noted, the release not condemned
-        record.failed = str(entry.get("error") or f"its {entry.get('kind') or 'deploy'} {result}")
-    else:
-        record.bad = str(entry.get("error") or f"its {entry.get('kind') or 'deploy'} {result}")
+    else:  # as the deploy judged it: by whose fault the failure was (the release's, where an old entry does not say)
+        fault = entry.get("fault")
+        record.judge(Fault(fault) if fault in tuple(Fault) else Fault.RELEASE,
+                     str(entry.get("error") or f"its {entry.get('kind') or 'deploy'} {result}"))
     memory.last_deploy = {key: value for key, value in entry.items() if key != "steps"}
     if finished is not None:
         memory.last_deploy["finished"] = datetime.fromtimestamp(finished, UTC).isoformat(timespec="seconds")

@@ -5,7 +5,10 @@ tree says the rest. `current` is only ever replaced by an fsynced rename, so it 
 - at the new one, and the release passes the same check an upload does: finish forward with the deploy's own
   `restart`, `flush`, `health` and `maintenance_off` steps;
 - otherwise (or if one of those fails): the deploy's own undo: back to the previous release, restarted and flushed,
-  out of maintenance, and the release marked bad, so an upload that kills maintd cannot make it crash in a loop.
+  out of maintenance, and the release marked bad, so an upload that kills maintd cannot make it crash in a loop;
+- a deploy that had failed and was going back (its journal names the `rollback` or `abort` it was in) is never
+  finished forward: its way back is taken again whole, wherever `current` points, so the previous release is
+  restarted even when the crash cut off that restart; its journaled verdict stands.
 In a cluster the switch's decision in etcd decides instead: forward after `commit`; after anything else the switch is
 aborted (if nobody has yet: this member failed it by crashing) and undone. A deploy that a stop interrupted while it
 waited (`Interrupted`) is recovered the same way.
@@ -60,8 +63,9 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
         if not deploy.phase.swapped:
             notes.append(f"{ctx.tree.live() or 'no release'} stayed live")
         # Held against the release, whatever killed maintd: one that does (a hook eating memory until the OOM killer
-        # comes) would otherwise be deployed again at every start, and crash it again.
-        records = [deploy.undo(error, Fault.RELEASE)]
+        # comes) would otherwise be deployed again at every start, and crash it again. Unless it had failed and was
+        # going back already: then whose fault that was is journaled, and stands.
+        records = [deploy.undo(error, deploy.phase.fault or Fault.RELEASE)]
         notes.append(records[0].message)
     result = StepResult.ROLLED_BACK if error else StepResult.OK
     if result is StepResult.OK:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from . import log
 from .maintenance import Notice
+from .steps import Fault
 from .tree import name_problem, write_atomically
 
 STATE, HISTORY, JOURNAL = "state.json", "history.jsonl", "deploy.json"  # the files of `state.dir`
@@ -50,6 +51,16 @@ class ReleaseRecord:
     bad: str = ""  # why a deploy of it failed; a bad release is never deployed automatically again
     auto_considered: bool = False  # automatic deploys take a release at most once
     failed: str = ""  # why its last deploy failed through a fault of the server's, not the release's
+
+    def judge(self, fault: Fault | None, error: str) -> None:
+        """The verdict after a deploy of it failed with `error` (a deploy's undo, and the history replayed). Only
+        the release's own fault marks it bad, so that no upload can make maintd deploy it (or crash on it) in a
+        loop; a server's is only noted (`maintctl releases` shows it) and the same release may go again; a deploy
+        that could not begin changed nothing and says nothing of it."""
+        if fault is Fault.RELEASE:
+            self.bad = error
+        elif fault is Fault.SERVER:
+            self.failed = error
 
     @classmethod
     def from_json(cls, name: str, data: Any) -> ReleaseRecord:
@@ -123,6 +134,10 @@ class InFlight:
     step: str
     maintenance: str = MaintenanceOwner.NONE
     switch: str = ""  # in a cluster: the switch this deploy is part of, whose recorded decision recovery obeys
+    # Once the deploy failed and goes back (`step` is an `Ending`): why, and whose fault it was (a `Fault`), so
+    # that recovery takes the same way back with the same verdict, never forward.
+    failed: str = ""
+    fault: str = ""
 
     @classmethod
     def from_json(cls, data: Any) -> InFlight:
@@ -135,6 +150,8 @@ class InFlight:
             if problem := name_problem(name):
                 raise ValueError(f"names {name!r}, which is no release name: {problem}")
         MaintenanceOwner(inflight.maintenance)
+        if inflight.fault:
+            Fault(inflight.fault)
         return inflight
 
 

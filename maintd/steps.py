@@ -18,6 +18,7 @@ class Fault(StrEnum):
 
     RELEASE = "release"
     SERVER = "server"
+    NOBODY = "nobody"  # it could not begin (a cluster member while another switch held the cluster): nothing changed
 
 
 class Step(StrEnum):
@@ -56,7 +57,9 @@ class Step(StrEnum):
 
 
 class Ending(StrEnum):
-    """The records that close a deploy that did not go forward, and a recovery's own entry."""
+    """The records that close a deploy that did not go forward, and a recovery's own entry. The first two are also
+    the step its journal names while it goes back, so that a crash on the way back is recovered by taking it
+    again."""
 
     ROLLBACK = "rollback"  # swapped: `current` pointed back
     ABORT = "abort"  # failed before the swap

@@ -17,7 +17,7 @@ import pytest
 from etcd_cluster import ETCD, EtcdCluster
 from etcd_proxy import EtcdProxy
 
-from conftest import BIN, App, Daemon, maintctl, wait_until
+from conftest import BIN, App, Daemon, maintctl, maintctl_json, wait_until
 
 MEMBERS = ("m1", "m2", "m3")
 pytestmark = pytest.mark.skipif(not Path(ETCD).exists(),
@@ -476,6 +476,27 @@ def test_an_upload_that_finds_another_switch_in_progress_is_tried_once_more_when
                                timeout=60)
     cluster.assert_on("r2")
     assert refused() == 1
+
+
+def test_a_deploy_that_could_not_begin_is_no_verdict_on_the_release_in_a_rebuilt_state(cluster):
+    """r2 reaches m3 while the switch of r1, which never reaches m3, holds the cluster: m3's deploy of r2 cannot
+    begin and changes nothing. Its history entry says whose fault that was (nobody's), so that when m3's state.json
+    is lost and rebuilt from the history, r2 is not made bad for it."""
+    go_live(cluster)
+    late = cluster.members[2]
+    cluster.upload("r1", to=("m1", "m2"))
+    late.daemon.wait_for(event=lambda e: "waits for release r1 to be uploaded here" in e)
+    late.app.make_release("r2")
+    outcome = late.daemon.deployed("r2")
+    assert outcome["result"] == "failed" and "a switch of release r1 is in progress" in outcome["event"]
+    [entry] = [h for h in late.app.history() if h["release"] == "r2"]
+    assert entry["fault"] == "nobody", entry
+    assert late.daemon.stop() == 0
+    (late.app.state / "state.json").write_text("")
+    daemon = late.start()
+    daemon.wait_for(event=lambda e: "is empty" in e and "Rebuilt from history.jsonl" in e)
+    rows = {row["name"]: row for row in maintctl_json(late.app, "releases")}
+    assert rows["r2"]["state"] != "bad", rows["r2"]
 
 
 def test_maintctl_cluster_abort_ends_a_switch_decided_but_not_finished(cluster):

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import BIN, maintctl_json, public_dir, public_maintctl, wait_until
+from conftest import BIN, free_port, maintctl_json, public_dir, public_maintctl, wait_until
 from conftest import maintctl as root_maintctl
 from maintd.commands import COMMANDS
 
@@ -177,6 +177,39 @@ def test_operator_maintenance_survives_a_deploy(app, live):
     maintctl(app, "maintenance", "off", check_rc=0)
     assert not (app.current / "tmp" / "maintenance.txt").exists()
     assert maintctl_json(app, "status")["maintenance"]["on"] is False
+
+
+def test_operator_maintenance_turned_on_after_the_swap_holds_when_the_deploy_goes_back(app, start_daemon):
+    """r2 needs no maintenance of its own (`when = "migrations"`, and no migrations): the operator turns it on while
+    r2's restart runs, after its swap, when `current` points at r2 alone. r2 then fails its health check and
+    `current` goes back to r1: the operator's flag goes with it, so the site stays in maintenance on whatever
+    `current` points to until `maintenance off`, which leaves no flag behind in any release."""
+    restart = f'[maintenance]\nwhen = "migrations"\n[restart]\nmethod = "command"\ncommand = {app.gate.hook()}\n'
+    app.write_config(restart)
+    app.make_release("r1")
+    app.gate.open()
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    app.gate.opened.unlink()
+    app.write_config(restart + f'health_url = "http://127.0.0.1:{free_port()}/"\nhealth_timeout = 0.3\n')
+    daemon.reload()
+    mark = daemon.mark()
+    app.make_release("r2")
+    app.gate.wait_entered()  # r2's restart, after its swap
+    assert app.live() == "r2"
+    maintctl(app, "maintenance", "on", "--reason", "db upgrade", check_rc=0)
+    app.gate.open()
+    outcome = daemon.deployed("r2", since=mark)
+    assert outcome["result"] == "rolled_back" and app.live() == "r1"
+    steps = {e["step"]: e["result"] for e in daemon.steps(outcome["deploy_id"])}
+    assert steps["maintenance_on"] == "skipped" and steps["health"] == "failed"
+    flag = app.current / "tmp" / "maintenance.txt"
+    assert flag.exists(), "the operator's maintenance is on, but r1, where `current` went back to, has no flag"
+    assert "db upgrade" in flag.read_text()
+    status = maintctl_json(app, "status")["maintenance"]
+    assert status["on"] and status["reason"] == "db upgrade"
+    maintctl(app, "maintenance", "off", check_rc=0)
+    assert sorted(app.releases.glob("*/tmp/maintenance.txt")) == []
 
 
 def test_pause_survives_a_restart_and_resume_deploys_what_waited(app, live):

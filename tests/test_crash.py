@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, App, maintctl_json, run_deploy
+from conftest import BIN, App, free_port, maintctl_json, run_deploy, wait_until
 from maintd.pipeline import Deploy
 from maintd.state import InFlight, Store
 
@@ -84,6 +84,78 @@ def test_kill_9_at_random_moments_during_50_deploys(app, start_daemon):
     history_ids = {h["deploy_id"] for h in app.history() if h["kind"] == "recovery"}
     assert recovered_ids <= history_ids
     assert recovered_ids, "the seeded kills should land inside some deploys"
+
+
+class Restarts:
+    """`restart.command` as a script that logs each restart (its number and MAINTD_RELEASE). The restart numbered
+    `hold` says it is in (`held` holds its pid, renamed into place whole) and never ends: an app server hanging in
+    its restart, where the test kills maintd."""
+
+    def __init__(self, base: Path, hold: int = 0) -> None:
+        work = base / "restarts"
+        work.mkdir()
+        self.log, self.held = work / "log", work / "held"
+        script = work / "restart.sh"
+        script.write_text(f"""
+n=$(cat {work}/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > {work}/count
+echo "$n $MAINTD_RELEASE" >> {self.log}
+if [ $n -eq {hold} ]; then echo $$ > {work}/held.tmp; mv {work}/held.tmp {self.held}; while :; do sleep 0.05; done; fi
+""")
+        self.config = f'[restart]\nmethod = "command"\ncommand = ["sh", "{script}"]\n'
+
+    def seen(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+def test_kill_9_in_the_way_backs_restart_of_the_previous_release(app, start_daemon):
+    """r2 fails its health check after its swap; on the way back `current` points at r1 again, and r1's restart is
+    running when maintd is killed: the app may still run r2's code. The way back was journaled before it was
+    taken, so recovery takes it again, r1's restart included, rather than taking `current` at r1 for done."""
+    restarts = Restarts(app.base, hold=3)  # r1's deploy, r2's, then the way back's restart of r1
+    app.write_config(restarts.config)
+    app.make_release("r1")
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    app.write_config(restarts.config + f'health_url = "http://127.0.0.1:{free_port()}/"\nhealth_timeout = 0.3\n')
+    daemon.reload()
+    app.make_release("r2")
+    wait_until(restarts.held.exists, 30, "the way back's restart of r1")
+    assert app.live() == "r1"
+    daemon.stop(signal.SIGKILL)
+    os.kill(int(restarts.held.read_text()), signal.SIGKILL)
+    app.write_config(restarts.config)
+    recovery = start_daemon().wait_for(step="recovery")
+    assert recovery["result"] == "rolled_back" and recovery["interrupted_step"] == "rollback", recovery["event"]
+    assert restarts.seen() == ["1 r1", "2 r2", "3 r1", "4 r1"], f"r1 not restarted by recovery: {recovery['event']}"
+    assert_consistent(app, "r1")
+    assert {row["name"]: row["state"] for row in maintctl_json(app, "releases")}["r2"] == "bad"
+
+
+@pytest.mark.parametrize("ending, fails, restarted", [
+    ("rollback", '[hooks]\nafter_swap = [["false"]]\n', ["1 r1", "2 r2", "3 r1"]),
+    ("abort", '[hooks]\nbefore_swap = [["false"]]\n', ["1 r1"]),
+])
+def test_kill_9_as_a_failed_deploy_sets_out_on_its_way_back(app, start_daemon, ending, fails, restarted):
+    """maintd killed once the way back is journaled, before any of it is taken: after the swap (`current` still at
+    r2, which passes every check but failed its after-swap hook) or before it. Recovery goes back, never forward:
+    r1 live and restarted if `current` had left it, out of maintenance, r2 bad as its hook's failure made it."""
+    restarts = Restarts(app.base)
+    app.write_config(restarts.config)
+    app.make_release("r1")
+    first = start_daemon()
+    first.deployed("r1")
+    first.stop()
+    app.write_config(restarts.config + fails)
+    doomed = start_daemon(env={"MAINTD_CRASH_AT": ending})
+    app.make_release("r2")
+    assert doomed.proc.wait(30) == -signal.SIGKILL
+    app.write_config(restarts.config)
+    recovery = start_daemon().wait_for(step="recovery")
+    assert recovery["result"] == "rolled_back" and recovery["interrupted_step"] == ending, recovery["event"]
+    assert "it had failed (hooks_" in recovery["event"]
+    assert_consistent(app, "r1")
+    assert restarts.seen() == restarted
+    assert {row["name"]: row["state"] for row in maintctl_json(app, "releases")}["r2"] == "bad"
 
 
 # --- faults inside one deploy (in-process: the pipeline against the real tree) -----------------------------------

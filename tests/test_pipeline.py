@@ -289,7 +289,7 @@ def test_operator_maintenance_is_one_change_a_deploy_sees_whole(app, monkeypatch
             lowered.append(str(exc))
 
     monkeypatch.setattr(ctx.flags, "raise_in", raise_then_race)
-    ctx.operator_maintenance_on(Notice("db upgrade", "2026-12-03T10:00:00+00:00", "root"), {"r1"})
+    ctx.operator_maintenance_on(Notice("db upgrade", "2026-12-03T10:00:00+00:00", "root"))
     assert lowered == ["operator maintenance stays on until `maintctl maintenance off`"]
     assert flag(app, "r1") and ctx.store.memory.maintenance.reason == "db upgrade"
 

@@ -142,6 +142,9 @@ def test_an_operators_maintenance_is_kept_from_its_flag_but_not_a_deploys_in_fli
                  "started": "", "step": "swap"}).encode(), "names '../../etc', which is no release name"),
     (json.dumps({"deploy_id": "x", "kind": "deploy", "release": "r1", "previous": None, "actor": "upload",
                  "started": "", "step": "swap", "maintenance": "mine"}).encode(), "'mine' is not a valid"),
+    (json.dumps({"deploy_id": "x", "kind": "deploy", "release": "r1", "previous": None, "actor": "upload",
+                 "started": "", "step": "rollback", "failed": "health", "fault": "hers"}).encode(),
+     "'hers' is not a valid Fault"),
 ])
 def test_a_torn_journal_is_said_once_and_kept_aside(tmp_path, content, fault):
     (tmp_path / "deploy.json").write_bytes(content)
