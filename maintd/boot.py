@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
+from .config import Config, RestartMethod
 from .restart import HEALTH_HEADER  # sent to the app's own socket too: maintd's probes are told from visitors
 from .results import StepFailed
 
@@ -197,3 +198,32 @@ def answering(root: Path, release: str, timeout: float) -> str:
         if time.monotonic() + POLL_INTERVAL > deadline:
             raise StepFailed(f"the app did not answer from release {release} within {timeout:g} s: {last}")
         time.sleep(POLL_INTERVAL)
+
+
+# --- what `maintd check` tells -----------------------------------------------------------------------------------
+
+
+def described(config: Config) -> list[str]:
+    """What a deploy waits for before it ends maintenance, in the words `maintd check` prints, found as a deploy
+    would find it now."""
+    r, root = config.restart, config.root
+    if r.method is RestartMethod.PASSENGER:
+        if not shutil.which("passenger-config"):
+            waits = ("touches tmp/restart.txt only (passenger-config is not installed): Passenger restarts at its "
+                     "next look, so the first request after maintenance waits for the boot")
+        elif not shutil.which("passenger-status"):
+            waits = "runs passenger-config restart-app; passenger-status is missing, so the boot is not waited for"
+        else:
+            waits = (f"runs passenger-config restart-app, then waits (at most {r.health_timeout:g} s, "
+                     "restart.health_timeout) until Passenger lists a process of the new release, so its boot falls "
+                     "inside maintenance; nothing is waited for when Passenger runs no app of this tree")
+    elif found := app_listeners(root):
+        waits = (f"runs restart.command, then waits (at most {r.health_timeout:g} s, restart.health_timeout) until "
+                 f"the app answers from the new release where it listens now: "
+                 f"{', '.join(listener.describe() for listener in found)}")
+    else:
+        waits = (f"runs restart.command; no process of the app listens now (none whose working directory is in "
+                 f"{root}/releases/), so a deploy would wait for no boot: set restart.health_url to wait on a URL")
+    health = (f"GET {r.health_url} until it answers 2xx/3xx with {r.health_expect!r} (at most {r.health_timeout:g} s)"
+              if r.health_url else "not checked (restart.health_url is empty)")
+    return [f"restart: {waits}", f"health: {health}"]

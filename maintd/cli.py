@@ -46,6 +46,7 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
 
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
+    from . import boot
     from .config import ConfigError, RestartMethod
     from .runas import resolve
     from .state import faults
@@ -68,6 +69,8 @@ def check(config: Config) -> int:
     else:
         if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
             print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
+    for line in boot.described(config):
+        print(line)
     if cluster := config.cluster:
         from .etcd import Etcd
 
