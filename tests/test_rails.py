@@ -298,3 +298,53 @@ def test_the_first_answer_after_maintenance_is_the_new_release_already_booted(re
     booted = float(body.split("booted ")[1].split()[0])
     restarted = [e["event"] for e in daemon.events if e.get("step") == "restart"]
     assert booted < sent, f"the first visitor after maintenance waited for the new release to boot: {restarted}"
+
+
+# --- the README's Rack app with Dalli -----------------------------------------------------------------------------
+
+
+def readme_rack_app() -> str:
+    """The `config.ru` the README shows for a Rack app with Dalli, as written there."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return text.split("**A Rack app with Dalli**", 1)[1].split("```ruby\n", 1)[1].split("```", 1)[0]
+
+
+def rack_answers(base: Path, servers: str) -> Iterator[str]:
+    """Puma serving the README's app from `base` (with memcached at `servers`): each next() is one answer."""
+    (base / "config.ru").write_text(readme_rack_app())
+    port = free_port()
+    env = {**os.environ, "MEMCACHE_SERVERS": servers, "MAINTD_CACHE_KEY": "rack:cache-version"}
+    puma = subprocess.Popen(["puma", "--dir", str(base), "-b", f"tcp://127.0.0.1:{port}", "-e", "production"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        wait_until(lambda: port_open(port), 60, "puma")
+        while True:
+            status, body, _ = get(port)
+            assert status == 200, (status, body)
+            yield body
+    finally:
+        os.killpg(puma.pid, 15)
+        puma.wait(30)
+
+
+def test_the_readmes_rack_app_keeps_its_entries_until_maintd_bumps_the_key(tmp_path, memcached):
+    from maintd.cache import flush
+    from maintd.config import FlushMode
+
+    answers = rack_answers(tmp_path, memcached.address)
+    try:
+        first = next(answers)
+        assert next(answers) == first
+        flush((memcached.address,), FlushMode.NAMESPACE, "rack:cache-version", 2.0)
+        after = next(answers)
+        assert after != first and next(answers) == after
+    finally:
+        answers.close()
+
+
+def test_the_readmes_rack_app_runs_uncached_with_memcached_down(tmp_path):
+    answers = rack_answers(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        assert next(answers) != next(answers)  # computed each time, and no error
+    finally:
+        answers.close()
