@@ -172,6 +172,16 @@ dir = "{self.state}"
             (path / ".maintd-ready").touch()
         return path
 
+    def upload(self, staging: Path, name: str, marker: bool = True) -> Path:
+        """Finish an upload written in `staging` (under releases/) as uploaders do: the marker, the owner of
+        releases/ as owner of every file, and a rename into place."""
+        if marker:
+            (staging / ".maintd-ready").touch()
+        owner = self.releases.stat()
+        subprocess.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", str(staging)], check=True)
+        staging.rename(self.releases / name)
+        return self.releases / name
+
     def history(self) -> list[Event]:
         try:
             return [json.loads(line) for line in (self.state / "history.jsonl").read_text().splitlines()]

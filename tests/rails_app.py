@@ -9,7 +9,6 @@ between runs."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 from conftest import ETC, App
@@ -124,9 +123,4 @@ def release(app: App, source: Path, name: str, migrations: dict[str, str] | None
         class_name = f"Step{version}"
         (staging / "db/migrate" / f"{version}_step{version}.rb").write_text(
             RECORDING_MIGRATION.format(name=class_name, version=version, body=body))
-    if marker:
-        (staging / ".maintd-ready").touch()
-    owner = app.releases.stat()
-    subprocess.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", str(staging)], check=True)
-    staging.rename(app.releases / name)
-    return app.releases / name
+    return app.upload(staging, name, marker)

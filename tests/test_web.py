@@ -44,12 +44,7 @@ def rack_release(app: App, name: str, marker: bool = True) -> Path:
     (staging / "REVISION").write_text(f"{name}\n")
     (staging / "config.ru").write_text(CONFIG_RU)
     (staging / "public" / "app.css").write_text("body { color: #333 }\n")
-    if marker:
-        (staging / ".maintd-ready").touch()
-    owner = app.releases.stat()
-    subprocess.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", str(staging)], check=True)
-    staging.rename(app.releases / name)
-    return app.releases / name
+    return app.upload(staging, name, marker)
 
 
 def get(port: int, path: str = "/", source: str = USER_ADDRESS,
