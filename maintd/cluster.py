@@ -14,7 +14,9 @@ written by the record class named beside it:
     P/bad/<release>             a release the cluster abandoned: marked bad on every member, now or when it arrives
 
 `View` is one reading of those keys and `View.next_move` the pure rule that turns it into the transaction a waiting
-member tries (go, commit, abort, or nothing): tested without etcd, as the upload tracker is without inotify.
+member tries (go, commit, abort, or nothing), `View.way_in` the one by which a deploy gets into a switch: tested
+without etcd, as the upload tracker is without inotify. A value a member cannot read is passed over where that is
+safe (a member's state; a switch record, which is then no switch to join) and raises `Unreadable` where it is not.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Cluster
 from .etcd import Compare, Etcd, EtcdUnavailable, delete_op, put_op
+from .results import DeployKind
+from .tree import name_problem
 
 # Seconds between two readings of the keys while waiting for the others: from a few ms (a switch takes a handful of
 # round trips, and every wait sits inside the maintenance window) growing to 50 ms while nothing changes. The
 # ceiling is also how late a member may learn of `go`, and an early member's window waits for the latest one.
 POLL_FIRST, POLL_MOST = 0.004, 0.05
+T = TypeVar("T")
 
 
 class Decision(StrEnum):
@@ -110,8 +115,29 @@ class SwitchRecord:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def parse(cls, text: str) -> SwitchRecord:
-        return cls(**json.loads(text))
+    def parse(cls, text: str) -> SwitchRecord | None:
+        """None for a value this maintd cannot read: not a JSON object, a field missing or one it does not know (a
+        newer maintd's switch, which this one could only misread), a wrong type, a kind or a release name it would
+        refuse. Such a value still holds P/switch, so no switch can begin while it is there (`View.unreadable`)."""
+        fields = _json(text)
+        try:
+            record = cls(**fields)
+        except TypeError:  # a field missing, or one more
+            return None
+        texts = [value for name, value in fields.items() if name != "since"]
+        if (not all(isinstance(value, str) for value in texts) or isinstance(record.since, bool)
+                or not isinstance(record.since, (int, float)) or record.kind not in set(DeployKind)
+                or name_problem(record.release)):
+            return None
+        return record
+
+
+class Unreadable(ValueError):
+    """A value under the prefix that this maintd cannot read and must not pass over (a switch's decision, when go
+    was decided): nothing can be made of that switch until the value is gone or readable."""
+
+    def __init__(self, key: str, value: str) -> None:
+        super().__init__(f"{key} holds {value[:200]!r}, which this maintd cannot read")
 
 
 @dataclass(frozen=True)
@@ -150,6 +176,16 @@ class Keys:
         return f"{self.of_switch(switch)}reason"
 
 
+class Entry(StrEnum):
+    """What a deploy not yet in a switch does with one reading of the keys (`View.way_in`)."""
+
+    JOIN = "join"  # the switch in progress is its own
+    BEGIN = "begin"  # none is in progress: create one (where P/switch is still absent)
+    END = "end"  # a finished switch still holds P/switch: remove it, then read again
+    HELD = "held"  # another switch holds the cluster: not this release's fault, it may switch once that one ends
+    REFUSED = "refused"  # it does not begin, and has no verdict of its own (the cluster's stands)
+
+
 @dataclass(frozen=True)
 class Move:
     """A transaction to try: `decision` with the conditions under which it may be written."""
@@ -171,6 +207,17 @@ class View:
     go_at: float | None = None
     reason: str = ""
     bad: dict[str, str] = field(default_factory=dict)
+    # P/switch's value when this maintd cannot read it (`SwitchRecord.parse`): no switch a member can join, and it
+    # holds the key, so none can begin until it is gone
+    unreadable: str = ""
+
+    @property
+    def holder(self) -> str:
+        """What holds P/switch, in words that change when it lets go: the switch in progress, or a value this
+        maintd cannot read; "" when nothing does."""
+        if self.switch:
+            return f"switch {self.switch.id}"
+        return "a value under P/switch that this maintd cannot read" if self.unreadable else ""
 
     def state_of(self, member: str) -> MemberState | None:
         standing = self.states.get(member)
@@ -210,7 +257,33 @@ class View:
         if self.switch:
             switch = {**asdict(self.switch), "decision": self.decision, "reason": self.reason or None,
                       "finished": not active}
-        return {"member": me, "members": members, "switch": switch}
+        return {"member": me, "members": members, "switch": switch, "unreadable": self.unreadable or None}
+
+    def way_in(self, release: str, by_upload: bool, joining: str) -> tuple[Entry, str]:
+        """How a deploy of `release` gets into a switch, and why not when it cannot. One `joining` the switch
+        another member began joins that switch and no other: one decided without it, or gone, is not begun again
+        in its place. Any other joins the switch of its release in progress, or begins one. An upload's deploy of a
+        release the cluster abandoned does not begin; an operator's may take it live again, as `deploy NAME` may
+        a bad release on a lone server (contract §2)."""
+        switch = self.switch
+        if joining:
+            still = switch is not None and switch.id == joining
+            if still and self.decision is None:
+                return Entry.JOIN, ""
+            return Entry.REFUSED, (f"switch {joining} was {f'decided ({self.decision})' if still else 'ended'} "
+                                   "before this member joined it")
+        if self.unreadable:
+            return Entry.HELD, (f"the switch key holds a value this maintd cannot read ({self.unreadable[:80]}): "
+                                "no switch can begin until it is gone; see `maintctl cluster`")
+        if by_upload and release in self.bad:
+            return Entry.REFUSED, f"the cluster abandoned release {release}: {self.bad[release]}"
+        if switch is None:
+            return Entry.BEGIN, ""
+        if self.finished():
+            return Entry.END, ""
+        if switch.release == release and self.decision is None:
+            return Entry.JOIN, ""
+        return Entry.HELD, f"a switch of release {switch.release} is in progress ({self.decision or 'preparing'})"
 
     def next_move(self, cluster: Cluster, now: float) -> Move | None:
         """What a member waiting in this switch tries now: the whole rule of contract §7 in one place."""
@@ -258,8 +331,8 @@ class Coordinator:
         k = self.keys
         base = [k.alive(), k.report(), k.bad(), k.switch]
         found = self.etcd.read(base + ([k.of_switch(switch_id)] if switch_id else []), writes)
-        if not switch_id and k.switch in found:
-            switch_id = SwitchRecord.parse(found[k.switch]).id
+        if not switch_id and k.switch in found and (record := SwitchRecord.parse(found[k.switch])):
+            switch_id = record.id
             found = self.etcd.read([*base, k.of_switch(switch_id)])
         view = View(self.cluster.members)
         for key, value in found.items():
@@ -270,15 +343,15 @@ class Coordinator:
             elif key.startswith(k.bad()):
                 view.bad[key.removeprefix(k.bad())] = value
             elif key == k.switch:
-                record = SwitchRecord.parse(value)
-                view.switch = record if record.id == switch_id else None  # another switch is not this one's
+                if (record := SwitchRecord.parse(value)) is None:
+                    view.unreadable = value
+                else:
+                    view.switch = record if record.id == switch_id else None  # another switch is not this one's
             elif switch_id and key.startswith(k.state(switch_id)) and (standing := Standing.parse(value)):
                 view.states[key.removeprefix(k.state(switch_id))] = standing
         if switch_id:
-            decision = found.get(k.decision(switch_id))
-            view.decision = Decision(decision) if decision else None
-            go_at = found.get(k.go_at(switch_id))
-            view.go_at = float(go_at) if go_at else None
+            view.decision = _read(found, k.decision(switch_id), Decision)
+            view.go_at = _read(found, k.go_at(switch_id), float)
             view.reason = found.get(k.reason(switch_id), "")
         return view
 
@@ -366,6 +439,16 @@ class Membership(threading.Thread):
                 self.coordinator.etcd.revoke(self.lease)
             except EtcdUnavailable:
                 pass
+
+
+def _read(found: dict[str, str], key: str, kind: Callable[[str], T]) -> T | None:
+    """The value of `key` made a `kind`, None when absent; `Unreadable` when it cannot be made one."""
+    if not (text := found.get(key)):
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise Unreadable(key, text) from None
 
 
 def _json(text: str) -> dict[str, Any]:

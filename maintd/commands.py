@@ -174,6 +174,9 @@ def show_cluster(c: Mapping[str, Any]) -> str:
                     [[m["name"] + (" (this one)" if m["name"] == c["member"] else ""), "yes" if m["alive"] else "NO",
                       m["current"] or "-", m["state"]] for m in c["members"]])
     switch = c["switch"]
+    if c.get("unreadable"):
+        return members + ("\nswitch: unknown: a value this maintd cannot read holds the switch key: "
+                          + str(c["unreadable"])[:200])
     if not switch:
         return members + "\nswitch: none in progress"
     return members + (f"\nswitch: {switch['id']}: {switch['kind']} of release {switch['release']} "

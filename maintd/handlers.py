@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cluster import Decision, Move
+from .cluster import Decision, Move, Unreadable
 from .commands import COMMANDS
 from .etcd import EtcdUnavailable
 from .maintenance import Notice
@@ -136,6 +136,10 @@ async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
         if args["action"] == "show":
             return view.as_json(co.me)
         switch = view.switch
+        if switch is None and view.unreadable:
+            raise Refused(f"{co.keys.switch} holds a value this maintd cannot read, so it cannot tell which switch "
+                          f"to abort: {view.unreadable[:200]} (if no newer maintd is switching, `etcdctl del "
+                          f"{co.keys.switch}` removes it)")
         if switch is None:
             raise Refused("no switch is in progress")
         if view.decision in (Decision.COMMIT, Decision.ABORT):
@@ -150,6 +154,8 @@ async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
             raise Refused(f"switch {switch.id} was decided meanwhile; see `maintctl cluster`")
     except EtcdUnavailable as exc:
         raise Refused(f"etcd cannot be reached: {exc}") from None
+    except Unreadable as exc:
+        raise Refused(str(exc)) from None
     daemon.log.warning(f"switch {switch.id} of release {switch.release} {reason}", switch_id=switch.id,
                        actor=peer.name)
     return {"aborted": {"id": switch.id, "release": switch.release}}

@@ -2,19 +2,23 @@
 
 A switch begins on whichever member first has the release complete (or where an operator asked for it). Every
 other member learns of it here, by reading the keys a few times a second, and joins as soon as the release is
-complete on it too; a release that is refused here aborts the switch at once instead of leaving the others waiting
-for `prepare_timeout`. A release the cluster abandoned is marked bad here too, whether it is already here or comes
-later, so it is never deployed automatically. An upload whose deploy could not begin while another switch held the
-cluster is tried again here, once, when that switch has ended.
+complete on it too (an operator's switch even when the release is live or bad here: it is that operator's deploy);
+a release that is refused here, or bad here when an upload began the switch, aborts the switch at once instead of
+leaving the others waiting for `prepare_timeout`. A release the cluster abandoned is marked bad here too, whether it
+is already here or comes later, so it is never deployed automatically. An upload whose deploy could not begin while
+another switch held the cluster is tried again here, once, when that switch has ended. Nothing one reading finds
+(a value this maintd cannot read) ends the reading: it is said once, and the next reading is another chance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 from . import log
-from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, Standing, View
+from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, Standing, SwitchRecord, View
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
 from .results import UPLOAD_ACTOR, DeployKind, Refused
@@ -34,16 +38,23 @@ class Joiner:
         self._said: set[str] = set()  # what was logged once already
 
     async def run(self) -> None:
+        """Reads the keys for as long as the daemon runs, whatever one reading brings: a value this maintd cannot
+        read, or a bug, is logged once (per distinct error) and the next reading is another chance. A member whose
+        joiner ended would never join a switch again: every switch the others began would wait for it and be
+        aborted, its release marked bad on every member."""
         while True:
             await asyncio.sleep(JOIN_POLL)
             try:
                 view = await asyncio.to_thread(self.co.view)
+                self._mark_abandoned(view)
+                self._settle(view)
+                self._maybe_join(view)
+                self._retry_held_back(view)
             except EtcdUnavailable:
                 continue  # Membership reports it; nothing to join while etcd is away
-            self._mark_abandoned(view)
-            self._settle(view)
-            self._maybe_join(view)
-            self._retry_held_back(view)
+            except Exception as exc:
+                self._once(f"failed:{exc!r}", f"could not act on the cluster's keys (tried again at every reading, "
+                                              f"said once): {exc}", self.log.error, exc_info=exc)
 
     def _mark_abandoned(self, view: View) -> None:
         """Marked bad here too, and saved at once: a restart must not forget what the cluster abandoned."""
@@ -85,17 +96,27 @@ class Joiner:
         that switch has ended (its record gone or another's, or finished: the next begin removes it), not before."""
         held = self.runner.held_back
         for release, holder in list(held.items()):
-            if view.switch is None or view.switch.id != holder or view.finished():
+            if view.holder != holder or view.finished():
                 del held[release]
                 self.inventory.store.record(release).auto_considered = False
-                self.log.info(f"switch {holder} has ended: release {release} is tried again", release=release)
+                self.log.info(f"{holder} has ended: release {release} is tried again", release=release)
                 self.runner.kick()
 
     def _maybe_join(self, view: View) -> None:
+        """Join the switch in progress when this member can. Whether it may is the rule of the deploy the switch
+        stands for: an operator's (`maintctl deploy NAME`, `rollback`) takes any complete release live, the live
+        one again or a bad one too (contract §1, §2); an upload's takes a release at most once and never a bad one,
+        so a release bad here aborts it at once, as a refused one does, instead of leaving the others waiting."""
         switch, me = view.switch, self.co.me
+        if view.unreadable:
+            self._once(f"unreadable:{view.unreadable}", f"{self.co.keys.switch} holds a value this maintd cannot "
+                       f"read (a newer maintd's switch, or a hand edit): no switch to join here, and none can begin "
+                       f"until it is gone: {view.unreadable[:200]}", self.log.warning)
+            return
         if not switch or view.decision is not None or view.state_of(me) is not None or self.runner.busy:
             return
-        if self.inventory.store.memory.paused and switch.actor == UPLOAD_ACTOR:
+        by_upload = switch.actor == UPLOAD_ACTOR
+        if self.inventory.store.memory.paused and by_upload:
             self._once(f"paused:{switch.id}", f"automatic deploys are paused here: not joining the switch of "
                                               f"release {switch.release} begun by an upload on {switch.by}")
             return
@@ -104,17 +125,18 @@ class Joiner:
                                               "uploaded here")
             return
         state, why = self.inventory.state_now(switch.release)
-        if state is ReleaseState.REFUSED:
-            reason = f"{me}: release {switch.release} is refused here: {why}"
+        if state is ReleaseState.REFUSED or (state is ReleaseState.BAD and by_upload):
+            reason = f"{me}: release {switch.release} is {state} here: {why}"
             self.tasks.spawn(asyncio.to_thread(self._abort, switch.id, switch.release, reason))
         elif state not in (ReleaseState.UPLOADING, ReleaseState.INCOMPLETE):
-            self.tasks.spawn(self._join(switch.release, switch.actor, DeployKind(switch.kind)))
+            self.tasks.spawn(self._join(switch))
 
-    async def _join(self, release: str, actor: str, kind: DeployKind) -> None:
+    async def _join(self, switch: SwitchRecord) -> None:
         try:
-            await self.runner.deploy(release, actor, kind, wait=False, automatic=True)
+            await self.runner.deploy(switch.release, switch.actor, DeployKind(switch.kind), wait=False,
+                                     automatic=True, joining=switch.id)
         except Refused as exc:
-            self.log.info(f"not joining the switch of release {release}: {exc}", release=release)
+            self._once(f"refused:{switch.id}:{exc}", f"not joining the switch of release {switch.release}: {exc}")
 
     def _abort(self, switch_id: str, release: str, reason: str) -> None:
         try:
@@ -123,7 +145,8 @@ class Joiner:
         except EtcdUnavailable:
             pass  # tried again at the next reading
 
-    def _once(self, key: str, message: str) -> None:
+    def _once(self, key: str, message: str, emit: Callable[..., Any] | None = None, **fields: Any) -> None:
+        """Log `message` the first time `key` comes up: what every reading finds again is said once."""
         if key not in self._said:
             self._said.add(key)
-            self.log.info(message)
+            (emit or self.log.info)(message, **fields)

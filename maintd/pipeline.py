@@ -57,7 +57,9 @@ class Phase:
     swapped: bool = False
     switch: str = ""  # the cluster switch this deploy is part of, whose decision recovery obeys
     committed: bool = False  # a cluster switch's point of no return: a failure after it is noted, not undone
-    begun: bool = True  # false when a cluster member could not begin (another switch held the cluster): no verdict
+    # False when a cluster member did not begin (another switch held the cluster, the one it was to join was decided
+    # without it, the cluster had abandoned the release): no verdict of its own, no abort
+    begun: bool = True
     fault: Fault | None = None  # whose fault the failure that ended the deploy was
     failed: str = ""  # why it failed, once it goes back (journaled: recovery goes back again, never forward)
     notes: list[str] = field(default_factory=list)  # failures after the point of no return

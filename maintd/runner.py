@@ -80,9 +80,13 @@ class DeployRunner:
             self.log.info(f"automatic deploy of release {name} not started: {exc}", release=name)
 
     async def deploy(self, name: str, actor: str, kind: DeployKind = DeployKind.DEPLOY, wait: bool = True,
-                     on_step: OnStep | None = None, automatic: bool = False) -> Outcome:
-        """Run one deploy; refuses at once when another runs and `wait` is false. An `automatic` one (an upload's,
-        or joining a cluster switch) is refused once its release is live: two of them may race for one release."""
+                     on_step: OnStep | None = None, automatic: bool = False,
+                     joining: str = "") -> Outcome:
+        """Run one deploy; refuses at once when another runs and `wait` is false. An `automatic` one (maintd's own:
+        an upload's, or this member's side of the cluster switch `joining`) counts as `last_automatic`. An upload's
+        is refused once its release is live or bad: two of them may race for one release. One joining a switch goes
+        into that switch or nowhere (`ClusterDeploy`), so it needs no such guard, and may take the live release
+        again: the switch is an operator's redeploy (contract §1)."""
         self.inventory.check_deployable(name, kind)
         if self.busy:
             running = self.current
@@ -93,10 +97,11 @@ class DeployRunner:
         async with self.exclusive():
             self.inventory.check_deployable(name, kind)  # again: it may have changed while we waited
             state, reason = self.inventory.state_now(name)
-            if automatic and state in (ReleaseState.LIVE, ReleaseState.BAD):  # became so while this one waited
+            if automatic and not joining and state in (ReleaseState.LIVE, ReleaseState.BAD):  # became so meanwhile
                 raise Refused(f"release {name} is {state}" + (f": {reason}" if state is ReleaseState.BAD else ""))
             loop = asyncio.get_running_loop()
-            deploy = self._new(name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record))
+            deploy = self._new(name, actor, kind, lambda record: loop.call_soon_threadsafe(self._stepped, record),
+                               joining)
             self.current, self._steps_done = deploy, []
             self._followers = {on_step} if on_step else set()
             outcome_future = self._outcome = loop.create_future()
@@ -112,14 +117,14 @@ class DeployRunner:
             self.last_automatic = outcome if automatic else None
             if deploy.phase.begun:
                 self.inventory.complete.pop(name, None)
-            elif automatic and isinstance(deploy, ClusterDeploy):
+            elif automatic and isinstance(deploy, ClusterDeploy) and deploy.held_by:
                 # It could not begin while another switch held the cluster: tried again once that one has ended
                 self.held_back[name] = deploy.held_by
         return outcome
 
-    def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep) -> Deploy:
+    def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep, joining: str) -> Deploy:
         if self.coordinator:
-            return ClusterDeploy(self.ctx, name, actor, kind, on_step, self.coordinator)
+            return ClusterDeploy(self.ctx, name, actor, kind, on_step, self.coordinator, joining=joining)
         return Deploy(self.ctx, name, actor, kind, on_step)
 
     async def recover(self) -> None:

@@ -20,16 +20,18 @@ from .cluster import (
     POLL_MOST,
     Coordinator,
     Decision,
+    Entry,
     MemberState,
     Standing,
     SwitchRecord,
+    Unreadable,
     View,
 )
 from .config import Cluster
 from .context import Context
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy, OnStep, new_deploy_id
-from .results import DeployKind, Outcome, Skipped, StepFailed, StepRecord
+from .results import UPLOAD_ACTOR, DeployKind, Outcome, Skipped, StepFailed, StepRecord
 from .state import InFlight, MaintenanceOwner
 from .steps import SWITCH, Fault
 from .waiting import Waiting
@@ -41,15 +43,16 @@ class ClusterDeploy(Deploy):
     STEPS = SWITCH
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind, on_step: OnStep | None,
-                 coordinator: Coordinator, journal: InFlight | None = None) -> None:
+                 coordinator: Coordinator, journal: InFlight | None = None, joining: str = "") -> None:
         super().__init__(ctx, release, actor, kind, on_step, journal)
         assert ctx.config.cluster
         self.cluster: Cluster = ctx.config.cluster
         self.co = coordinator
         # Resumed, the switch is known by its id alone: what recovery needs to read its decision and to abort it
         self.switch = SwitchRecord(self.phase.switch, release, "", kind, "", "", 0.0) if self.phase.switch else None
-        self.planned_id = new_deploy_id()
-        self.held_by = ""  # the switch that held the cluster when this one could not begin
+        self.joining = joining  # the id of the switch another member began, which this deploy joins or nothing
+        self.planned_id = joining or new_deploy_id()
+        self.held_by = ""  # what held the cluster when this one could not begin (`View.holder`)
         self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
@@ -60,8 +63,8 @@ class ClusterDeploy(Deploy):
         try:
             if (view := self.co.view()).switch and view.switch.release == self.release and view.decision is None:
                 self.planned_id = view.switch.id
-        except EtcdUnavailable:
-            pass
+        except (EtcdUnavailable, Unreadable):
+            pass  # the first step reads the keys again, and says what is wrong with them
         self.log = self.log.bind(switch_id=self.planned_id)
         outcome = super().run()
         if not self.co.stopping.is_set():  # not worth a wait for etcd while stopping
@@ -168,7 +171,7 @@ class ClusterDeploy(Deploy):
         try:
             if aborted := self.co.abort(self.release, said, self.phase.switch):
                 self.log.warning(f"switch aborted: {said}", switch_id=aborted)
-        except EtcdUnavailable as exc:
+        except (EtcdUnavailable, Unreadable) as exc:
             # Going back alone is safe before commit: commit needs this member healthy. The others abort at their
             # timeout once etcd answers again.
             self.log.error(f"could not record the abort in etcd ({exc}); going back here")
@@ -176,25 +179,24 @@ class ClusterDeploy(Deploy):
     # --- waiting on the others ------------------------------------------------------------------------------------
 
     def _join_or_begin(self, digest: str) -> SwitchRecord:
-        """The switch of this release in progress, or a new one; refuses while another release is switching."""
+        """Into the switch `View.way_in` says, or refused with its reason (see there)."""
         while True:
             view = self.co.view()
-            if self.release in view.bad:
-                raise StepFailed(f"the cluster abandoned release {self.release}: {view.bad[self.release]}")
-            if view.switch is None:
+            entry, why = view.way_in(self.release, self.actor == UPLOAD_ACTOR, self.joining)
+            if entry is Entry.JOIN and view.switch:
+                return view.switch
+            if entry is Entry.BEGIN:
                 record = SwitchRecord(self.planned_id, self.release, digest, self.kind, self.cluster.member,
                                       self.actor, time.time())
                 if self.co.begin(record):
                     self.log.info(f"switch {record.id} of release {self.release} begun", switch_id=record.id)
                     return record
-            elif view.finished():
+            elif entry is Entry.END and view.switch:
                 self.co.end(view.switch)
-            elif view.switch.release == self.release and view.decision is None:
-                return view.switch
-            else:
-                self.phase.begun, self.held_by = False, view.switch.id  # not this release's fault: it may switch later
-                raise StepFailed(f"a switch of release {view.switch.release} is in progress "
-                                 f"({view.decision or 'preparing'})")
+            elif entry in (Entry.HELD, Entry.REFUSED):
+                # No verdict, no abort; held back, the joiner tries it again once the cluster is free
+                self.phase.begun, self.held_by = False, view.holder if entry is Entry.HELD else ""
+                raise StepFailed(why)
 
     def _await(self, ready: Callable[[View], bool], what: str) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
@@ -249,7 +251,7 @@ class ClusterDeploy(Deploy):
             view = self.co.view(self.phase.switch)
             if view.switch and view.switch.id == self.phase.switch and view.finished():
                 self.co.end(view.switch)
-        except EtcdUnavailable:
+        except (EtcdUnavailable, Unreadable):
             pass  # the next switch to begin removes a finished one
 
     def _report_member(self) -> None:

@@ -344,6 +344,12 @@ def test_digests_that_differ_abandon_the_release(cluster):
     assert_abandoned(cluster, because="digests differ")
 
 
+def bad_here(member: Member, release: str) -> dict | None:
+    """`release`'s row of `maintctl releases` on `member` once it is bad there."""
+    rows = {r["name"]: r for r in json.loads(maintctl(member.app, "releases", "--json", check_rc=0).stdout)}
+    return rows[release] if rows.get(release, {}).get("state") == "bad" else None
+
+
 def test_a_release_that_never_reaches_one_member_is_abandoned_at_prepare_timeout(cluster):
     go_live(cluster, prepare_timeout=2.0)
     cluster.upload("r1", to=("m1", "m2"))
@@ -352,10 +358,9 @@ def test_a_release_that_never_reaches_one_member_is_abandoned_at_prepare_timeout
     cluster.assert_on("r0")
     late = cluster.members[2]
     late.app.make_release("r1")  # arrives after the cluster gave up on it: bad here too, never switched
-    late.daemon.wait_for(release="r1", event=lambda e: "abandoned" in e)
+    row = wait_until(lambda: bad_here(late, "r1"), 30, f"r1 bad on {late.name}")
     assert not (late.app.current / "tmp" / "maintenance.txt").exists() and late.app.live() == "r0"
-    rows = {r["name"]: r for r in json.loads(maintctl(late.app, "releases", "--json", check_rc=0).stdout)}
-    assert rows["r1"]["state"] == "bad" and "prepare_timeout" in rows["r1"]["reason"]
+    assert "prepare_timeout" in row["reason"], row
 
 
 def test_maintctl_cluster_abort_ends_a_switch_by_hand(cluster):
@@ -552,3 +557,94 @@ def test_sigterm_while_cut_off_from_etcd_in_maintenance_ends_the_wait_and_recove
     cluster.upload("r2")
     assert all(d["result"] == "ok" for d in cluster.deployed("r2"))
     cluster.assert_on("r2")
+
+
+def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switch_is_joined(cluster):
+    """A value under P/switch this maintd cannot read (the record a newer maintd writes, with a field more, as the
+    rolling switches of contract 7a need), then a switch whose decision is no decision: each member says so once,
+    naming the key, however many readings find it, refuses to begin a switch while it holds the key, and joins the
+    next switch once it is gone. One such value used to end every member's joiner for good: a rollback begun later
+    was never joined, and was aborted, its release marked bad on every member."""
+    go_live(cluster, prepare_timeout=8.0)
+    for member in cluster.members:
+        maintctl(member.app, "pause", check_rc=0)
+    cluster.upload("r1")
+    for member in cluster.members:
+        member.daemon.wait_for(event=lambda e: e.startswith("upload of release r1 is complete"))
+    maintctl(cluster.members[0].app, "deploy", "r1", check_rc=0)
+    cluster.assert_on("r1")
+    marks = [m.daemon.mark() for m in cluster.members]
+    key = f"{cluster.prefix}/switch"
+    newer = {"id": "20990101T000000Z-abcdef", "release": "r9", "digest": "", "kind": "deploy", "by": "m1",
+             "actor": "upload", "since": 0.0, "strategy": "rolling"}
+    assert cluster.etcd.etcdctl("put", key, json.dumps(newer)).returncode == 0
+
+    def unreadable(event: str) -> bool:
+        return event.startswith(f"{key} holds a value this maintd cannot read")
+
+    for member, mark in zip(cluster.members, marks, strict=True):
+        member.daemon.wait_for(since=mark, event=unreadable)
+    held = maintctl(cluster.members[1].app, "rollback", check_rc=1)
+    assert "holds a value this maintd cannot read" in held.stderr and "no switch can begin" in held.stderr
+    assert "unknown: a value this maintd cannot read" in maintctl(cluster.members[2].app, "cluster", check_rc=0).stdout
+    garbled = {**newer, "id": "20990101T000000Z-fedcba"}
+    del garbled["strategy"]
+    decision = f"{cluster.prefix}/s/{garbled['id']}/decision"
+    assert cluster.etcd.etcdctl("put", decision, "perhaps").returncode == 0
+    assert cluster.etcd.etcdctl("put", key, json.dumps(garbled)).returncode == 0
+
+    def undecidable(event: str) -> bool:
+        return f"{decision} holds 'perhaps', which this maintd cannot read" in event
+
+    for member, mark in zip(cluster.members, marks, strict=True):
+        member.daemon.wait_for(since=mark, event=undecidable)
+    assert cluster.etcd.etcdctl("del", "--prefix", f"{cluster.prefix}/s/{garbled['id']}/").returncode == 0
+    assert cluster.etcd.etcdctl("del", key).returncode == 0
+    done = maintctl(cluster.members[1].app, "rollback")
+    assert done.returncode == 0, (done.stdout, done.stderr, cluster.events_tail())
+    cluster.assert_on("r0")
+    for member, mark in zip(cluster.members, marks, strict=True):
+        said = [e["event"] for e in member.daemon.events[mark:] if unreadable(e["event"]) or undecidable(e["event"])]
+        assert len(said) == 2, f"{member.name} said it {len(said)} times: {said[:4]}"
+
+
+def test_deploying_the_live_release_again_from_one_member_redeploys_every_member(cluster):
+    """Contract §1: "an operator can deploy any complete release again with `maintctl deploy NAME`", and on one
+    server a deploy of the live release goes through every step again (restart, flush, health): a redeploy. So on
+    a cluster, every member joins that switch. They used to refuse it as an upload's deploy of a live release, at
+    every reading, until prepare_timeout aborted it and the live release was marked bad on every member."""
+    go_live(cluster, prepare_timeout=8.0)
+    marks = [m.daemon.mark() for m in cluster.members]
+    done = maintctl(cluster.members[0].app, "deploy", "r0")
+    assert done.returncode == 0, (done.stderr, cluster.keys("bad/"), cluster.events_tail())
+    for member, mark in zip(cluster.members, marks, strict=True):
+        outcome = member.daemon.deployed("r0", since=mark)
+        assert outcome["result"] == "ok", (member.name, outcome)
+        steps = {e["step"]: e["result"] for e in member.daemon.steps(outcome["deploy_id"])}
+        assert steps["swap"] == steps["restart"] == steps["flush"] == steps["commit"] == "ok", (member.name, steps)
+        refusals = [e["event"] for e in member.daemon.events[mark:] if "not joining" in e["event"]]
+        assert not refusals, (member.name, refusals[:3])
+    cluster.assert_on("r0")
+    assert not cluster.keys("bad/")
+    for member in cluster.members:
+        assert not json.loads((member.app.state / "state.json").read_text())["releases"]["r0"]["bad"]
+
+
+def test_an_operator_deploys_a_release_the_cluster_abandoned_on_every_member(cluster):
+    """Contract §2: a bad release is never deployed automatically again, but `maintctl deploy NAME` still may; §7:
+    an abandoned release is bad on every member. So an operator's deploy of it switches every member, as it would
+    take it live on a lone server, however late it reached a member. It used to be refused for good."""
+    go_live(cluster, prepare_timeout=3.0)
+    cluster.upload("r1", to=("m1", "m2"))
+    for member in cluster.members[:2]:
+        assert member.daemon.deployed("r1")["result"] == "failed"
+    late = cluster.members[2]
+    late.app.make_release("r1")  # arrives after the cluster gave up on it: bad here too, not switched by itself
+    wait_until(lambda: bad_here(late, "r1"), 30, f"r1 bad on {late.name}")
+    cluster.assert_on("r0")
+    marks = [m.daemon.mark() for m in cluster.members]
+    done = maintctl(cluster.members[1].app, "deploy", "r1")
+    assert done.returncode == 0, (done.stderr, cluster.events_tail())
+    for member, mark in zip(cluster.members, marks, strict=True):  # (m3's own try at the upload may end first)
+        member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("deploy of"))
+    cluster.assert_on("r1")

@@ -1,9 +1,11 @@
-"""The rule of contract §7 (`View.next_move`): what a waiting member tries, from one reading of the keys. No etcd,
-no daemon, a clock passed in, as the upload tracker is tested."""
+"""The rule of contract §7 (`View.next_move`): what a waiting member tries, from one reading of the keys; and how a
+deploy gets into a switch (`View.way_in`). No etcd, no daemon, a clock passed in, as the upload tracker is tested."""
+
+import json
 
 import pytest
 
-from maintd.cluster import Decision, Keys, MemberState, Move, Report, Standing, SwitchRecord, View
+from maintd.cluster import Decision, Entry, Keys, MemberState, Move, Report, Standing, SwitchRecord, View
 from maintd.config import Cluster
 
 CLUSTER = Cluster(members=("a", "b", "c"), member="a", prefix="/p", primary="a", prepare_timeout=100.0,
@@ -91,3 +93,36 @@ def test_maintctl_cluster_json_has_the_contract_fields():
                                 {"name": "b", "alive": True, "current": None, "state": "prepared"},
                                 {"name": "c", "alive": False, "current": "r0", "state": "not prepared"}]
     assert {"id", "release", "decision"} <= shown["switch"].keys() and shown["switch"]["decision"] == "go"
+
+
+def test_a_switch_record_is_json_read_in_one_place_and_one_it_cannot_read_is_none():
+    """An unreadable P/switch is "no switch to join" (View.unreadable), not an error that ends the reading."""
+    assert SwitchRecord.parse(SWITCH.as_json()) == SWITCH
+    newer = json.dumps({**json.loads(SWITCH.as_json()), "strategy": "rolling"})  # a newer maintd's: not misread
+    missing = json.dumps({k: v for k, v in json.loads(SWITCH.as_json()).items() if k != "digest"})
+    wrong = [json.dumps({**json.loads(SWITCH.as_json()), **change}) for change in (
+        {"since": "soon"}, {"since": True}, {"release": 7}, {"kind": "sideways"}, {"release": "../etc"})]
+    for unreadable in ("", "not json", "[1]", "{}", newer, missing, *wrong):
+        assert SwitchRecord.parse(unreadable) is None, unreadable
+
+
+ABANDONED = {"r1": "not prepared by every member within prepare_timeout"}
+
+
+@pytest.mark.parametrize("reading, release, by_upload, joining, entry, why", [
+    (View(CLUSTER.members), "r1", True, "", Entry.BEGIN, ""),
+    (view({"b": "prepared:d1"}), "r1", True, "", Entry.JOIN, ""),  # the switch of its release in progress
+    (view({"b": "prepared:d1"}), "r2", True, "", Entry.HELD, "a switch of release r1 is in progress (preparing)"),
+    (view({m: "back" for m in "abc"}, Decision.ABORT), "r2", True, "", Entry.END, ""),
+    (View(CLUSTER.members, unreadable='{"id": "s2"}'), "r2", False, "", Entry.HELD, "cannot read"),
+    # an upload's deploy of a release the cluster abandoned does not begin; an operator's may (contract §2)
+    (View(CLUSTER.members, bad=ABANDONED), "r1", True, "", Entry.REFUSED, "the cluster abandoned release r1"),
+    (View(CLUSTER.members, bad=ABANDONED), "r1", False, "", Entry.BEGIN, ""),
+    # joining: that switch and no other, even where the rule would begin one
+    (view({"b": "prepared:d1"}), "r1", False, "s1", Entry.JOIN, ""),
+    (view({"b": "back"}, Decision.ABORT), "r1", False, "s1", Entry.REFUSED, "s1 was decided (abort) before"),
+    (View(CLUSTER.members), "r1", False, "s1", Entry.REFUSED, "switch s1 was ended before"),
+])
+def test_way_in(reading, release, by_upload, joining, entry, why):
+    found, said = reading.way_in(release, by_upload, joining)
+    assert found is entry and why in said, (found, said)
