@@ -56,11 +56,11 @@ class Context:
         try:
             if missing := self.tree.missing(name, upload.required):
                 return f"required path missing: {', '.join(missing)}"
-            release = self.tree.release_dir(name)
-            if (release / upload.manifest).is_file():
-                uploaded = self.tree.uploaded(name, self.written_by_maintd())
-                if problem := manifest.verify(release, upload.manifest, uploaded):
-                    return f"manifest does not verify: {problem}"
+            with self.tree.open(name) as top:
+                if top.kind(upload.manifest) is not None:
+                    uploaded = self.tree.uploaded(name, self.written_by_maintd())
+                    if problem := manifest.verify(top, upload.manifest, uploaded):
+                        return f"manifest does not verify: {problem}"
         except ReleaseError as exc:
             return str(exc)
         except OSError as exc:
