@@ -13,10 +13,11 @@ write, given to the top's owner while there, and renamed into place. So an uploa
 maintd then writes through (a symlink at its temporary file's name) nor swap something in between the making and the
 chown (a hard link to a file of someone else's); and a reader of the final name sees the old entry or the new.
 
-What maintd reads there as root (the manifest and the files it lists) is read the same way, and more strictly: every
-directory on the way a real one (`dir(follow=False)`), the file itself a regular file opened without following it
-and without blocking (`open_file`). A link to /etc/shadow would otherwise tell an uploader whether a guess of it is
-right (a hash compared), and a FIFO would block the reading thread for good.
+What maintd reads there as root (the manifest and the files it lists, REVISION, the migrations it compares) is read
+the same way, and more strictly: every directory on the way a real one (`dir(follow=False)`), the file itself a
+regular file opened without following it and without blocking (`open_file`). A link to /etc/shadow would otherwise
+hand an uploader its first line (REVISION into revisions.log) or tell whether a guess of it is right (a hash
+compared), and a FIFO would block the reading thread for good.
 """
 
 from __future__ import annotations
@@ -202,6 +203,15 @@ class Confined:
         except BaseException:
             os.close(fd)
             raise
+
+    def read(self, name: str, limit: int) -> bytes:
+        """What the regular file `name` holds (see open_file), refused (EFBIG) past `limit` bytes: a small file of
+        the uploader's (REVISION), never theirs to make maintd hold gigabytes."""
+        with self.open_file(name) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(self.path / name))
+        return data
 
     def files(self) -> list[bytes]:
         """Every entry below this directory but directories (links to them included, never followed), relative to it,
