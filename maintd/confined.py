@@ -11,7 +11,9 @@ is fine); one that leads out, absolutely or by `..`, refuses the operation befor
 What maintd makes there (directories, files, links) is made in a staging directory of its own that only root can
 write, given to the top's owner while there, and renamed into place. So an uploader can neither plant a name that
 maintd then writes through (a symlink at its temporary file's name) nor swap something in between the making and the
-chown (a hard link to a file of someone else's); and a reader of the final name sees the old entry or the new.
+chown (a hard link to a file of someone else's); and a reader of the final name sees the old entry or the new. A
+kill -9 between the making and the rename leaves the staging directory behind: the next start removes it
+(`remove_leftovers`).
 
 What maintd reads there as root (the manifest and the files it lists, REVISION, the migrations it compares) is read
 the same way, and more strictly: every directory on the way a real one (`dir(follow=False)`), the file itself a
@@ -218,6 +220,21 @@ class Confined:
         in bytes as Linux keeps names."""
         return _files_below(self._fd, self.path)
 
+    def remove_leftovers(self) -> list[Path]:
+        """maintd's own staging directories that a kill -9 left here (see `_place`), with what they hold. A directory
+        of that name that is not root's alone is the uploader's, and stays."""
+        removed = []
+        for name, is_dir in _listing(self._fd):
+            if not is_dir or not name.startswith(_STAGE_PREFIX.encode()):
+                continue
+            try:
+                if _ours(os.stat(name, dir_fd=self._fd, follow_symlinks=False)):
+                    self.remove_tree(os.fsdecode(name))
+                    removed.append(self.path / os.fsdecode(name))
+            except FileNotFoundError:
+                continue
+        return removed
+
     # --- changing it ----------------------------------------------------------------------------------------------
 
     def write(self, name: str, text: str) -> None:
@@ -272,8 +289,7 @@ def _place(parent: int, name: str, owner: tuple[int, int] | None, make: Callable
         stage = os.open(stage_name, _DIR, dir_fd=parent)
         try:
             # The uploader owns `parent` and may have put a directory of its own at that name in between.
-            info = os.fstat(stage)
-            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            if not _ours(os.fstat(stage)):
                 raise PathRefused(f"maintd's staging directory {stage_name} was replaced while it worked")
             try:
                 make(stage, name)
@@ -323,6 +339,11 @@ def _files_below(top: int, path: Path) -> list[bytes]:
     finally:
         _close([fd for fd, _, _ in levels])
     return found
+
+
+def _ours(info: os.stat_result) -> bool:
+    """Whether a staging directory is still the one maintd made: root's, and nobody else's to write or enter."""
+    return info.st_uid == os.geteuid() and not stat.S_IMODE(info.st_mode) & 0o077
 
 
 def _listing(directory: int) -> list[tuple[bytes, bool]]:

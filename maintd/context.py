@@ -16,6 +16,7 @@ from typing import Any
 
 from . import cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
+from .confined import Confined, PathRefused
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -91,6 +92,29 @@ class Context:
         if not doomed:
             raise Skipped(f"no more than {keep} releases have been live")
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
+
+    def remove_leftovers(self) -> list[Path]:
+        """At start, the staging directories a kill -9 left where maintd makes things (confined.py): in `<root>`
+        and, in every release, in each directory on the way to what maintd puts there, as its writes reach them."""
+        ways = {""}
+        for rel in self.written_by_maintd():
+            parts = Path(rel).parent.parts
+            ways.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+        with Confined.open(self.tree.root, self.tree.root) as root:
+            removed = root.remove_leftovers()
+        for name in self.tree.entries():
+            try:
+                release = self.tree.open(name)
+            except (ReleaseError, FileNotFoundError, PathRefused):
+                continue  # not a release (an upload's staging area), or gone meanwhile
+            with release:
+                for way in sorted(ways):
+                    try:
+                        with release.dir(way) as where:
+                            removed += where.remove_leftovers()
+                    except (FileNotFoundError, NotADirectoryError, PathRefused):
+                        continue  # nothing made there, or nothing maintd would make there
+        return removed
 
     def return_to(self, previous: str, logger: Any) -> list[str]:
         """A failed deploy's way back after its swap: `current` to `previous`, restarted and flushed, as far as it
