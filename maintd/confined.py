@@ -11,12 +11,21 @@ is fine); one that leads out, absolutely or by `..`, refuses the operation befor
 What maintd makes there (directories, files, links) is made in a staging directory of its own that only root can
 write, given to the top's owner while there, and renamed into place. So an uploader can neither plant a name that
 maintd then writes through (a symlink at its temporary file's name) nor swap something in between the making and the
-chown (a hard link to a file of someone else's); and a reader of the final name sees the old entry or the new.
+chown (a hard link to a file of someone else's); and a reader of the final name sees the old entry or the new. A
+kill -9 between the making and the rename leaves the staging directory behind: the next start removes it
+(`remove_leftovers`).
+
+What maintd reads there as root (the manifest and the files it lists, REVISION, the migrations it compares) is read
+the same way, and more strictly: every directory on the way a real one (`dir(follow=False)`), the file itself a
+regular file opened without following it and without blocking (`open_file`). A link to /etc/shadow would otherwise
+hand an uploader its first line (REVISION into revisions.log) or tell whether a guess of it is right (a hash
+compared), and a FIFO would block the reading thread for good.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import secrets
 import shutil
@@ -26,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO opens at once, and reads say EAGAIN
 _MAX_STEPS = 256  # components walked, links spliced in included: a link loop ends here
 _STAGE_PREFIX = ".maintd-stage-"
 
@@ -36,6 +46,17 @@ class PathRefused(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ELOOP, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class NotARegularFile(OSError):
+    """An entry maintd does not read as root: a link (whatever it points at) or a FIFO, socket or device. Its text is
+    what the entry is ("is a link"), for the caller's sentence; the path is in `filename`."""
+
+    def __init__(self, what: str, path: Path) -> None:
+        super().__init__(errno.EINVAL, what, str(path))
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -89,9 +110,10 @@ class Confined:
 
     # --- walking down ---------------------------------------------------------------------------------------------
 
-    def dir(self, rel: str, create: bool = False) -> Confined:
+    def dir(self, rel: str, create: bool = False, follow: bool = True) -> Confined:
         """The directory `rel` below this one; with `create`, what is missing is made, owned by `owner`. A symlink
-        on the way is followed only as far as it stays inside the bound; one that leads out raises PathRefused."""
+        on the way is followed only as far as it stays inside the bound; one that leads out raises PathRefused, and
+        so does any symlink without `follow` (for reading: nothing an uploader links to is read as theirs)."""
         chain, names = [os.dup(fd) for fd in self._chain], list(self.names)
         pending = list(reversed(rel.split("/")))
         via = ""  # the last link followed, for the message when a `..` after it climbs out
@@ -127,6 +149,8 @@ class Confined:
                         raise _named(exc, self.bound.joinpath(*names, part)) from None
                 link = self.bound.joinpath(*names, part)
                 target = _readlink(chain[-1], part, link)
+                if not follow:
+                    raise PathRefused(f"{link} is a symlink: maintd reads nothing through it")
                 via = f" (through {link} -> {target})"
                 if target.startswith("/"):
                     rest = self._below_bound(target)
@@ -166,6 +190,55 @@ class Confined:
     def link_target(self, name: str) -> str | None:
         """Where entry `name` points, when it is a symlink."""
         return os.readlink(name, dir_fd=self._fd) if self.kind(name) == stat.S_IFLNK else None
+
+    def open_file(self, name: str) -> io.FileIO:
+        """Entry `name` open for reading, if it is a regular file: never through a link, and never a FIFO or a device,
+        whose open or read could block for good (NotARegularFile; a directory: IsADirectoryError)."""
+        try:
+            fd = os.open(name, _FILE, dir_fd=self._fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotARegularFile("is a link", self.path / name) from None
+            raise _named(exc, self.path / name) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path / name))
+            if not stat.S_ISREG(mode):
+                raise NotARegularFile("is not a regular file", self.path / name)
+            return io.FileIO(fd, "rb")  # unbuffered: a caller reads in chunks of its own, mostly one
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read(self, name: str, limit: int) -> bytes:
+        """What the regular file `name` holds (see open_file), refused (EFBIG) past `limit` bytes: a small file of
+        the uploader's (REVISION), never theirs to make maintd hold gigabytes."""
+        with self.open_file(name) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(self.path / name))
+        return data
+
+    def files(self) -> list[bytes]:
+        """Every entry below this directory but directories (links to them included, never followed), relative to it,
+        in bytes as Linux keeps names."""
+        return _files_below(self._fd, self.path)
+
+    def remove_leftovers(self) -> list[Path]:
+        """maintd's own staging directories that a kill -9 left here (see `_place`), with what they hold. A directory
+        of that name that is not root's alone is the uploader's, and stays."""
+        removed = []
+        for name, is_dir in _listing(self._fd):
+            if not is_dir or not name.startswith(_STAGE_PREFIX.encode()):
+                continue
+            try:
+                if _ours(os.stat(name, dir_fd=self._fd, follow_symlinks=False)):
+                    self.remove_tree(os.fsdecode(name))
+                    removed.append(self.path / os.fsdecode(name))
+            except FileNotFoundError:
+                continue
+        return removed
 
     # --- changing it ----------------------------------------------------------------------------------------------
 
@@ -224,8 +297,7 @@ def _place(parent: int, name: str, owner: tuple[int, int] | None, make: Callable
         stage = os.open(stage_name, _DIR, dir_fd=parent)
         try:
             # The uploader owns `parent` and may have put a directory of its own at that name in between.
-            info = os.fstat(stage)
-            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            if not _ours(os.fstat(stage)):
                 raise PathRefused(f"maintd's staging directory {stage_name} was replaced while it worked")
             try:
                 make(stage, name)
@@ -242,6 +314,50 @@ def _place(parent: int, name: str, owner: tuple[int, int] | None, make: Callable
             os.rmdir(stage_name, dir_fd=parent)
         except OSError:
             pass  # renamed away by the uploader: empty, and theirs to remove
+
+
+def _files_below(top: int, path: Path) -> list[bytes]:
+    """Confined.files: walked by descriptors, so a directory swapped for a link meanwhile leads nowhere; no deeper
+    than _MAX_STEPS directories (PathRefused), one descriptor open for each level."""
+    found: list[bytes] = []
+    levels = [(os.dup(top), b"", _listing(top))]
+    try:
+        while levels:
+            fd, prefix, pending = levels[-1]
+            if not pending:
+                os.close(levels.pop()[0])
+                continue
+            name, is_dir = pending.pop()
+            if not is_dir:
+                found.append(prefix + name)
+                continue
+            if len(levels) > _MAX_STEPS:
+                raise PathRefused(f"{path / os.fsdecode(prefix + name)}: more than {_MAX_STEPS} directories deep")
+            try:
+                sub = os.open(name, _DIR, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link or a file: one of those
+                    raise
+                found.append(prefix + name)
+                continue
+            levels.append((sub, prefix + name + b"/", []))  # held before it is listed: the finally closes it
+            levels[-1][2].extend(_listing(sub))
+    finally:
+        _close([fd for fd, _, _ in levels])
+    return found
+
+
+def _ours(info: os.stat_result) -> bool:
+    """Whether a staging directory is still the one maintd made: root's, and nobody else's to write or enter."""
+    return info.st_uid == os.geteuid() and not stat.S_IMODE(info.st_mode) & 0o077
+
+
+def _listing(directory: int) -> list[tuple[bytes, bool]]:
+    """The entries of an open directory, each with whether it is a directory itself (a link is not)."""
+    with os.scandir(directory) as entries:
+        return [(os.fsencode(entry.name), entry.is_dir(follow_symlinks=False)) for entry in entries]
 
 
 def _discard(directory: int, name: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import boot, cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
+from .confined import Confined, PathRefused
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -57,11 +58,11 @@ class Context:
         try:
             if missing := self.tree.missing(name, upload.required):
                 return f"required path missing: {', '.join(missing)}"
-            release = self.tree.release_dir(name)
-            if (release / upload.manifest).is_file():
-                uploaded = self.tree.uploaded(name, self.written_by_maintd())
-                if problem := manifest.verify(release, upload.manifest, uploaded):
-                    return f"manifest does not verify: {problem}"
+            with self.tree.open(name) as top:
+                if top.kind(upload.manifest) is not None:
+                    uploaded = self.tree.uploaded(name, self.written_by_maintd())
+                    if problem := manifest.verify(top, upload.manifest, uploaded):
+                        return f"manifest does not verify: {problem}"
         except ReleaseError as exc:
             return str(exc)
         except OSError as exc:
@@ -113,6 +114,29 @@ class Context:
             self.tree.swap(release)
             if operator and leaving and leaving != release:
                 self.flags.lower_in(self.tree.path(leaving))
+
+    def remove_leftovers(self) -> list[Path]:
+        """At start, the staging directories a kill -9 left where maintd makes things (confined.py): in `<root>`
+        and, in every release, in each directory on the way to what maintd puts there, as its writes reach them."""
+        ways = {""}
+        for rel in self.written_by_maintd():
+            parts = Path(rel).parent.parts
+            ways.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+        with Confined.open(self.tree.root, self.tree.root) as root:
+            removed = root.remove_leftovers()
+        for name in self.tree.entries():
+            try:
+                release = self.tree.open(name)
+            except (ReleaseError, FileNotFoundError, PathRefused):
+                continue  # not a release (an upload's staging area), or gone meanwhile
+            with release:
+                for way in sorted(ways):
+                    try:
+                        with release.dir(way) as where:
+                            removed += where.remove_leftovers()
+                    except (FileNotFoundError, NotADirectoryError, PathRefused):
+                        continue  # nothing made there, or nothing maintd would make there
+        return removed
 
     def return_to(self, previous: str, logger: Any) -> list[str]:
         """A failed deploy's way back after its swap: `current` to `previous`, restarted and flushed, as far as it

@@ -86,6 +86,9 @@ class Daemon:
         self.ctx.tree.make_releases()
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
+        if stages := self.ctx.remove_leftovers():
+            self.log.warning(f"removed {len(stages)} staging director{'y' if len(stages) == 1 else 'ies'} left by a "
+                             f"crash: {', '.join(map(str, stages))}")
         if self.coordinator:
             self.membership = Membership(self.coordinator, self._etcd_problem)
             self.membership.start()

@@ -25,7 +25,8 @@ import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+
+from .confined import Confined, NotARegularFile, PathRefused
 
 # The BSD `--tag` form: the name runs to the last ')' of the line, as coreutils reads it.
 _TAGGED = re.compile(rb"[ \t]*(\\?)SHA256 ?\((.*)\)[ \t]*=[ \t]*([0-9A-Fa-f]{64})", re.DOTALL)
@@ -33,6 +34,7 @@ _TAGGED = re.compile(rb"[ \t]*(\\?)SHA256 ?\((.*)\)[ \t]*=[ \t]*([0-9A-Fa-f]{64}
 _PLAIN = re.compile(rb"[ \t]*(\\?)([0-9A-Fa-f]{64})[ \t](.+)", re.DOTALL)
 _ESCAPED_NAME = re.compile(rb"(?:[^\\]|\\[\\nr])*", re.DOTALL)
 _ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
+_CHUNK = 1 << 16  # bytes read at a time for a hash
 
 
 class ManifestError(Exception):
@@ -130,83 +132,123 @@ MACHINE_FAULTS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO,
                             errno.EINTR, errno.ENOBUFS})
 
 
-def verify(release: Path, manifest: str, uploaded: Iterable[bytes]) -> str | None:
-    """Check the manifest at the top of `release` against it; None when it verifies, else the first problem.
+def verify(top: Confined, manifest: str, uploaded: Iterable[bytes]) -> str | None:
+    """Check the manifest at the top of the release `top` against it; None when it verifies, else the first problem.
 
     `uploaded` is every file of the release but those the manifest need not list (Tree.uploaded), so a cut scp
     cannot pass as complete.
     """
     try:
-        entries = parse((release / manifest).read_bytes())
-    except ManifestError as exc:
+        with top.open_file(manifest) as handle:
+            entries = parse(handle.read())
+    except (ManifestError, NotARegularFile) as exc:
         return f"manifest {manifest} {exc}"
+    except IsADirectoryError:
+        return f"manifest {manifest} is a directory"
     paths = [(entry, os.path.normpath(entry.name)) for entry in entries]
     for entry, rel in paths:
         if rel == b".." or rel.startswith(b"../") or os.path.isabs(rel):
             return f"manifest {manifest} line {entry.number} names a path outside the release"
-    top = os.fsencode(release)
-    for entry, rel in paths:
-        try:
-            actual = file_sha256(top, rel)
-        except (FileNotFoundError, NotADirectoryError):
-            return f"{shown(rel)} is listed in the manifest but missing"
-        except IsADirectoryError:
-            return f"{shown(rel)} is listed in the manifest but is a directory"
-        except NotARegularFile as exc:
-            return f"{shown(rel)} is listed in the manifest but {exc}"
-        except OSError as exc:
-            if exc.errno in MACHINE_FAULTS:  # the machine's, not the release's: not a verdict on it
-                raise
-            return f"{shown(rel)} is listed in the manifest but cannot be read: {exc.strerror}"
-        if actual != entry.digest:
-            return f"{shown(rel)} does not match its sha256 in the manifest"
-    listed = {rel for _, rel in paths}
-    for rel in uploaded:
-        if rel not in listed and not os.path.islink(os.path.join(top, rel)):
-            return f"{shown(rel)} is not listed in the manifest"
+    with _Dirs(top) as dirs:
+        for entry, rel in paths:
+            try:
+                actual = file_sha256(dirs, rel)
+            except (FileNotFoundError, NotADirectoryError):
+                return f"{shown(rel)} is listed in the manifest but missing"
+            except IsADirectoryError:
+                return f"{shown(rel)} is listed in the manifest but is a directory"
+            except NotARegularFile as exc:
+                return f"{shown(rel)} is listed in the manifest but {exc}"
+            except OSError as exc:
+                if exc.errno in MACHINE_FAULTS:  # the machine's, not the release's: not a verdict on it
+                    raise
+                return f"{shown(rel)} is listed in the manifest but cannot be read: {exc.strerror}"
+            if actual != entry.digest:
+                return f"{shown(rel)} does not match its sha256 in the manifest"
+        listed = {rel for _, rel in paths}
+        for rel in uploaded:
+            if rel not in listed and dirs.kind(rel) != stat.S_IFLNK:
+                return f"{shown(rel)} is not listed in the manifest"
     return None
 
 
-class NotARegularFile(Exception):
-    """A listed name that is a link or a special file: nothing maintd reads as root on an uploader's word."""
+def file_sha256(dirs: _Dirs, rel: bytes) -> str:
+    """The sha256 of the regular file `rel` of the release. Never through a link (maintd is root: a listed link to
+    /etc/shadow would tell an uploader whether a guess of its content is right), nor behind one, however late it is
+    swapped in (see confined.py), and never a FIFO or a device, whose open or read would block the check for good.
+    Links are what `find -type f` leaves out of the README's recipe, so they need not be listed; a link's target is
+    part of the cluster's digest instead."""
+    where, name = dirs.parent(rel)
+    total = hashlib.sha256()
+    with where.open_file(name) as handle:
+        # Not hashlib.file_digest: its 256 KiB buffer, made afresh for each file, cost more than the hash of a
+        # typical source file.
+        while chunk := handle.read(_CHUNK):
+            total.update(chunk)
+    return total.hexdigest()
 
 
-def file_sha256(top: bytes, rel: bytes) -> str:
-    """The sha256 of the regular file `rel` under `top`. Never through a link (maintd is root: a listed link to
-    /etc/shadow would tell an uploader whether a guess of its content is right) and never a FIFO or a device,
-    whose open or read would block the check for good. Links are what `find -type f` leaves out of the README's
-    recipe, so they need not be listed; a link's target is part of the cluster's digest instead."""
-    path = os.path.join(top, rel)
-    inside = os.path.join(os.path.realpath(top), os.path.dirname(rel)).rstrip(b"/")
-    if os.path.realpath(os.path.dirname(path)) != inside:
-        raise NotARegularFile("lies behind a link")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotARegularFile("is a link") from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotARegularFile("is not a regular file")
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def digest(release: Path, uploaded: Iterable[bytes]) -> str:
+def digest(top: Confined, uploaded: Iterable[bytes]) -> str:
     """A sha256 over a release as uploaded (`uploaded`: Tree.uploaded, less the marker, the manifest and what maintd
     itself puts there, shared links included, so that per-server shared files may differ): every file's path and
     content (a link's target), in the lines sha256sum would write for them. Equal on two servers means the same
-    release (the cluster's `prepare`)."""
-    top = os.fsencode(release)
+    release (the cluster's `prepare`); equal for two releases' db/migrate, the same migrations."""
     total = hashlib.sha256()
-    for rel in uploaded:
-        path = os.path.join(top, rel)
-        if os.path.islink(path):
-            content = b"link " + os.readlink(path)
-        else:
+    with _Dirs(top) as dirs:
+        for rel in uploaded:
             try:
-                content = file_sha256(top, rel).encode()
-            except NotARegularFile:  # a FIFO or a device: its kind is all two servers can compare
-                content = b"special %o" % stat.S_IFMT(os.lstat(path).st_mode)
-        total.update(line(content, rel))
+                content = file_sha256(dirs, rel).encode()
+            except NotARegularFile:
+                content = _unread(*dirs.parent(rel))
+            total.update(line(content, rel))
     return total.hexdigest()
+
+
+def _unread(where: Confined, name: str) -> bytes:
+    """What stands in the digest for an entry it does not read: a link's target, a FIFO's or a device's kind (0 for
+    one gone meanwhile). All two servers can compare, and all maintd may look at."""
+    target = where.link_target(name)
+    return b"link " + os.fsencode(target) if target is not None else b"special %o" % (where.kind(name) or 0)
+
+
+class _Dirs:
+    """The directories of a release that names lie in, each reached from its top through no link (Confined, without
+    `follow`): a name behind a link is NotARegularFile("lies behind a link"). The last one is kept open for the next
+    name, since a manifest lists a directory's files together: one walk per directory, not per file."""
+
+    def __init__(self, top: Confined) -> None:
+        self.top = top
+        self._head: str | None = None
+        self._last: Confined | None = None
+
+    def parent(self, rel: bytes) -> tuple[Confined, str]:
+        """The open directory `rel` lies in, and its last component."""
+        head, name = os.path.split(os.fsdecode(rel))
+        if head != self._head:
+            self.close()
+            try:
+                self._last = self.top.dir(head, follow=False)
+            except PathRefused:
+                raise NotARegularFile("lies behind a link", self.top.path / head) from None
+            self._head = head
+        assert self._last
+        return self._last, name
+
+    def kind(self, rel: bytes) -> int | None:
+        """The file type bits of `rel`, never following it; None when it is not there to be seen."""
+        try:
+            where, name = self.parent(rel)
+        except (NotARegularFile, FileNotFoundError, NotADirectoryError):
+            return None
+        return where.kind(name)
+
+    def close(self) -> None:
+        if self._last:
+            self._last.close()
+        self._head = self._last = None
+
+    def __enter__(self) -> _Dirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

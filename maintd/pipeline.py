@@ -12,7 +12,6 @@ undo, so there is one way to restart, flush, check health and go back.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import secrets
 import signal
@@ -21,10 +20,9 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from . import log
+from . import log, manifest
 from .config import MaintenanceWhen
 from .confined import PathRefused
 from .context import Context
@@ -32,7 +30,10 @@ from .maintenance import Notice
 from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
 from .steps import LONE, Ending, Fault, Step
-from .tree import ReleaseError
+from .tree import ReleaseError, Tree
+
+MIGRATIONS = "db/migrate"  # what maintenance.when = "migrations" compares
+REVISION_LIMIT = 4096  # bytes of REVISION read at most: a commit id and a newline, as Capistrano writes it
 
 
 def now_iso() -> str:
@@ -118,7 +119,7 @@ class Deploy:
         if self.crash_at == "end":
             _crash()
         outcome = self.outcome(error, records, t0)
-        record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.path), self.log)
+        record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.ctx.tree), self.log)
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else outcome.result}"
         (self.log.info if outcome.went_live else self.log.error)(
             summary + (f": {error}" if error else ""), result=outcome.result, duration_ms=outcome.duration_ms)
@@ -198,9 +199,9 @@ class Deploy:
             if self.ctx.store.memory.maintenance:
                 self.phase.maintenance = MaintenanceOwner.CARRIED
                 return "operator maintenance is on; its flag goes where `current` goes"
-        previous = self.ctx.tree.path(self.previous) if self.previous else None
-        if why_not := needless(self.cfg.maintenance.when, self.path, previous):
+        if why_not := needless(self.cfg.maintenance.when, self.ctx.tree, self.release, self.previous):
             raise Skipped(why_not)
+        previous = self.ctx.tree.path(self.previous) if self.previous else None
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
         self.phase.maintenance = MaintenanceOwner.OURS
         self.ctx.flags.raise_in(self.path, notice)
@@ -307,21 +308,29 @@ def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: A
         logger.error(problem)
 
 
-def revision_line(outcome: Outcome, release: Path) -> str:
+def revision_line(outcome: Outcome, tree: Tree) -> str:
     """One human line of revisions.log, as Capistrano writes it."""
     when, who = now_iso(), outcome.actor
     if outcome.kind is DeployKind.RECOVERY:
         return f"Recovery of release {outcome.release} after a crash: {outcome.result} at {when}"
     if outcome.went_live and outcome.kind is DeployKind.ROLLBACK:
         return f"{who} rolled back to release {outcome.release} at {when}"
-    try:
-        revision = (release / "REVISION").read_text(encoding="utf-8").strip()[:64]
-    except (OSError, UnicodeDecodeError):
-        revision = ""
-    at = f" (at {revision})" if revision else ""
+    at = f" (at {revision})" if (revision := revision_of(tree, outcome.release)) else ""
     if outcome.went_live:
         return f"Release {outcome.release}{at} deployed by {who} at {when}"
     return f"Release {outcome.release}{at} failed to deploy ({outcome.result}) by {who} at {when}: {outcome.error}"
+
+
+def revision_of(tree: Tree, release: str) -> str:
+    """The first line of the release's REVISION (Capistrano's commit id), at most 64 characters; "" when there is none
+    to be had: no such file, or one that is not a small regular file (a link, say to a file only root may read, whose
+    first line revisions.log would show everyone; a FIFO, whose read would hang the deploy thread for good)."""
+    try:
+        with tree.open(release) as top:
+            text = top.read("REVISION", REVISION_LIMIT).decode("utf-8")
+    except (OSError, UnicodeDecodeError, ReleaseError):
+        return ""
+    return next(iter(text.splitlines()), "").strip()[:64]
 
 
 def _crash() -> None:
@@ -340,28 +349,34 @@ def failure(exc: Exception, step: Step) -> tuple[str, str, Fault]:
     return f"unexpected error: {exc!r}", traceback.format_exc(), Fault.SERVER
 
 
-def needless(when: MaintenanceWhen, release: Path, previous: Path | None) -> str:
+def needless(when: MaintenanceWhen, tree: Tree, release: str, previous: str | None) -> str:
     """Why this deploy needs no maintenance of its own (`maintenance.when`), or "" when it does."""
     if when is MaintenanceWhen.NEVER:
         return 'maintenance.when = "never"'
-    if when is MaintenanceWhen.MIGRATIONS and not migrations_differ(release, previous):
+    if when is MaintenanceWhen.MIGRATIONS and not migrations_differ(tree, release, previous):
         return "db/migrate is the same as the live release's"
     return ""
 
 
-def migrations_differ(release: Path, previous: Path | None) -> bool:
+def migrations_differ(tree: Tree, release: str, previous: str | None) -> bool:
     """Whether `db/migrate` of the new release differs from the live one's (or there is no live one)."""
-    return previous is None or _tree_digest(release / "db/migrate") != _tree_digest(previous / "db/migrate")
+    if previous is None:
+        return True
+    new, old = _migrations(tree, release), _migrations(tree, previous)
+    return new is None or old is None or new != old
 
 
-def _tree_digest(directory: Path) -> str | None:
-    if not directory.is_dir():
+def _migrations(tree: Tree, release: str) -> str | None:
+    """The digest of a release's `db/migrate` (manifest.digest: its files as root may read them, a link by its
+    target), "" without one; None when that cannot be known (a link on the way, the release gone), which differs
+    from anything: maintenance when in doubt."""
+    try:
+        with tree.open(release) as top, top.dir(MIGRATIONS, follow=False) as migrations:
+            return manifest.digest(migrations, migrations.files())
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except (PathRefused, ReleaseError):
         return None
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _describe(exc: BaseException) -> str:

@@ -75,7 +75,7 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
             deploy.leave()  # through the switch, forward, as its cleanup step would have said
     outcome = deploy.outcome(error, records, t0)
     outcome.result, outcome.error = result, "; ".join(notes)
-    record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, deploy.path),
+    record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, ctx.tree),
                    deploy.log)
     (deploy.log.warning if result is StepResult.OK else deploy.log.error)(
         f"recovery: {outcome.error}", step=Ending.RECOVERY, result=result, duration_ms=outcome.duration_ms,

@@ -96,8 +96,8 @@ class ClusterDeploy(Deploy):
     # --- the steps of contract §7 ---------------------------------------------------------------------------------
 
     def prepare(self) -> str:
-        uploaded = self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd())
-        digest = manifest.digest(self.path, uploaded)
+        with self.ctx.tree.open(self.release) as top:
+            digest = manifest.digest(top, self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd()))
         self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
         self.phase.switch = self.switch.id
         self.log = self.log.bind(switch_id=self.switch.id)

@@ -173,9 +173,8 @@ class Tree:
         is an error: a release linked to nothing would start without its database.yml. The release is the
         uploader's, so every directory on the way is walked confined (see confined.py) and what is made is theirs.
         """
-        self.release_dir(name)
         linked = []
-        with Confined.open(self.root, self.releases / name) as release:
+        with self.open(name) as release:
             for rel in (*dirs, *files):
                 if not (self.shared / rel).exists():
                     raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
@@ -232,8 +231,14 @@ class Tree:
         """Every file of a release as uploaded, in byte order: its non-directories (links included) but `ignore`
         and what lies under it. Names are bytes, as Linux keeps them (not all are UTF-8)."""
         skips = [os.fsencode(skip) for skip in ignore]
-        return sorted(rel for rel in _files_under(self.release_dir(name))
-                      if not any(rel == skip or rel.startswith(skip + b"/") for skip in skips))
+        with self.open(name) as top:
+            return sorted(rel for rel in top.files()
+                          if not any(rel == skip or rel.startswith(skip + b"/") for skip in skips))
+
+    def open(self, name: str) -> Confined:
+        """Release `name` opened from `<root>` down through no symlink (see confined.py), for what root reads or
+        writes there: `releases/` and the release are the uploader's, and either may be swapped for a link."""
+        return Confined.open(self.root, self.release_dir(name))
 
     def remove(self, name: str) -> None:
         """Remove a release, reaching it through a `releases/` that is no symlink (an uploader who owns `<root>`
@@ -274,19 +279,6 @@ class Tree:
 def machine_fault(exc: OSError) -> bool:
     """Whether a failed read of a release says something about the machine rather than the release."""
     return exc.errno in manifest.MACHINE_FAULTS
-
-
-def _files_under(root: Path) -> list[bytes]:
-    """Paths of every non-directory under `root`, relative to it, as bytes, without following links."""
-    found = []
-    top = os.fsencode(root)
-    for directory, dirnames, filenames in os.walk(top):
-        for entry in filenames:
-            found.append(os.path.relpath(os.path.join(directory, entry), top))
-        for entry in dirnames:
-            if os.path.islink(os.path.join(directory, entry)):
-                found.append(os.path.relpath(os.path.join(directory, entry), top))
-    return found
 
 
 def write_atomically(path: Path, text: str, durable: bool) -> None:

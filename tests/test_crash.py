@@ -5,9 +5,11 @@ is consistent: `current` points at a complete release and no maintenance flag ma
 import dataclasses
 import json
 import os
+import pwd
 import random
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -336,3 +338,41 @@ def test_missing_current_is_reported(app, start_daemon):
     daemon = start_daemon()
     assert daemon.wait_for(level="error", event=lambda e: "is missing" in e)
     assert app.live() is None and (app.releases / "r1").is_dir()
+
+
+# A kill -9 that lands where no step boundary is: between maintd's staging of tmp/restart.txt and its rename into
+# place. The code is the real one; only the moment of the kill is arranged, by making the rename the kill.
+CRASH_BEFORE_THE_RENAME = r"""
+import os, signal, sys
+from pathlib import Path
+from maintd import restart
+os.rename = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+restart.passenger(Path(sys.argv[1]), Path(sys.argv[2]), 5.0)
+"""
+
+
+def test_a_staging_directory_a_kill_9_left_is_removed_at_the_next_start(app, start_daemon):
+    """What maintd makes in a release it makes in a staging directory only root may enter, and renames into place
+    (confined.py): a kill -9 in between leaves that directory behind, root's, in the uploader's tree, for good. The
+    next start removes it and says so once; a directory of that name the uploader made is theirs, and stays."""
+    app.make_release("r1")
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    daemon.stop()
+    release = app.releases / "r1"
+    crashed = subprocess.run([sys.executable, "-c", CRASH_BEFORE_THE_RENAME, str(app.root), str(release)])
+    assert crashed.returncode == -signal.SIGKILL
+    [left] = (release / "tmp").glob(".maintd-stage-*")
+    assert (left / "restart.txt").exists()
+    nobody = pwd.getpwnam("nobody")
+    theirs = release / ".maintd-stage-theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+
+    daemon = start_daemon()
+    assert not left.exists() and theirs.is_dir()
+    said = [e["event"] for e in daemon.events if "staging director" in e["event"]]
+    assert said == [f"removed 1 staging directory left by a crash: {left}"]
+    daemon.stop()
+    again = start_daemon()
+    assert [e for e in again.events if "staging director" in e["event"]] == []

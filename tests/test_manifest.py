@@ -6,7 +6,9 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from maintd import manifest
+from maintd.config import load
+from maintd.context import Context
 from maintd.manifest import parse, verify
+from maintd.state import Store
 from maintd.tree import Tree
 
 MANIFEST, MARKER = ".maintd-manifest", ".maintd-ready"
@@ -66,11 +71,13 @@ def sha256sum_accepts(release: Path) -> bool:
 
 def digest_of(tree: Tree, name: str, ignore: tuple[str, ...]) -> str:
     """The cluster's digest of a release, as `prepare` takes it."""
-    return manifest.digest(tree.release_dir(name), tree.uploaded(name, ignore))
+    with tree.open(name) as top:
+        return manifest.digest(top, tree.uploaded(name, ignore))
 
 
 def maintd_problem(tree: Tree, release: Path) -> str | None:
-    return verify(release, MANIFEST, tree.uploaded(release.name, IGNORE))
+    with tree.open(release.name) as top:
+        return verify(top, MANIFEST, tree.uploaded(release.name, IGNORE))
 
 
 @pytest.fixture
@@ -277,6 +284,47 @@ def test_maintd_reads_no_listed_file_through_a_link_and_no_special_file(tree: Tr
         assert "does not match" not in problem and ("link" in problem or "regular" in problem)
         subprocess.run(["sed", "-i", "$d", MANIFEST], cwd=release, check=True)
         (release / listed.decode().split("/")[0]).unlink()
+
+
+# The uploader's side of the race: swaps the names `a` and `b` of its release (a real directory, a link) as fast as
+# it can, with renameat2(RENAME_EXCHANGE), which no Python call makes.
+EXCHANGER = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+os.chdir(sys.argv[1])
+print("ready", flush=True)
+while True:
+    libc.renameat2(AT_FDCWD, b"a", AT_FDCWD, b"b", RENAME_EXCHANGE)
+"""
+
+
+def test_a_listed_file_is_never_read_through_a_link_swapped_in_after_the_check(app, tmp_path):
+    """The uploader owns every directory of its release: it swaps a real directory `a` for a link `a -> outside` in a
+    loop while maintd checks `a/shadow`. A check of the path first (realpath) and an open by path after it let root
+    hash the file outside, whose sha256 the manifest gives: the oracle (does the hash of /etc/shadow equal a guess?)
+    that reading no file through a link closes. Real processes racing, through the check every release passes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_text("root-only secret\n")
+    release = app.releases / "r1"
+    (release / "a").mkdir(parents=True)
+    (release / "a" / "shadow").write_text("the uploader's own file\n")
+    (release / "b").symlink_to(outside)
+    (release / MANIFEST).write_text(hashlib.sha256(b"root-only secret\n").hexdigest() + "  a/shadow\n")
+    ctx = Context.build(load(app.write_config()), Store(app.state))
+    racer = subprocess.Popen([sys.executable, "-c", EXCHANGER, str(release)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert racer.stdout and racer.stdout.readline() == "ready\n"
+        verdicts = Counter(ctx.release_problem("r1") for _ in range(5000))
+    finally:
+        racer.kill()
+        racer.wait()
+    said = "manifest does not verify: a/shadow "
+    assert {problem: n for problem, n in verdicts.items() if not (problem or "").startswith(said)} == {}, \
+        "root hashed the file outside the release"
+    assert {said + "does not match its sha256 in the manifest",
+            said + "is listed in the manifest but lies behind a link"} <= set(verdicts), verdicts  # both sides seen
 
 
 def test_a_fifo_in_a_release_does_not_block_its_digest(tree: Tree, tmp_path: Path):

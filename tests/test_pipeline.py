@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -50,6 +51,39 @@ def test_deploy_records_history_and_revisions_log(app):
     lines = (app.root / "revisions.log").read_text().splitlines()
     assert lines[-1].startswith("Release r2 (at r2) deployed by alice at ")
     assert ctx.store.memory.previous == "r1"
+
+
+def test_revision_that_is_a_link_never_copies_a_root_only_file_into_revisions_log(app, tmp_path):
+    """revisions.log (mode 0644, in the uploader's tree) takes the first line of `<release>/REVISION`, read as root:
+    through the uploader's link it would be the first line of a file only root may read. A link is no revision."""
+    secret = tmp_path / "root-only-secret"
+    secret.write_text("root:$y$j9T$SECRETHASHSECRETHASH:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    release = app.make_release("r1")
+    (release / "REVISION").unlink()
+    (release / "REVISION").symlink_to(secret)
+    outcome, _, _ = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    assert (app.root / "revisions.log").read_text().startswith("Release r1 deployed by alice at ")
+
+
+def test_revision_that_is_a_fifo_does_not_hang_the_deploy(app):
+    """A FIFO at REVISION, read as a file, blocks the deploy thread for good, and with it the deploy lock: no deploy,
+    restart or stop ever again. The deploy runs in a thread of its own here, so that a hang fails the test."""
+    release = app.make_release("r1")
+    (release / "REVISION").unlink()
+    os.mkfifo(release / "REVISION")
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(run_deploy(app, "r1")[0]), daemon=True)
+    worker.start()
+    worker.join(30)
+    hung = worker.is_alive()
+    if hung:  # a writer that closes at once gives the blocked reader its end of file, and the thread its end
+        os.close(os.open(release / "REVISION", os.O_WRONLY))
+        worker.join(30)
+    assert not hung, "the deploy thread was still blocked on REVISION after 30 s"
+    assert done[0].result == "ok"
+    assert (app.root / "revisions.log").read_text().startswith("Release r1 deployed by alice at ")
 
 
 def test_deploy_flushes_memcached(app, memcached):
@@ -159,6 +193,22 @@ def test_maintenance_when(app, when, migrate_r2, expected):
     run_deploy(app, "r1")
     _, events, _ = run_deploy(app, "r2", f'[maintenance]\nwhen = "{when}"\n')
     assert [e["result"] for e in events if e.get("step") == "maintenance_on"] == [expected]
+
+
+def test_migrations_are_compared_through_no_link(app, tmp_path):
+    """`maintenance.when = "migrations"` compares db/migrate as root: a migration that is a link to a file only root
+    may read, beside a live release holding a guess of that file, would tell the uploader whether the guess is right
+    (maintenance skipped or not). A link is compared by where it points, never by what root reads through it."""
+    secret = tmp_path / "root-only-secret"
+    secret.write_text("class M; end\n")
+    secret.chmod(0o600)
+    for name in ("r1", "r2"):
+        (app.make_release(name) / "db" / "migrate").mkdir(parents=True)
+    (app.releases / "r1" / "db" / "migrate" / "1_a.rb").write_text("class M; end\n")
+    (app.releases / "r2" / "db" / "migrate" / "1_a.rb").symlink_to(secret)
+    run_deploy(app, "r1")
+    _, events, _ = run_deploy(app, "r2", '[maintenance]\nwhen = "migrations"\n')
+    assert [e["result"] for e in events if e.get("step") == "maintenance_on"] == ["ok"]
 
 
 def test_keep_on_failure_leaves_the_page_up(app):
