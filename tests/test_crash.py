@@ -345,9 +345,10 @@ def test_missing_current_is_reported(app, start_daemon):
 CRASH_BEFORE_THE_RENAME = r"""
 import os, signal, sys
 from pathlib import Path
-from maintd import restart
+from maintd.confined import Confined
 os.rename = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
-restart.passenger(Path(sys.argv[1]), Path(sys.argv[2]), 5.0)
+with Confined.open(Path(sys.argv[1]), Path(sys.argv[2])) as top, top.dir("tmp", create=True) as where:
+    where.write("restart.txt", "")  # as the restart step makes tmp/restart.txt
 """
 
 
