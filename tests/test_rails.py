@@ -199,6 +199,28 @@ def test_rails_cache_clear_clears_this_apps_entries_only(deploy_app, deploy_user
         shop.stop()
 
 
+@pytest.fixture
+def two_memcached() -> Iterator[list[Memcached]]:
+    servers = [Memcached(), Memcached()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_rails_cache_clear_bumps_the_key_on_every_server(deploy_app, deploy_user, rails_source, two_memcached):
+    """Dalli reads the key from another server when the one it hashes to is down: there too it must have moved on,
+    or the entries Rails.cache.clear cleared come back (maintd's flush bumps every server too)."""
+    servers = ",".join(server.address for server in two_memcached)
+    rails_tree(deploy_app, rails_source, deploy_user)
+    write = ('20.times { |i| Rails.cache.write("entry#{i}", "cached before") }; '
+             f'puts Rails.cache.instance_variable_get(:@data).send(:ring).server_for_key("{KEY}").name')
+    stale = 'puts 20.times.count { |i| Rails.cache.read("entry#{i}") }'
+    holder = rails_runner(deploy_app, deploy_user, f"{write}; Rails.cache.clear", MEMCACHE_SERVERS=servers).strip()
+    assert rails_runner(deploy_app, deploy_user, stale, MEMCACHE_SERVERS=servers).strip() == "0"
+    next(server for server in two_memcached if server.address == holder).stop()
+    assert rails_runner(deploy_app, deploy_user, stale, MEMCACHE_SERVERS=servers).strip() == "0"
+
+
 def test_the_version_is_read_per_console_command_and_odd_values_are_zero(deploy_app, deploy_user, rails_source,
                                                                          memcached):
     rails_tree(deploy_app, rails_source, deploy_user)

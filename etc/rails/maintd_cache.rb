@@ -22,19 +22,28 @@
 # under, so nothing stale can be read). Dalli's own `namespace` option is not used: Rails 6.1 keeps that option to
 # itself, and a Dalli namespace Proc would be called for every key, one memcached round trip each.
 #
-# Rails.cache.clear increments the same key instead of flushing the servers: it clears this app's cache only.
+# Rails.cache.clear increments the same key on every server instead of flushing them: it clears this app's cache
+# only.
 
 module MaintdCache
   KEY = ENV.fetch("MAINTD_CACHE_KEY", "")
   SLOT = :maintd_cache_namespace
 
-  # Rails.cache.clear: this app's entries only, by the same increment maintd's flush step makes.
+  # Rails.cache.clear: this app's entries only, by the same increment maintd's flush step makes, on every server
+  # (Dalli reads the key from another server when its own is down: one left behind would bring old entries back).
   module ClearOwnEntries
     def clear(_options = nil)
       MaintdCache.forget
-      @data.with { |client| client.incr(MaintdCache::KEY, 1, nil, 1) }
-    rescue Dalli::DalliError => e
-      logger&.error("MaintdCache: #{MaintdCache::KEY} not incremented (#{e.class}: #{e.message})")
+      servers = @data.with { |client| client.instance_variable_get(:@servers) }
+      servers.each do |server|
+        one = Dalli::Client.new(server)
+        one.add(MaintdCache::KEY, "0", 0, raw: true)
+        one.incr(MaintdCache::KEY, 1)
+      rescue Dalli::DalliError => e
+        logger&.error("MaintdCache: #{MaintdCache::KEY} not incremented on #{server} (#{e.class}: #{e.message})")
+      ensure
+        one&.close
+      end
       nil
     end
   end
