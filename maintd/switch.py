@@ -66,10 +66,7 @@ class ClusterDeploy(Deploy):
         except (EtcdUnavailable, Unreadable):
             pass  # the first step reads the keys again, and says what is wrong with them
         self.log = self.log.bind(switch_id=self.planned_id)
-        outcome = super().run()
-        if not self.co.stopping.is_set():  # not worth a wait for etcd while stopping
-            self._report_member()
-        return outcome
+        return super().run()
 
     def leave(self) -> None:
         """Through the switch, forward: done, and the last member through removes it. Not worth waiting for etcd
@@ -253,9 +250,3 @@ class ClusterDeploy(Deploy):
                 self.co.end(view.switch)
         except (EtcdUnavailable, Unreadable):
             pass  # the next switch to begin removes a finished one
-
-    def _report_member(self) -> None:
-        try:
-            self.co.report(self.ctx.tree.live())
-        except EtcdUnavailable:
-            pass

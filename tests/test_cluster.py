@@ -648,3 +648,36 @@ def test_an_operator_deploys_a_release_the_cluster_abandoned_on_every_member(clu
     for member, mark in zip(cluster.members, marks, strict=True):  # (m3's own try at the upload may end first)
         member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("deploy of"))
     cluster.assert_on("r1")
+
+
+def reported(cluster: Cluster) -> dict[str, str | None]:
+    """Each member's live release as `maintctl cluster --json` shows it (asked of the first member)."""
+    shown = maintctl_json(cluster.members[0].app, "cluster")
+    return {m["name"]: m["current"] for m in shown["members"]}
+
+
+def test_every_member_reports_its_live_release_from_its_start_and_wherever_current_moves(cluster):
+    """Contract §7: `maintctl cluster` shows each member's live release. A member used to report it at the end of a
+    switch alone: after a start every member showed none, though a release was live (here r0, live before these
+    servers ran as a cluster), and a member that a crash cut off showed the release it had before, whatever its
+    recovery made live."""
+    cluster.configure()
+    for member in cluster.members:
+        member.app.make_release("r0")
+        member.app.current.symlink_to("releases/r0")
+    cluster.start()
+    wait_until(lambda: reported(cluster) == dict.fromkeys(MEMBERS, "r0"), 30, "every member to report r0")
+    doomed = cluster.members[1]
+    for release, step, expected in (("r1", "hooks_after", "r1"), ("r2", "restart", "r1")):
+        doomed.daemon.stop(signal.SIGKILL)
+        doomed.start(env={"MAINTD_CRASH_AT": step})
+        cluster.upload(release)
+        assert doomed.daemon.proc.wait(60) == -signal.SIGKILL
+        for member in cluster.members:
+            if member is not doomed:
+                member.daemon.deployed(release)
+        doomed.start()
+        doomed.daemon.wait_for(step="recovery")
+        wait_until(lambda expected=expected: reported(cluster) == dict.fromkeys(MEMBERS, expected), 30,
+                   f"every member to report {expected}, the recovered one too")
+        cluster.assert_on(expected)
