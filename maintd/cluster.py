@@ -402,43 +402,70 @@ class Coordinator:
 
 
 class Membership(threading.Thread):
-    """Keeps `P/alive/<me>` alive: a lease refreshed every third of its TTL, renewed if it ever expired."""
+    """Keeps `P/alive/<me>` alive (a lease refreshed every third of its TTL, renewed if it ever expired) and
+    `P/members/<me>` saying the live release (`live`): from the first round on, so that `maintctl cluster` shows it
+    after a start, and again once `current` has moved, whatever moved it (a switch, its way back, recovery). A
+    `nudge` when it may have moved makes that round now rather than at the next refresh."""
 
-    def __init__(self, coordinator: Coordinator, on_problem: Callable[[str], None]) -> None:
+    def __init__(self, coordinator: Coordinator, on_problem: Callable[[str], None],
+                 live: Callable[[], str | None]) -> None:
         super().__init__(name="maintd-membership", daemon=True)
         self.coordinator = coordinator
         self.on_problem = on_problem
+        self.live = live
         self.lease = 0
+        self.reported: str | None = ""  # the release P/members/<me> says is live; "" (no release's name): none yet
+        self.trouble = ""  # why etcd did not answer, while it does not
         self.stopping = threading.Event()
+        self.woken = threading.Event()  # a nudge, or the stop
         self.joined = threading.Event()  # the alive key exists: the others can count on this member
 
     def run(self) -> None:
         ttl = self.coordinator.cluster.lease_ttl
-        etcd, key = self.coordinator.etcd, self.coordinator.keys.alive(self.coordinator.me)
-        trouble = ""
+        due = 0.0  # when the lease is refreshed next (time.monotonic)
         while not self.stopping.is_set():
             try:
-                if not self.lease or etcd.keepalive(self.lease) <= 0:
-                    self.lease = etcd.grant(ttl)
-                    etcd.put(key, json.dumps({"since": time.time()}), lease=self.lease)
-                    self.joined.set()
-                if trouble:
-                    self.on_problem("")
-                    trouble = ""
+                if time.monotonic() >= due:
+                    due = time.monotonic() + ttl / 3
+                    self._keep_alive(ttl)
+                if (live := self.live()) != self.reported:
+                    self.coordinator.report(live)
+                    self.reported = live
+                    self._answered()
             except EtcdUnavailable as exc:
-                if not trouble:
+                if not self.trouble:
                     self.on_problem(str(exc))
-                trouble = str(exc)
-            self.stopping.wait(ttl / 3)
+                self.trouble = str(exc)
+            self.woken.wait(max(0.0, due - time.monotonic()))
+            self.woken.clear()  # before the next round reads `live`: a nudge after it is the next wait's
+
+    def nudge(self) -> None:
+        """`current` may have moved: report it now."""
+        self.woken.set()
 
     def stop(self) -> None:
         """Leave at once (revoke the lease) rather than letting the others wait for it to expire."""
         self.stopping.set()
+        self.woken.set()
         if self.lease:
             try:
                 self.coordinator.etcd.revoke(self.lease)
             except EtcdUnavailable:
                 pass
+
+    def _keep_alive(self, ttl: float) -> None:
+        etcd = self.coordinator.etcd
+        if not self.lease or etcd.keepalive(self.lease) <= 0:
+            self.lease = etcd.grant(ttl)
+            etcd.put(self.coordinator.keys.alive(self.coordinator.me), json.dumps({"since": time.time()}),
+                     lease=self.lease)
+            self.joined.set()
+        self._answered()
+
+    def _answered(self) -> None:
+        if self.trouble:
+            self.on_problem("")
+            self.trouble = ""
 
 
 def _read(found: dict[str, str], key: str, kind: Callable[[str], T]) -> T | None:

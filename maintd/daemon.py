@@ -90,7 +90,7 @@ class Daemon:
             self.log.warning(f"removed {len(stages)} staging director{'y' if len(stages) == 1 else 'ies'} left by a "
                              f"crash: {', '.join(map(str, stages))}")
         if self.coordinator:
-            self.membership = Membership(self.coordinator, self._etcd_problem)
+            self.membership = Membership(self.coordinator, self._etcd_problem, lambda: self.ctx.tree.live())
             self.membership.start()
             # Before anything can begin a switch: a member without its alive key is gone to the others, and a
             # switch begun meanwhile would be aborted. Bounded: with etcd away, nothing can begin anyway.
@@ -99,6 +99,8 @@ class Daemon:
         switch_cut_off = bool(inflight and inflight.switch and self.coordinator)
         if not switch_cut_off:
             recover(self.ctx, self.coordinator)  # quick without a switch to obey: before anything else
+            if self.membership:  # it may have moved `current`
+                self.membership.nudge()
         if found := self.ctx.tree.current_problem():
             self.log.error(found[0])
         started = [await server(self) for server in servers or []]
@@ -193,7 +195,11 @@ class Daemon:
         return f"{'paused' if self.memory.paused else 'idle'}; live {live}"
 
     def announce(self) -> None:
+        """What the daemon says about itself may have changed (a step, a deploy's end): systemd's status line, and
+        in a cluster the live release the others read."""
         self.notifier.status(self.status_line())
+        if self.membership:
+            self.membership.nudge()
 
     def status(self) -> dict[str, Any]:
         operator = self.memory.maintenance

@@ -113,9 +113,8 @@ class Deploy:
                       previous=self.previous)
         try:
             records, error = self.run_steps(self.STEPS)
-        except Interrupted as stop:  # the daemon stops mid-wait: no undo, no outcome recorded, the journal kept for
-            self.log.warning(str(stop), step=self.phase.step)  # recovery, which obeys the switch's decision
-            return dataclasses.replace(self.outcome(str(stop), [], t0), result=StepResult.FAILED)
+        except Interrupted as stop:
+            return self.interrupted(stop, t0)
         if self.crash_at == "end":
             _crash()
         outcome = self.outcome(error, records, t0)
@@ -145,11 +144,16 @@ class Deploy:
         phase.step = None
         return records, ""
 
+    def interrupted(self, stop: Interrupted, t0: float) -> Outcome:
+        """The daemon stopped mid-wait: no undo, no outcome recorded; recovery obeys the switch's decision."""
+        self.log.warning(str(stop), step=self.phase.step)
+        return dataclasses.replace(self.outcome(str(stop), [], t0), result=StepResult.FAILED)
+
     def outcome(self, error: str, records: list[StepRecord], t0: float) -> Outcome:
         phase = self.phase
         result = StepResult.OK if not error else StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error or "; ".join(phase.notes), records, phase.fault if error else None)
+                       error or "; ".join(phase.notes), records, phase.fault if error else None, phase.switch or None)
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash: whether to finish forward, and if not, why. A lone server finishes when `current`

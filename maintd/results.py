@@ -75,6 +75,7 @@ class Outcome:
     error: str = ""
     steps: list[StepRecord] = field(default_factory=list)
     fault: Fault | None = None  # whose fault a failure was: only the release's marks it bad
+    switch_id: str | None = None  # in a cluster: the switch it was part of, as recorded in etcd
 
     @property
     def went_live(self) -> bool:

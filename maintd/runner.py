@@ -117,9 +117,9 @@ class DeployRunner:
             self.last_automatic = outcome if automatic else None
             if deploy.phase.begun:
                 self.inventory.complete.pop(name, None)
-            elif automatic and isinstance(deploy, ClusterDeploy) and deploy.held_by:
+            elif automatic and isinstance(deploy, ClusterDeploy) and deploy.entered.held_by:
                 # It could not begin while another switch held the cluster: tried again once that one has ended
-                self.held_back[name] = deploy.held_by
+                self.held_back[name] = deploy.entered.held_by
         return outcome
 
     def _new(self, name: str, actor: str, kind: DeployKind, on_step: OnStep, joining: str) -> Deploy:

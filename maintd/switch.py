@@ -2,7 +2,8 @@
 
 `ClusterDeploy` is the single-server `Deploy` with two steps more (`prepare`, `commit`), a `hooks_before` that only
 the primary runs (after every member is in maintenance; the others wait for it), and a check of the decision
-before the swap. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
+before the swap. It is in its switch before its first entry (entry.py), so that every entry carries the id etcd
+recorded. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
 transaction the rule says (`View.next_move`). While etcd cannot be reached it waits, never guessing: before
 maintenance nothing has happened, and in maintenance nobody can leave it without the decision. How it waits, and
 how a wait ends when the daemon stops, is `waiting.Waiting`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import cached_property
 
 from . import manifest
 from .cluster import (
@@ -20,7 +22,6 @@ from .cluster import (
     POLL_MOST,
     Coordinator,
     Decision,
-    Entry,
     MemberState,
     Standing,
     SwitchRecord,
@@ -29,9 +30,10 @@ from .cluster import (
 )
 from .config import Cluster
 from .context import Context
+from .entry import Entered, enter
 from .etcd import EtcdUnavailable
-from .pipeline import Deploy, OnStep, new_deploy_id
-from .results import UPLOAD_ACTOR, DeployKind, Outcome, Skipped, StepFailed, StepRecord
+from .pipeline import Deploy, OnStep
+from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord
 from .state import InFlight, MaintenanceOwner
 from .steps import SWITCH, Fault
 from .waiting import Waiting
@@ -51,25 +53,27 @@ class ClusterDeploy(Deploy):
         # Resumed, the switch is known by its id alone: what recovery needs to read its decision and to abort it
         self.switch = SwitchRecord(self.phase.switch, release, "", kind, "", "", 0.0) if self.phase.switch else None
         self.joining = joining  # the id of the switch another member began, which this deploy joins or nothing
-        self.planned_id = joining or new_deploy_id()
-        self.held_by = ""  # what held the cluster when this one could not begin (`View.holder`)
+        self.entered = Entered()  # how it got into its switch, or why it is in none (entry.py)
         self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
 
     def run(self) -> Outcome:
-        # Every entry of the switch carries its id from the first step on: the id of the switch of this release
-        # in progress, or the one this member will begin it under (it is re-bound in the rare race of two).
+        """Into the switch before the first entry, so that every entry carries the id recorded in etcd (entry.py);
+        waiting for etcd meanwhile, as long as it takes, as every step does."""
+        t0 = time.perf_counter()
         try:
-            if (view := self.co.view()).switch and view.switch.release == self.release and view.decision is None:
-                self.planned_id = view.switch.id
-        except (EtcdUnavailable, Unreadable):
-            pass  # the first step reads the keys again, and says what is wrong with them
-        self.log = self.log.bind(switch_id=self.planned_id)
-        outcome = super().run()
-        if not self.co.stopping.is_set():  # not worth a wait for etcd while stopping
-            self._report_member()
-        return outcome
+            self.entered = self.waits.keep_trying(lambda: enter(self.co, self.release, self.actor, self.kind,
+                                                                self.joining, lambda: self.digest),
+                                                  "to begin or join the switch")
+        except Interrupted as stop:
+            return self.interrupted(stop, t0)
+        if switch := self.entered.switch:
+            self.switch, self.phase.switch = switch, switch.id
+            self.log = self.log.bind(switch_id=switch.id)
+            if self.entered.began:
+                self.log.info(f"switch {switch.id} of release {self.release} begun")
+        return super().run()
 
     def leave(self) -> None:
         """Through the switch, forward: done, and the last member through removes it. Not worth waiting for etcd
@@ -96,14 +100,20 @@ class ClusterDeploy(Deploy):
     # --- the steps of contract §7 ---------------------------------------------------------------------------------
 
     def prepare(self) -> str:
-        with self.ctx.tree.open(self.release) as top:
-            digest = manifest.digest(top, self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd()))
-        self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
-        self.phase.switch = self.switch.id
-        self.log = self.log.bind(switch_id=self.switch.id)
-        self._say(Standing(MemberState.PREPARED, digest=digest))
+        if not self.switch:  # kept out of every switch (entry.py): held back, the joiner tries it again once the
+            self.phase.begun = self.entered.verdict  # cluster is free; no verdict, no abort, where it is no failing
+            assert self.entered.refusal is not None  # of the release's own
+            raise self.entered.refusal
+        self._say(Standing(MemberState.PREPARED, digest=self.digest))
         self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
-        return f"every member prepared release {self.release} ({digest[:12]}): go"
+        return f"every member prepared release {self.release} ({self.digest[:12]}): go"
+
+    @cached_property
+    def digest(self) -> str:
+        """The release as uploaded here (contract §7), read once: by `prepare`, or before the first step by the
+        member that begins the switch, for its record."""
+        with self.ctx.tree.open(self.release) as top:
+            return manifest.digest(top, self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd()))
 
     def maintenance_on(self) -> str:
         try:
@@ -178,26 +188,6 @@ class ClusterDeploy(Deploy):
 
     # --- waiting on the others ------------------------------------------------------------------------------------
 
-    def _join_or_begin(self, digest: str) -> SwitchRecord:
-        """Into the switch `View.way_in` says, or refused with its reason (see there)."""
-        while True:
-            view = self.co.view()
-            entry, why = view.way_in(self.release, self.actor == UPLOAD_ACTOR, self.joining)
-            if entry is Entry.JOIN and view.switch:
-                return view.switch
-            if entry is Entry.BEGIN:
-                record = SwitchRecord(self.planned_id, self.release, digest, self.kind, self.cluster.member,
-                                      self.actor, time.time())
-                if self.co.begin(record):
-                    self.log.info(f"switch {record.id} of release {self.release} begun", switch_id=record.id)
-                    return record
-            elif entry is Entry.END and view.switch:
-                self.co.end(view.switch)
-            elif entry in (Entry.HELD, Entry.REFUSED):
-                # No verdict, no abort; held back, the joiner tries it again once the cluster is free
-                self.phase.begun, self.held_by = False, view.holder if entry is Entry.HELD else ""
-                raise StepFailed(why)
-
     def _await(self, ready: Callable[[View], bool], what: str) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
         step. While etcd does not answer: wait, and say so."""
@@ -253,9 +243,3 @@ class ClusterDeploy(Deploy):
                 self.co.end(view.switch)
         except (EtcdUnavailable, Unreadable):
             pass  # the next switch to begin removes a finished one
-
-    def _report_member(self) -> None:
-        try:
-            self.co.report(self.ctx.tree.live())
-        except EtcdUnavailable:
-            pass

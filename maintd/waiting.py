@@ -41,14 +41,13 @@ class Waiting:
     def unanswered(self, what: str, exc: EtcdUnavailable) -> None:
         """etcd did not answer: say so once, and pause before the next try."""
         if not self.unreachable:
-            self.deploy.log.error(f"etcd cannot be reached; waiting {what}, never guessing: {exc}",
-                                  switch_id=self.deploy.phase.switch)
+            self.deploy.log.error(f"etcd cannot be reached; waiting {what}, never guessing: {exc}")
         self.unreachable = str(exc)
         self.pause(UNREACHABLE_PAUSE, what, f"etcd unreachable: waiting {what}")
 
     def answered(self) -> None:
         if self.unreachable:
-            self.deploy.log.info("etcd answers again", switch_id=self.deploy.phase.switch)
+            self.deploy.log.info("etcd answers again")
             self.unreachable = ""
 
     def pause(self, seconds: float, what: str, shown: str = "") -> None:

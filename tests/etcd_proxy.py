@@ -50,6 +50,9 @@ class EtcdProxy:
         """Every connection reset, and none accepted: connecting fails with ECONNREFUSED."""
         with self.lock:
             if self.listener:
+                # shutdown wakes the accept() blocked on it: a close alone does not, and the connection that accept()
+                # then takes would still be forwarded (a member's lease kept alive through it for good)
+                self.listener.shutdown(socket.SHUT_RDWR)
                 self.listener.close()
                 self.listener = None
             for link in self.links:
@@ -93,6 +96,9 @@ class EtcdProxy:
             except OSError:
                 return  # closed: refusing
             with self.lock:
+                if self.listener is not listener:  # refused meanwhile
+                    client.close()
+                    return
                 if self.silent:
                     self.held.append(client)
                     continue
@@ -104,6 +110,9 @@ class EtcdProxy:
             upstream.settimeout(None)
             link = Link(client, upstream)
             with self.lock:
+                if self.listener is not listener:
+                    link.close()
+                    return
                 self.links.append(link)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()

@@ -78,12 +78,14 @@ class Member:
 
 
 class Cluster:
-    """Three members of one app, each with its tree, its state and its socket, all in one etcd prefix."""
+    """The members of one app (three unless `names` says otherwise), each with its tree, its state and its socket,
+    all in one etcd prefix."""
 
-    def __init__(self, base: Path, memcached: str, etcd: EtcdCluster) -> None:
+    def __init__(self, base: Path, memcached: str, etcd: EtcdCluster, names: tuple[str, ...] = MEMBERS) -> None:
         self.etcd = etcd
         self.prefix = f"/maintd/test-{base.name}"
-        self.members = [Member(name, App(base / name, memcached)) for name in MEMBERS]
+        self.names = names
+        self.members = [Member(name, App(base / name, memcached)) for name in names]
         self.proxies: dict[str, EtcdProxy] = {}  # members that reach etcd through a proxy the test can cut
 
     def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
@@ -99,7 +101,7 @@ class Cluster:
 method = "command"
 command = ["true"]""" + f"""
 [cluster]
-members = {json.dumps(list(MEMBERS))}
+members = {json.dumps(list(self.names))}
 member = "{member.name}"
 etcd = {json.dumps(endpoints)}
 prefix = "{self.prefix}"
@@ -112,9 +114,10 @@ switch_timeout = {switch_timeout}
         for member in self.members:
             member.start()
 
-    def upload(self, name: str, to: tuple[str, ...] = MEMBERS) -> None:
+    def upload(self, name: str, to: tuple[str, ...] = ()) -> None:
+        """`name` written into every member's releases/ (or those `to`), each with its marker."""
         for member in self.members:
-            if member.name in to:
+            if member.name in (to or self.names):
                 member.app.make_release(name)
 
     def deployed(self, release: str, timeout: float = 60.0) -> list[dict]:
@@ -648,3 +651,69 @@ def test_an_operator_deploys_a_release_the_cluster_abandoned_on_every_member(clu
     for member, mark in zip(cluster.members, marks, strict=True):  # (m3's own try at the upload may end first)
         member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("deploy of"))
     cluster.assert_on("r1")
+
+
+@pytest.fixture
+def four(tmp_path: Path, memcached, etcd: EtcdCluster) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, memcached.address, etcd, ("m1", "m2", "m3", "m4"))
+    yield made
+    made.stop()
+
+
+def test_every_entry_of_a_switch_carries_the_recorded_id_when_the_markers_land_everywhere_at_once(four):
+    """Contract §7: a switch's entries carry its id, the same on every member. Four members whose uploads
+    complete within a millisecond of each other each find no switch and try to begin one; one begins it. Every
+    entry of every member's deploy, from `started` on, and its history entry carry that one id. A member used to
+    log its first entries (`started`, `validate`, `link_shared`) under an id of its own that lost the race."""
+    go_live(four)
+    for release in ("r1", "r2", "r3"):
+        marks = [m.daemon.mark() for m in four.members]
+        markers = [m.app.make_release(release, marker=False) / ".maintd-ready" for m in four.members]
+        for marker in markers:
+            marker.touch()
+        outcomes = [m.daemon.deployed(release, since=mark) for m, mark in zip(four.members, marks, strict=True)]
+        assert all(o["result"] == "ok" for o in outcomes), (outcomes, four.events_tail())
+        begun = [e for m, mark in zip(four.members, marks, strict=True) for e in m.daemon.events[mark:]
+                 if e["event"].endswith(f" of release {release} begun")]
+        [recorded] = [e["switch_id"] for e in begun]
+        for member, outcome in zip(four.members, outcomes, strict=True):
+            entries = [e for e in member.daemon.events if e.get("deploy_id") == outcome["deploy_id"]]
+            strays = [(e.get("step"), e["event"][:60], e.get("switch_id")) for e in entries
+                      if e.get("switch_id") != recorded]
+            assert len(entries) > len(CLUSTER_STEPS) and not strays, (member.name, release, recorded, strays)
+            [entry] = [h for h in member.app.history() if h["deploy_id"] == outcome["deploy_id"]]
+            assert entry["switch_id"] == recorded, (member.name, entry)
+    four.assert_on("r3")
+
+
+def reported(cluster: Cluster) -> dict[str, str | None]:
+    """Each member's live release as `maintctl cluster --json` shows it (asked of the first member)."""
+    shown = maintctl_json(cluster.members[0].app, "cluster")
+    return {m["name"]: m["current"] for m in shown["members"]}
+
+
+def test_every_member_reports_its_live_release_from_its_start_and_wherever_current_moves(cluster):
+    """Contract §7: `maintctl cluster` shows each member's live release. A member used to report it at the end of a
+    switch alone: after a start every member showed none, though a release was live (here r0, live before these
+    servers ran as a cluster), and a member that a crash cut off showed the release it had before, whatever its
+    recovery made live."""
+    cluster.configure()
+    for member in cluster.members:
+        member.app.make_release("r0")
+        member.app.current.symlink_to("releases/r0")
+    cluster.start()
+    wait_until(lambda: reported(cluster) == dict.fromkeys(MEMBERS, "r0"), 30, "every member to report r0")
+    doomed = cluster.members[1]
+    for release, step, expected in (("r1", "hooks_after", "r1"), ("r2", "restart", "r1")):
+        doomed.daemon.stop(signal.SIGKILL)
+        doomed.start(env={"MAINTD_CRASH_AT": step})
+        cluster.upload(release)
+        assert doomed.daemon.proc.wait(60) == -signal.SIGKILL
+        for member in cluster.members:
+            if member is not doomed:
+                member.daemon.deployed(release)
+        doomed.start()
+        doomed.daemon.wait_for(step="recovery")
+        wait_until(lambda expected=expected: reported(cluster) == dict.fromkeys(MEMBERS, expected), 30,
+                   f"every member to report {expected}, the recovered one too")
+        cluster.assert_on(expected)
