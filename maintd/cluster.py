@@ -169,7 +169,7 @@ class SwitchRecord:
         live release's on any member (`differ`): the rule of maintenance.when = "migrations", over the fleet. Code
         alone can be served old and new side by side; a migration needs everyone to be in maintenance."""
         if self.strategy is not Strategy.AUTO:
-            return Choice(self.strategy, f'strategy = "{self.strategy}"')
+            return Choice(self.strategy, "as configured")
         if differ:
             return Choice(Strategy.TOGETHER, f'strategy = "auto": db/migrate differs from the live release\'s on '
                                              f'{", ".join(differ)}')
@@ -185,7 +185,7 @@ class Choice:
     why: str
 
     def __str__(self) -> str:
-        return f"{self.strategy}: {self.why}"
+        return f"{self.strategy} ({self.why})"
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -403,7 +403,7 @@ class View:
                                             f"({cluster.prepare_timeout:g}s): {', '.join(missing)}")
             if self.all_in((MemberState.PREPARED,)) and digests == {self.switch.digest}:
                 choice = self.switch.choose([m for m in self.members if self.states[m].migrations])
-                return Move(Decision.GO, str(choice), choice, self._written())
+                return Move(Decision.GO, f"{choice.strategy}, {choice.why}", choice, self._written())
             return None
         if self.go_at is not None and now - self.go_at > cluster.switch_timeout:
             return Move(Decision.ABORT, f"not committed within switch_timeout ({cluster.switch_timeout:g}s)")

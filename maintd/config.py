@@ -159,6 +159,13 @@ class Cluster:
     batch_wait: float = 0.0
 
     @property
+    def how(self) -> tuple[Strategy, tuple[tuple[str, ...], ...], float]:
+        """How a switch this member begins goes, for its record (`cluster.SwitchRecord`): strategy, batches, wait."""
+        if self.strategy is Strategy.TOGETHER:
+            return self.strategy, (), 0.0
+        return self.strategy, self.batches, self.batch_wait
+
+    @property
     def batches(self) -> tuple[tuple[str, ...], ...]:
         """A rolling switch's batches: the canary alone first, whatever `batch` says (a release that breaks breaks
         one server), then the others in `members` order, `batch` at a time."""

@@ -45,7 +45,7 @@ class Rolling:
         return choice, cls(deploy, choice, rollout, say, expect) if rollout else None
 
     def __str__(self) -> str:
-        return f"{self.choice.strategy} in {len(self.rollout.batches)} batches, this member's is batch {self.batch}"
+        return f"{self.choice}; this member's batch: {self.batch} of {len(self.rollout.batches)}"
 
     def no_maintenance(self) -> str:
         """`maintenance_on` and `maintenance_off`: the others serve while this member switches; an operator's

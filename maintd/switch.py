@@ -20,7 +20,6 @@ from .cluster import (
     IN_MAINTENANCE,
     POLL_FIRST,
     POLL_MOST,
-    Choice,
     Coordinator,
     Decision,
     Entry,
@@ -102,7 +101,6 @@ class ClusterDeploy(Deploy):
         self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
         self.phase.switch = self.switch.id
         self.log = self.log.bind(switch_id=self.switch.id)
-        # Whether db/migrate differs here, for strategy "auto" to choose on every member's (`SwitchRecord.choose`)
         migrations = migrations_differ(self.ctx.tree, self.release, self.previous)
         self._say(Standing(MemberState.PREPARED, digest=digest, migrations=migrations))
         view = self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
@@ -197,7 +195,7 @@ class ClusterDeploy(Deploy):
                 return view.switch
             if entry is Entry.BEGIN:
                 record = SwitchRecord(self.planned_id, self.release, digest, self.kind, self.cluster.member,
-                                      self.actor, time.time())
+                                      self.actor, time.time(), *self.cluster.how)
                 if self.co.begin(record):
                     self.log.info(f"switch {record.id} of release {self.release} begun", switch_id=record.id)
                     return record
@@ -243,11 +241,11 @@ class ClusterDeploy(Deploy):
         self._said = self.waits.keep_trying(lambda: self.co.set_state(self.phase.switch, standing),
                                             f"to record {standing.state}")
 
-    def _follow(self, view: View) -> Choice:
-        """Switch the way go chose; in a rolling switch, every entry from here on carries this member's batch."""
+    def _follow(self, view: View) -> str:
+        """Switch the way go chose, said in words; in a rolling switch every entry from here on carries the batch."""
         choice, self.rolling = Rolling.chosen(self, view, self._say, self._await)
         self.log = self.log.bind(batch=self.rolling.batch) if self.rolling else self.log
-        return choice
+        return str(self.rolling or choice)
 
     def _left(self) -> str:
         """What this member leaves behind if it stops now, in words, for the line that says so."""

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.skipif(not Path(ETCD).exists(),
                                 reason="etcd is missing (`make test` unpacks Debian's into .deps/)")
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd")
-    yield cluster
-    cluster.stop_all()
-
-
 class Sample(NamedTuple):
     """What one look at a tree saw, and the interval it was seen in (threads share the GIL: the look itself may
     happen well after `before`), so that orderings are only claimed when certain."""
@@ -78,18 +71,21 @@ class Member:
 
 
 class Cluster:
-    """Three members of one app, each with its tree, its state and its socket, all in one etcd prefix."""
+    """Three members (or `names`) of one app, each with its tree, its state and its socket, all in one etcd
+    prefix."""
 
-    def __init__(self, base: Path, memcached: str, etcd: EtcdCluster) -> None:
+    def __init__(self, base: Path, memcached: str, etcd: EtcdCluster, names: tuple[str, ...] = MEMBERS) -> None:
         self.etcd = etcd
         self.prefix = f"/maintd/test-{base.name}"
-        self.members = [Member(name, App(base / name, memcached)) for name in MEMBERS]
+        self.names = names
+        self.members = [Member(name, App(base / name, memcached)) for name in names]
         self.proxies: dict[str, EtcdProxy] = {}  # members that reach etcd through a proxy the test can cut
 
     def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
-                  extra: str = "", proxied: tuple[str, ...] = (), **per_member: str) -> None:
+                  extra: str = "", proxied: tuple[str, ...] = (), keys: str = "", **per_member: str) -> None:
         """Every member's config: the restart command does nothing (the trees run no app), `per_member` adds
-        tables to one member's, and the members `proxied` reach etcd through a proxy of their own (`proxies`)."""
+        tables to one member's, the members `proxied` reach etcd through a proxy of their own (`proxies`), and
+        `keys` are more keys of the [cluster] table."""
         for name in proxied:
             self.proxies[name] = EtcdProxy(self.etcd.client[self.etcd.names[0]])
         for member in self.members:
@@ -99,22 +95,23 @@ class Cluster:
 method = "command"
 command = ["true"]""" + f"""
 [cluster]
-members = {json.dumps(list(MEMBERS))}
+members = {json.dumps(list(self.names))}
 member = "{member.name}"
 etcd = {json.dumps(endpoints)}
 prefix = "{self.prefix}"
 lease_ttl = {lease_ttl}
 prepare_timeout = {prepare_timeout}
 switch_timeout = {switch_timeout}
+{keys}
 """)
 
     def start(self) -> None:
         for member in self.members:
             member.start()
 
-    def upload(self, name: str, to: tuple[str, ...] = MEMBERS) -> None:
+    def upload(self, name: str, to: tuple[str, ...] = ()) -> None:
         for member in self.members:
-            if member.name in to:
+            if member.name in (to or self.names):
                 member.app.make_release(name)
 
     def deployed(self, release: str, timeout: float = 60.0) -> list[dict]:
@@ -196,10 +193,10 @@ CLUSTER_STEPS = ["validate", "link_shared", "prepare", "maintenance_on", "hooks_
 AFTER_COMMIT = CLUSTER_STEPS[CLUSTER_STEPS.index("hooks_after"):]
 
 
-def crash_and_recover(cluster: Cluster, doomed: Member, step: str) -> str:
+def crash_and_recover(cluster: Cluster, doomed: Member, step: str, **config: Any) -> str:
     """`doomed` is killed (SIGKILL, by itself) just before `step` of the switch of r1; the others carry on; then it
-    comes back. Returns the release every member must end on."""
-    go_live(cluster)
+    comes back. `config` as go_live's. Returns the release every member must end on."""
+    go_live(cluster, **config)
     doomed.daemon.stop(signal.SIGKILL)
     doomed.start(env={"MAINTD_CRASH_AT": step})
     cluster.upload("r1")
