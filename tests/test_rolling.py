@@ -188,7 +188,6 @@ def test_a_later_batch_that_fails_takes_the_switched_ones_back_in_reverse_batch_
     m1, m2, m3, m4 = fleet.members
     back = {m.name: steps_of(m, "r1")["rollback"] for m in (m1, m2, m3)}
     assert at(back["m3"]) <= at(going_back(m2)) and at(back["m2"]) <= at(going_back(m1))
-    assert "m3 went back first" in going_back(m2)["event"] and "m2" in going_back(m1)["event"]
     assert "swap" not in {s for s, e in steps_of(m4, "r1").items() if e["result"] == "ok"}, "m4 switched"
 
 
@@ -248,6 +247,7 @@ def test_a_member_stopped_past_its_lease_aborts_and_the_others_go_back_around_it
     abandoned_everywhere(fleet, because="m2 is gone")
     back = {m.name: steps_of(m, "r1")["rollback"] for m in (m4, m3)}
     assert at(back["m4"]) <= at(going_back(m3)) and at(back["m3"]) <= at(going_back(m1))
+    assert "m4 went back first" in going_back(m3)["event"]  # it was held in its restart meanwhile
 
 
 def test_the_etcd_leader_killed_mid_rolling(fleet, etcd):
