@@ -557,11 +557,11 @@ def test_sigterm_while_cut_off_from_etcd_in_maintenance_ends_the_wait_and_recove
 
 
 def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switch_is_joined(cluster):
-    """A value under P/switch this maintd cannot read (the record a newer maintd writes, with a field more, as the
-    rolling switches of contract 7a need), then a switch whose decision is no decision: each member says so once,
-    naming the key, however many readings find it, refuses to begin a switch while it holds the key, and joins the
-    next switch once it is gone. One such value used to end every member's joiner for good: a rollback begun later
-    was never joined, and was aborted, its release marked bad on every member."""
+    """A value under P/switch this maintd cannot read (the record a newer maintd writes, with a field more), then a
+    switch whose decision is no decision: each member says so once, naming the key, however many readings find it,
+    refuses to begin a switch while it holds the key, and joins the next switch once it is gone. One such value used
+    to end every member's joiner for good: a rollback begun later was never joined, and was aborted, its release
+    marked bad on every member."""
     go_live(cluster, prepare_timeout=8.0)
     for member in cluster.members:
         maintctl(member.app, "pause", check_rc=0)
@@ -573,7 +573,7 @@ def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switc
     marks = [m.daemon.mark() for m in cluster.members]
     key = f"{cluster.prefix}/switch"
     newer = {"id": "20990101T000000Z-abcdef", "release": "r9", "digest": "", "kind": "deploy", "by": "m1",
-             "actor": "upload", "since": 0.0, "strategy": "rolling"}
+             "actor": "upload", "since": 0.0, "tier": "blue"}
     assert cluster.etcd.etcdctl("put", key, json.dumps(newer)).returncode == 0
 
     def unreadable(event: str) -> bool:
@@ -585,7 +585,7 @@ def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switc
     assert "holds a value this maintd cannot read" in held.stderr and "no switch can begin" in held.stderr
     assert "unknown: a value this maintd cannot read" in maintctl(cluster.members[2].app, "cluster", check_rc=0).stdout
     garbled = {**newer, "id": "20990101T000000Z-fedcba"}
-    del garbled["strategy"]
+    del garbled["tier"]
     decision = f"{cluster.prefix}/s/{garbled['id']}/decision"
     assert cluster.etcd.etcdctl("put", decision, "perhaps").returncode == 0
     assert cluster.etcd.etcdctl("put", key, json.dumps(garbled)).returncode == 0

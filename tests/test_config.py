@@ -235,3 +235,12 @@ def test_choices_are_parsed_into_enum_members():
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.toml")
+
+
+def test_the_examples_cluster_table_parses_once_uncommented():
+    import re
+
+    example = (Path(__file__).parent.parent / "etc" / "maintd" / "example.toml").read_text()
+    cluster = parse(re.sub(r"(?m)^#(\[cluster\]|[a-z_]+ = )", r"\1", example)).cluster
+    assert cluster and cluster.members == ("app1", "app2", "app3") and cluster.member == "app1"
+    assert (cluster.strategy, cluster.canary, cluster.batch_wait) == (Strategy.TOGETHER, "", 0.0)
