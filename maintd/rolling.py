@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .cluster import POLL_MOST, Choice, MemberState, Rollout, Standing, Unreadable, View
 from .config import Strategy
 from .etcd import EtcdUnavailable
-from .results import Skipped
+from .results import Interrupted, Skipped
 
 if TYPE_CHECKING:
     from .switch import ClusterDeploy
@@ -76,23 +76,31 @@ class Rolling:
 
     def after_later_batches(self) -> None:
         """On abort, before this member goes back: the members of later batches that switched go back first. The
-        order is the contract's, the way back certain whatever the order: so it waits only while etcd answers, and
-        for `switch_timeout` at most (a later member stuck in a restart command holds nobody on the release that
-        failed for longer)."""
-        deploy, waited = self.deploy, set()
+        order is the contract's, the way back certain whatever the order: so it waits only while etcd answers and
+        the daemon runs, and for `switch_timeout` at most (a later member stuck in a restart command holds nobody
+        on the release that failed for longer)."""
+        try:
+            in_order, why = self._wait_for_later_batches()
+        finally:
+            self.deploy.waits.over()
+        (self.deploy.log.info if in_order else self.deploy.log.warning)(f"going back: {why}")
+
+    def _wait_for_later_batches(self) -> tuple[bool, str]:
+        """Whether this member goes back in reverse batch order, and why it goes back now, in words."""
+        deploy, waited = self.deploy, set[str]()
         deadline = time.monotonic() + deploy.cluster.switch_timeout
         while True:
             try:
                 behind = self.rollout.behind(deploy.co.view(deploy.phase.switch), self.me)
             except (EtcdUnavailable, Unreadable) as exc:
-                deploy.log.warning(f"going back without waiting for the later batches, which etcd cannot tell: {exc}")
-                return
+                return False, f"without waiting for the later batches, which etcd cannot tell: {exc}"
             if not behind:
-                break
+                return True, (f"{', '.join(sorted(waited))} went back first (reverse batch order)" if waited
+                              else "no member of a later batch is on the new release")
             if time.monotonic() > deadline:
-                deploy.log.warning(f"going back before {', '.join(behind)}: still not back after switch_timeout")
-                return
+                return False, f"before {', '.join(behind)}: still not back after switch_timeout"
             waited.update(behind)
-            deploy.waits.pause(POLL_MOST, f"for {', '.join(behind)} (later batches) to go back first")
-        deploy.log.info("going back: " + (f"{', '.join(sorted(waited))} went back first (reverse batch order)"
-                                          if waited else "no member of a later batch is on the new release"))
+            try:
+                deploy.waits.pause(POLL_MOST, f"for {', '.join(behind)} (later batches) to go back first")
+            except Interrupted:
+                return False, f"before {', '.join(behind)}: the daemon stops"
