@@ -159,6 +159,14 @@ class Cluster:
     batch_wait: float = 0.0
 
     @property
+    def described(self) -> str:
+        """How a switch this member begins goes, in words, for `maintd check`."""
+        batches = " | ".join(", ".join(batch) for batch in self.batches)
+        rolling = f"rolling, without maintenance, in batches {batches} ({self.batch_wait:g}s apart)"
+        return {Strategy.TOGETHER: "together, in maintenance", Strategy.ROLLING: rolling,
+                Strategy.AUTO: f"together when db/migrate differs on any member, else {rolling}"}[self.strategy]
+
+    @property
     def how(self) -> tuple[Strategy, tuple[tuple[str, ...], ...], float]:
         """How a switch this member begins goes, for its record (`cluster.SwitchRecord`): strategy, batches, wait."""
         if self.strategy is Strategy.TOGETHER:

@@ -237,6 +237,16 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
         load(tmp_path / "missing.toml")
 
 
+def test_maintd_check_says_how_a_cluster_switches(app):
+    """Without an etcd: a warning, not a failure, and the way this member's switches go."""
+    app.write_config('[cluster]\nmembers = ["a", "b", "c"]\nmember = "b"\netcd = ["http://127.0.0.1:9"]\n'
+                     'strategy = "auto"\ncanary = "c"\nbatch = "50%"\nbatch_wait = 30.0\n')
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: etcd does not answer" in done.stderr, done.stderr
+    assert ("cluster: member b of a, b, c (primary a), keys under /maintd/shop; switches together when db/migrate "
+            "differs on any member, else rolling, without maintenance, in batches c | a, b (30s apart)") in done.stdout
+
+
 def test_the_examples_cluster_table_parses_once_uncommented():
     import re
 
