@@ -265,6 +265,8 @@ def test_a_together_switch_record_is_the_one_an_older_maintd_wrote_and_reads():
     assert SwitchRecord.parse(SWITCH.as_json()).strategy is Strategy.TOGETHER
     assert SwitchRecord.parse(ROLLING.as_json()) == ROLLING
     assert json.loads(ROLLING.as_json())["batches"] == [["a"], ["b", "c"], ["d"]]
+    older_go = View(FOUR.members, switch=ROLLING, decision=Decision.GO)  # go written without a choice: together
+    assert older_go.rollout is None and rolling({}).rollout is not None
 
 
 def test_the_choice_is_read_whole_or_not_at_all():
