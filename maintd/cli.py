@@ -75,7 +75,7 @@ def check(config: Config) -> int:
         from .etcd import Etcd
 
         print(f"cluster: member {cluster.member} of {', '.join(cluster.members)} (primary {cluster.primary}), "
-              f"keys under {cluster.prefix}")
+              f"keys under {cluster.prefix}; switches {cluster.described}")
         if not Etcd(cluster.etcd, timeout=1.0).answers():
             warnings.append(f"etcd does not answer at {', '.join(cluster.etcd)}: no switch can begin until it does")
     for line in warnings:

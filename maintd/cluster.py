@@ -10,11 +10,14 @@ written by the record class named beside it:
     P/s/<id>/state/<m>          `Standing`: the member's `MemberState` in that switch, with its details
     P/s/<id>/decision           go -> commit, or (absent or go) -> abort: written by one transaction each, the first
                                 writer wins, and every member obeys the record, never its own reading of the others
+    P/s/<id>/strategy           `Choice`: together or rolling, and why; written with go, so every member switches
+                                the one way chosen on what every member prepared (absent: together, an older maintd's)
     P/s/<id>/go_at, /reason     when go was decided (the switch timeout runs from there); why it was aborted
     P/bad/<release>             a release the cluster abandoned: marked bad on every member, now or when it arrives
 
 `View` is one reading of those keys and `View.next_move` the pure rule that turns it into the transaction a waiting
-member tries (go, commit, abort, or nothing), `View.way_in` the one by which a deploy gets into a switch: tested
+member tries (go, commit, abort, or nothing), `View.way_in` the one by which a deploy gets into a switch, and
+`Rollout` the order of a rolling switch (contract §7a: when a member's batch is on, who goes back before it): tested
 without etcd, as the upload tracker is without inotify. A value a member cannot read is passed over where that is
 safe (a member's state; a switch record, which is then no switch to join) and raises `Unreadable` where it is not.
 """
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from .config import Cluster
+from .config import Cluster, Strategy
 from .etcd import Compare, Etcd, EtcdUnavailable, delete_op, put_op
 from .results import DeployKind
 from .tree import name_problem
@@ -48,11 +51,13 @@ class Decision(StrEnum):
 
 
 class MemberState(StrEnum):
-    """A member's progress through one switch, in order (`back` ends an aborted one)."""
+    """A member's progress through one switch, in order (`back` ends an aborted one). `maintenance` is a together
+    switch's only, `switched` (about to swap, its batch being on) a rolling switch's only."""
 
     PREPARED = "prepared"
     MAINTENANCE = "maintenance"
     HOOKS_DONE = "hooks_done"
+    SWITCHED = "switched"
     HEALTHY = "healthy"
     DONE = "done"
     BACK = "back"
@@ -60,6 +65,8 @@ class MemberState(StrEnum):
 
 IN_MAINTENANCE = (MemberState.MAINTENANCE, MemberState.HOOKS_DONE, MemberState.HEALTHY)
 FINISHED = (MemberState.DONE, MemberState.BACK)
+HOOKS_RUN = (MemberState.HOOKS_DONE, MemberState.SWITCHED, MemberState.HEALTHY, MemberState.DONE)  # the primary's
+ON_NEW = (MemberState.SWITCHED, MemberState.HEALTHY)  # a rolling switch's members that have to go back on abort
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,9 @@ class Standing:
 
     state: MemberState
     digest: str = ""  # prepared: the digest of the release as this member has it
+    migrations: bool = False  # prepared, for strategy "auto": its db/migrate differs from the live release's here
     runs_hooks: bool = False  # maintenance: the primary will run before-swap hooks (the others wait for them)
+    at: float = 0.0  # healthy: since when (a rolling switch's next batch waits `batch_wait` from there)
 
     def as_json(self) -> str:
         return json.dumps({key: value for key, value in asdict(self).items() if value}, sort_keys=True)
@@ -79,9 +88,14 @@ class Standing:
         """None for a value this maintd cannot read: a member that holds no state it knows."""
         fields = _json(text)
         try:
-            return cls(MemberState(fields.pop("state", "")), **fields)
+            standing = cls(MemberState(fields.pop("state", "")), **fields)
         except (ValueError, TypeError):
             return None
+        kinds = ((standing.digest, str), (standing.migrations, bool), (standing.runs_hooks, bool),
+                 (standing.at, (int, float)))
+        if any(not isinstance(value, kind) for value, kind in kinds) or isinstance(standing.at, bool):
+            return None
+        return standing
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,9 @@ class Report:
         return cls(current if isinstance(current, str) else None, float(at) if isinstance(at, (int, float)) else 0.0)
 
 
+ROLLING_FIELDS = ("strategy", "batches", "batch_wait")  # a together switch's record is written without them
+
+
 @dataclass(frozen=True)
 class SwitchRecord:
     id: str
@@ -110,26 +127,78 @@ class SwitchRecord:
     by: str  # the member that began it
     actor: str  # "upload", or the operator who asked for it
     since: float
+    # How the members switch, by the config of the member that began it: one record, so every member follows the
+    # same order whatever its own config says. "auto" is chosen at go (`Choice`).
+    strategy: Strategy = Strategy.TOGETHER
+    batches: tuple[tuple[str, ...], ...] = ()
+    batch_wait: float = 0.0
 
     def as_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """A together switch's record as an older maintd wrote it (and reads it): only a switch it cannot take part
+        in holds fields it does not know."""
+        together = self.strategy is Strategy.TOGETHER
+        return json.dumps({key: value for key, value in asdict(self).items()
+                           if not (together and key in ROLLING_FIELDS)}, sort_keys=True)
 
     @classmethod
     def parse(cls, text: str) -> SwitchRecord | None:
         """None for a value this maintd cannot read: not a JSON object, a field missing or one it does not know (a
         newer maintd's switch, which this one could only misread), a wrong type, a kind or a release name it would
-        refuse. Such a value still holds P/switch, so no switch can begin while it is there (`View.unreadable`)."""
+        refuse, a rolling switch without batches. Such a value still holds P/switch, so no switch can begin while it
+        is there (`View.unreadable`). One without a strategy is together, as an older maintd's switch was."""
         fields = _json(text)
-        try:
-            record = cls(**fields)
-        except TypeError:  # a field missing, or one more
+        strategy, batches = fields.pop("strategy", Strategy.TOGETHER), fields.pop("batches", [])
+        if not (isinstance(batches, list) and all(isinstance(batch, list) and batch and
+                                                  all(isinstance(m, str) for m in batch) for batch in batches)):
             return None
-        texts = [value for name, value in fields.items() if name != "since"]
-        if (not all(isinstance(value, str) for value in texts) or isinstance(record.since, bool)
-                or not isinstance(record.since, (int, float)) or record.kind not in set(DeployKind)
-                or name_problem(record.release)):
+        try:
+            record = cls(**fields, strategy=Strategy(strategy), batches=tuple(tuple(batch) for batch in batches))
+        except (TypeError, ValueError):  # a field missing, or one more; not a strategy
+            return None
+        texts = [value for name, value in fields.items() if name not in ("since", "batch_wait")]
+        numbers = (record.since, record.batch_wait)
+        if (not all(isinstance(value, str) for value in texts)
+                or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
+                or record.kind not in set(DeployKind) or name_problem(record.release)
+                or (record.strategy is not Strategy.TOGETHER and not record.batches)):
             return None
         return record
+
+    def choose(self, differ: list[str]) -> Choice:
+        """Together or rolling: as configured, or with "auto" together exactly where db/migrate differs from the
+        live release's on any member (`differ`): the rule of maintenance.when = "migrations", over the fleet. Code
+        alone can be served old and new side by side; a migration needs everyone to be in maintenance."""
+        if self.strategy is not Strategy.AUTO:
+            return Choice(self.strategy, "as configured")
+        if differ:
+            return Choice(Strategy.TOGETHER, f'strategy = "auto": db/migrate differs from the live release\'s on '
+                                             f'{", ".join(differ)}')
+        return Choice(Strategy.ROLLING, 'strategy = "auto": db/migrate is the same as the live release\'s on every '
+                                        "member")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How the members of a switch go live, decided with go: together or rolling, and why (`SwitchRecord.choose`)."""
+
+    strategy: Strategy
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.strategy} ({self.why})"
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> Choice:
+        """ValueError for a value this maintd cannot read, which it must not pass over (`Unreadable`): the members
+        switch one way or not at all."""
+        fields = _json(text)
+        strategy, why = Strategy(fields.get("strategy", "")), fields.get("why")
+        if strategy is Strategy.AUTO or not isinstance(why, str) or set(fields) != {"strategy", "why"}:
+            raise ValueError(text)
+        return cls(strategy, why)
 
 
 class Unreadable(ValueError):
@@ -169,6 +238,9 @@ class Keys:
     def decision(self, switch: str) -> str:
         return f"{self.of_switch(switch)}decision"
 
+    def strategy(self, switch: str) -> str:
+        return f"{self.of_switch(switch)}strategy"
+
     def go_at(self, switch: str) -> str:
         return f"{self.of_switch(switch)}go_at"
 
@@ -188,10 +260,14 @@ class Entry(StrEnum):
 
 @dataclass(frozen=True)
 class Move:
-    """A transaction to try: `decision` with the conditions under which it may be written."""
+    """A transaction to try: `decision` with the conditions under which it may be written: for go and commit, every
+    member's state as this reading found it (`expect`: member, value), so that go's `choice` is made on exactly what
+    the members prepared."""
 
     decision: Decision
     reason: str = ""
+    choice: Choice | None = None
+    expect: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -204,6 +280,7 @@ class View:
     switch: SwitchRecord | None = None
     states: dict[str, Standing] = field(default_factory=dict)  # in the switch in progress (or the one asked about)
     decision: Decision | None = None
+    choice: Choice | None = None  # how the members switch, once go is decided
     go_at: float | None = None
     reason: str = ""
     bad: dict[str, str] = field(default_factory=dict)
@@ -243,20 +320,43 @@ class View:
         return self.decision in (Decision.COMMIT, Decision.ABORT) and all(
             self.state_of(m) in through for m in self.members if m in self.alive)
 
+    @property
+    def rollout(self) -> Rollout | None:
+        """The order of the switch, once go chose a rolling one."""
+        if self.switch and self.choice and self.choice.strategy is Strategy.ROLLING:
+            return Rollout.of(self.switch, self.members)
+        return None
+
+    def shown_state(self, member: str) -> str:
+        """A member's state in words: in a rolling switch under way, `waiting` for its batch, `switched`, `healthy`
+        or `back` (contract §7a)."""
+        if self.switch is None or self.finished():
+            return "idle"
+        state = self.state_of(member)
+        if state is None:
+            return "not prepared"
+        if self.rollout and state in (MemberState.PREPARED, MemberState.HOOKS_DONE):
+            return "waiting"
+        return str(state)
+
     def as_json(self, me: str) -> dict[str, Any]:
-        """`maintctl cluster --json`: every member (alive or not, its live release, its state in the switch) and
-        the switch in progress."""
-        active = self.switch is not None and not self.finished()
+        """`maintctl cluster --json`: every member (alive or not, its live release, its state in the switch, its
+        batch in a rolling one) and the switch in progress (how it switches, and a rolling one's batch under way)."""
+        rollout = self.rollout
         members = []
         for name in self.members:
-            state = self.state_of(name)
             report = self.reports.get(name)
             members.append({"name": name, "alive": name in self.alive, "current": report.current if report else None,
-                            "state": str(state) if active and state else "not prepared" if active else "idle"})
+                            "state": self.shown_state(name),
+                            "batch": rollout.batch_of(name) + 1 if rollout else None})
         switch = None
         if self.switch:
             switch = {**asdict(self.switch), "decision": self.decision, "reason": self.reason or None,
-                      "finished": not active}
+                      "finished": self.finished(), "why": self.choice.why if self.choice else None,
+                      "batches": rollout.batches if rollout else self.switch.batches,
+                      "batch": rollout.in_progress(self) if rollout and self.decision is Decision.GO else None}
+            if self.choice:
+                switch["strategy"] = self.choice.strategy
         return {"member": me, "members": members, "switch": switch, "unreadable": self.unreadable or None}
 
     def way_in(self, release: str, by_upload: bool, joining: str) -> tuple[Entry, str]:
@@ -302,13 +402,66 @@ class View:
                 return Move(Decision.ABORT, f"not prepared by every member within prepare_timeout "
                                             f"({cluster.prepare_timeout:g}s): {', '.join(missing)}")
             if self.all_in((MemberState.PREPARED,)) and digests == {self.switch.digest}:
-                return Move(Decision.GO)
+                choice = self.switch.choose([m for m in self.members if self.states[m].migrations])
+                return Move(Decision.GO, f"{choice.strategy}, {choice.why}", choice, self._written())
             return None
         if self.go_at is not None and now - self.go_at > cluster.switch_timeout:
             return Move(Decision.ABORT, f"not committed within switch_timeout ({cluster.switch_timeout:g}s)")
         if self.all_in((MemberState.HEALTHY,)):
-            return Move(Decision.COMMIT)
+            return Move(Decision.COMMIT, expect=self._written())
         return None
+
+    def _written(self) -> tuple[tuple[str, str], ...]:
+        """Every member's state as read, as its transaction compares it."""
+        return tuple((m, self.states[m].as_json()) for m in self.members)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The order of a rolling switch (contract §7a), from its record, and the rule of one member's part in it: when
+    its batch is on, and who goes back before it on abort. Read against one `View`, as `View.next_move` is."""
+
+    batches: tuple[tuple[str, ...], ...]
+    wait: float  # batch_wait: seconds a batch stays healthy before the next one begins
+
+    @classmethod
+    def of(cls, record: SwitchRecord, members: tuple[str, ...]) -> Rollout:
+        """The record's batches, of `members` only; a member the record leaves out (its beginner's config named
+        other members) goes last, in a batch of its own, rather than never."""
+        listed = [tuple(m for m in batch if m in members) for batch in record.batches]
+        missing = tuple(m for m in members if not any(m in batch for batch in listed))
+        return cls(tuple(batch for batch in (*listed, missing) if batch), record.batch_wait)
+
+    def batch_of(self, member: str) -> int:
+        return next(k for k, batch in enumerate(self.batches) if member in batch)
+
+    def turn(self, view: View, member: str, primary: str, now: float) -> str:
+        """"" once `member`'s batch is on: the primary has run the before-swap hooks, and every member of the batch
+        before it is healthy and has stayed so for `wait` seconds. Else what it waits for."""
+        if view.decision is Decision.COMMIT:
+            return ""
+        if view.state_of(primary) not in HOOKS_RUN:
+            return f"for the primary, {primary}, to run the before-swap hooks"
+        k = self.batch_of(member)
+        if k == 0:
+            return ""
+        before = self.batches[k - 1]
+        if unhealthy := [m for m in before if view.state_of(m) is not MemberState.HEALTHY]:
+            return f"for batch {k} ({', '.join(unhealthy)}) to be healthy"
+        if now < max(view.states[m].at for m in before) + self.wait:
+            return f"for batch {k} to stay healthy for batch_wait ({self.wait:g}s)"
+        return ""
+
+    def behind(self, view: View, member: str) -> list[str]:
+        """The members of later batches still on the new release and alive: on abort they go back first (reverse
+        batch order). One that is gone goes back when it returns (recovery), which nobody can wait for."""
+        later = self.batches[self.batch_of(member) + 1:]
+        return [m for batch in later for m in batch if m in view.alive and view.state_of(m) in ON_NEW]
+
+    def in_progress(self, view: View) -> int:
+        """The number of the last batch that has begun (1: the canary's), 0 before the first."""
+        return max((k for k, batch in enumerate(self.batches, 1) if any(view.state_of(m) in ON_NEW for m in batch)),
+                   default=0)
 
 
 class Coordinator:
@@ -351,6 +504,7 @@ class Coordinator:
                 view.states[key.removeprefix(k.state(switch_id))] = standing
         if switch_id:
             view.decision = _read(found, k.decision(switch_id), Decision)
+            view.choice = _read(found, k.strategy(switch_id), Choice.parse)
             view.go_at = _read(found, k.go_at(switch_id), float)
             view.reason = found.get(k.reason(switch_id), "")
         return view
@@ -358,6 +512,17 @@ class Coordinator:
     def set_state(self, switch_id: str, standing: Standing) -> View:
         """Record this member's state in the switch, and read the others' in the same round trip."""
         return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), standing.as_json()),))
+
+    def sign_off(self, switch_id: str, state: MemberState) -> None:
+        """This member is through with the switch (`done` or `back`), and the last member through removes it, so
+        that the next may begin. Not worth waiting for etcd over: the decision is what counts, the joiner signs a
+        switch off later if this could not, and the next switch to begin removes a finished one."""
+        try:
+            view = self.set_state(switch_id, Standing(state))
+            if view.switch and view.switch.id == switch_id and view.finished():
+                self.end(view.switch)
+        except (EtcdUnavailable, Unreadable):
+            pass
 
     def begin(self, record: SwitchRecord) -> bool:
         """Create the switch where none is in progress; whether this member's record is the one."""
@@ -373,14 +538,15 @@ class Coordinator:
         """Try to write `move.decision`; whether this member's transaction was the one that did."""
         k, members = self.keys, self.cluster.members
         decision = k.decision(switch_id)
+        alive = [Compare.present(k.alive(m)) for m in members]
+        states = [Compare.equals(k.state(switch_id, m), value) for m, value in move.expect]
         if move.decision is Decision.GO:
-            return self.etcd.txn([Compare.absent(decision), *[Compare.present(k.alive(m)) for m in members]],
-                                 [put_op(decision, Decision.GO), put_op(k.go_at(switch_id), repr(now))])
+            assert move.choice
+            return self.etcd.txn([Compare.absent(decision), *alive, *states],
+                                 [put_op(decision, Decision.GO), put_op(k.go_at(switch_id), repr(now)),
+                                  put_op(k.strategy(switch_id), move.choice.as_json())])
         if move.decision is Decision.COMMIT:
-            return self.etcd.txn([Compare.equals(decision, Decision.GO),
-                                  *[Compare.present(k.alive(m)) for m in members],
-                                  *[Compare.equals(k.state(switch_id, m), Standing(MemberState.HEALTHY).as_json())
-                                    for m in members]],
+            return self.etcd.txn([Compare.equals(decision, Decision.GO), *alive, *states],
                                  [put_op(decision, Decision.COMMIT)])
         abort = [put_op(decision, Decision.ABORT), put_op(k.reason(switch_id), move.reason),
                  put_op(k.bad(release), move.reason)]

@@ -170,19 +170,24 @@ def show_cluster(c: Mapping[str, Any]) -> str:
     if "ended" in c:
         return (f"switch {c['ended']['id']} of release {c['ended']['release']} was decided already "
                 f"({c['ended']['decision']}): ended; a member still in it finishes by that decision")
-    members = table(["MEMBER", "ALIVE", "CURRENT", "STATE"],
+    batched = any(m.get("batch") for m in c["members"])  # a rolling switch: each member's batch
+    members = table(["MEMBER", "ALIVE", "CURRENT", "STATE", *(["BATCH"] if batched else [])],
                     [[m["name"] + (" (this one)" if m["name"] == c["member"] else ""), "yes" if m["alive"] else "NO",
-                      m["current"] or "-", m["state"]] for m in c["members"]])
+                      m["current"] or "-", m["state"], *([str(m["batch"])] if batched else [])]
+                     for m in c["members"]])
     switch = c["switch"]
     if c.get("unreadable"):
         return members + ("\nswitch: unknown: a value this maintd cannot read holds the switch key: "
                           + str(c["unreadable"])[:200])
     if not switch:
         return members + "\nswitch: none in progress"
+    strategy = switch.get("strategy", "together") + (f" ({switch['why']})" if switch.get("why") else "")
+    if switch.get("batch"):
+        strategy += f"; batch {switch['batch']} of {len(switch['batches'])} in progress"
     return members + (f"\nswitch: {switch['id']}: {switch['kind']} of release {switch['release']} "
                       f"(digest {switch['digest'][:12]}), begun by {switch['by']} for {switch['actor']} at "
                       f"{when(switch['since'])}; decision: {switch['decision'] or 'none yet'}"
-                      + (f" ({switch['reason']})" if switch.get("reason") else ""))
+                      + (f" ({switch['reason']})" if switch.get("reason") else "") + f"\nstrategy: {strategy}")
 
 
 def show_json(result: Any) -> str:

@@ -49,6 +49,14 @@ class RestartMethod(StrEnum):
     COMMAND = "command"  # the argv of `restart.command`
 
 
+class Strategy(StrEnum):
+    """`cluster.strategy`: how the members of a cluster switch (contract §7a)."""
+
+    TOGETHER = "together"  # every member at once, in maintenance (contract §7)
+    ROLLING = "rolling"  # batch after batch, without maintenance, the others serving meanwhile
+    AUTO = "auto"  # together when db/migrate differs from the live release's on any member, else rolling
+
+
 class FlushMode(StrEnum):
     """`memcached.flush`: what happens to the cache after a swap."""
 
@@ -119,8 +127,23 @@ class State:
 
 
 @dataclass(frozen=True)
+class BatchSize:
+    """`cluster.batch`: members per batch of a rolling switch, as a count or as a percentage of `members`."""
+
+    count: int = 1
+    percent: bool = False
+
+    def of(self, members: int) -> int:
+        """Members per batch in a cluster of `members`: a percentage rounds up, so every batch holds one at least."""
+        return max(1, math.ceil(members * self.count / 100)) if self.percent else self.count
+
+    def __str__(self) -> str:
+        return f"{self.count}%" if self.percent else str(self.count)
+
+
+@dataclass(frozen=True)
 class Cluster:
-    """Contract §7: this server is one `member` of `members`, which switch together through etcd."""
+    """Contract §7: this server is one `member` of `members`, which switch through etcd (§7a: how)."""
 
     members: tuple[str, ...]
     member: str
@@ -130,6 +153,34 @@ class Cluster:
     lease_ttl: float = 10.0
     prepare_timeout: float = 900.0
     switch_timeout: float = 300.0
+    strategy: Strategy = Strategy.TOGETHER
+    batch: BatchSize = field(default_factory=BatchSize)
+    canary: str = ""  # "": the first of members
+    batch_wait: float = 0.0
+
+    @property
+    def described(self) -> str:
+        """How a switch this member begins goes, in words, for `maintd check`."""
+        batches = " | ".join(", ".join(batch) for batch in self.batches)
+        rolling = f"rolling, without maintenance, in batches {batches} ({self.batch_wait:g}s apart)"
+        return {Strategy.TOGETHER: "together, in maintenance", Strategy.ROLLING: rolling,
+                Strategy.AUTO: f"together when db/migrate differs on any member, else {rolling}"}[self.strategy]
+
+    @property
+    def how(self) -> tuple[Strategy, tuple[tuple[str, ...], ...], float]:
+        """How a switch this member begins goes, for its record (`cluster.SwitchRecord`): strategy, batches, wait."""
+        if self.strategy is Strategy.TOGETHER:
+            return self.strategy, (), 0.0
+        return self.strategy, self.batches, self.batch_wait
+
+    @property
+    def batches(self) -> tuple[tuple[str, ...], ...]:
+        """A rolling switch's batches: the canary alone first, whatever `batch` says (a release that breaks breaks
+        one server), then the others in `members` order, `batch` at a time."""
+        canary = self.canary or self.members[0]
+        rest = [m for m in self.members if m != canary]
+        size = self.batch.of(len(self.members))
+        return ((canary,), *(tuple(rest[at:at + size]) for at in range(0, len(rest), size)))
 
 
 @dataclass(frozen=True)
@@ -210,6 +261,26 @@ def _positive(value: Any) -> float:
     if value <= 0:
         raise ValueError(f"must be greater than 0, not {value}")
     return float(value)
+
+
+def _not_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, not {_kind(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number, 0 or more, not {value}")
+    return float(value)
+
+
+def _batch(value: Any) -> BatchSize:
+    """A whole number of members, or a percentage of them written as a string ("25%")."""
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*%\s*", value)):
+        percent = int(match.group(1))
+        if 1 <= percent <= 100:
+            return BatchSize(percent, percent=True)
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return BatchSize(value)
+    raise ValueError(f'must be a number of members (1 or more) or a percentage of them such as "25%" (1% to 100%), '
+                     f"not {value!r}")
 
 
 def _count(value: Any) -> int:
@@ -422,7 +493,8 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
 OPTIONAL: dict[str, tuple[type, dict[str, Check]]] = {  # tables whose absence means something
     "cluster": (Cluster, {"members": _names, "member": _app_name, "etcd": _urls, "prefix": _prefix,
                           "primary": _app_name, "lease_ttl": _positive, "prepare_timeout": _positive,
-                          "switch_timeout": _positive}),
+                          "switch_timeout": _positive, "strategy": _one_of(Strategy), "batch": _batch,
+                          "canary": _string, "batch_wait": _not_negative}),
 }
 TOP_LEVEL: dict[str, Check] = {"app": _app_name, "root": _absolute, "keep_releases": _count}
 
@@ -559,10 +631,17 @@ def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError])
                    f"{member!r} is not one of members ({', '.join(members)})"
                    + ("" if said else ": this host's name is the default member; set member"))
     primary = values.get("primary") or members[0]
-    if primary not in members:
-        raise fail("cluster", "primary", f"{primary!r} is not one of members ({', '.join(members)})")
-    return Cluster(**{**values, "member": member, "primary": primary,
-                      "prefix": values.get("prefix") or f"/maintd/{app}"})
+    for key, name in (("primary", primary), ("canary", values.get("canary"))):
+        if name and name not in members:
+            raise fail("cluster", key, f"{name!r} is not one of members ({', '.join(members)})")
+    cluster = Cluster(**{**values, "member": member, "primary": primary,
+                         "prefix": values.get("prefix") or f"/maintd/{app}"})
+    gaps = len(cluster.batches) - 1
+    if cluster.strategy is not Strategy.TOGETHER and cluster.batch_wait * gaps >= cluster.switch_timeout:
+        raise fail("cluster", "batch_wait", f"{cluster.batch_wait:g}s after each of the first {gaps} of {gaps + 1} "
+                                            f"batches leaves no time to commit within switch_timeout "
+                                            f"({cluster.switch_timeout:g}s)")
+    return cluster
 
 
 def _line_of(text: str, table: str | None, key: str) -> int | None:

@@ -52,7 +52,7 @@ def enter(co: Coordinator, release: str, actor: str, kind: DeployKind, joining: 
                 read = digest()
             except Exception as exc:  # the release cannot be read whole: `prepare` fails as it would have, if
                 return Entered(refusal=exc)  # `validate` has not failed first
-            record = SwitchRecord(new_deploy_id(), release, read, kind, co.me, actor, time.time())
+            record = SwitchRecord(new_deploy_id(), release, read, kind, co.me, actor, time.time(), *co.cluster.how)
             if co.begin(record):
                 return Entered(record, began=True)
         elif entry is Entry.END and view.switch:

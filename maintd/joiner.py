@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import log
-from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, Standing, SwitchRecord, View
+from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, SwitchRecord, View
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
 from .results import UPLOAD_ACTOR, DeployKind, Refused
@@ -83,13 +83,7 @@ class Joiner:
         landed = live == switch.release if view.decision is Decision.COMMIT else live != switch.release
         if landed:
             state = MemberState.DONE if view.decision is Decision.COMMIT else MemberState.BACK
-            self.tasks.spawn(asyncio.to_thread(self._sign_off, switch.id, state))
-
-    def _sign_off(self, switch_id: str, state: MemberState) -> None:
-        try:
-            self.co.set_state(switch_id, Standing(state))
-        except EtcdUnavailable:
-            pass
+            self.tasks.spawn(asyncio.to_thread(self.co.sign_off, switch.id, state))
 
     def _retry_held_back(self, view: View) -> None:
         """An upload that could not begin its switch while another switch held the cluster is taken again once

@@ -2,8 +2,9 @@
 
 `ClusterDeploy` is the single-server `Deploy` with two steps more (`prepare`, `commit`), a `hooks_before` that only
 the primary runs (after every member is in maintenance; the others wait for it), and a check of the decision
-before the swap. It is in its switch before its first entry (entry.py), so that every entry carries the id etcd
-recorded. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
+before the swap; when go chooses a rolling switch (contract §7a), the steps between `prepare` and `commit` are
+`rolling.Rolling`'s instead. It is in its switch before its first entry (entry.py), so that every entry carries the
+id etcd recorded. Between its steps it waits on the others by reading the keys (`cluster.View`) and trying the
 transaction the rule says (`View.next_move`). While etcd cannot be reached it waits, never guessing: before
 maintenance nothing has happened, and in maintenance nobody can leave it without the decision. How it waits, and
 how a wait ends when the daemon stops, is `waiting.Waiting`.
@@ -17,6 +18,7 @@ from functools import cached_property
 
 from . import manifest
 from .cluster import (
+    HOOKS_RUN,
     IN_MAINTENANCE,
     POLL_FIRST,
     POLL_MOST,
@@ -32,8 +34,9 @@ from .config import Cluster
 from .context import Context
 from .entry import Entered, enter
 from .etcd import EtcdUnavailable
-from .pipeline import Deploy, OnStep
+from .pipeline import Deploy, OnStep, migrations_differ
 from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord
+from .rolling import Rolling
 from .state import InFlight, MaintenanceOwner
 from .steps import SWITCH, Fault
 from .waiting import Waiting
@@ -54,6 +57,7 @@ class ClusterDeploy(Deploy):
         self.switch = SwitchRecord(self.phase.switch, release, "", kind, "", "", 0.0) if self.phase.switch else None
         self.joining = joining  # the id of the switch another member began, which this deploy joins or nothing
         self.entered = Entered()  # how it got into its switch, or why it is in none (entry.py)
+        self.rolling: Rolling | None = None  # once go chose a rolling switch
         self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
@@ -76,14 +80,9 @@ class ClusterDeploy(Deploy):
         return super().run()
 
     def leave(self) -> None:
-        """Through the switch, forward: done, and the last member through removes it. Not worth waiting for etcd
-        over: the site is out of maintenance already, and the joiner signs a switch off later if this could not."""
+        """Through the switch, forward: done, and the last member through removes it (`Coordinator.sign_off`)."""
         if self.switch:
-            try:
-                self.co.set_state(self.switch.id, Standing(MemberState.DONE))
-            except EtcdUnavailable:
-                return
-            self._finish_switch()
+            self.co.sign_off(self.switch.id, MemberState.DONE)
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash, the switch's recorded decision says (waiting for etcd as long as it takes), never this
@@ -91,6 +90,7 @@ class ClusterDeploy(Deploy):
         if not self.switch:
             return False, "cut off before joining the switch"
         view = self.waits.keep_trying(lambda: self.co.view(self.phase.switch), "to read the switch's decision")
+        self._follow(view)
         if view.decision is Decision.COMMIT:
             self.phase.committed = True
             return True, ""
@@ -104,9 +104,10 @@ class ClusterDeploy(Deploy):
             self.phase.begun = self.entered.verdict  # cluster is free; no verdict, no abort, where it is no failing
             assert self.entered.refusal is not None  # of the release's own
             raise self.entered.refusal
-        self._say(Standing(MemberState.PREPARED, digest=self.digest))
-        self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
-        return f"every member prepared release {self.release} ({self.digest[:12]}): go"
+        migrations = migrations_differ(self.ctx.tree, self.release, self.previous)
+        self._say(Standing(MemberState.PREPARED, digest=self.digest, migrations=migrations))
+        view = self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
+        return f"every member prepared release {self.release} ({self.digest[:12]}): go, {self._follow(view)}"
 
     @cached_property
     def digest(self) -> str:
@@ -116,17 +117,21 @@ class ClusterDeploy(Deploy):
             return manifest.digest(top, self.ctx.tree.uploaded(self.release, self.ctx.written_by_maintd()))
 
     def maintenance_on(self) -> str:
+        if self.rolling:
+            return self.rolling.no_maintenance()
         try:
             return super().maintenance_on()
         finally:  # skipped or not, the others learn that this member is ready to swap; the primary says whether
             # it has hooks to run, and when it has none, the others need not wait for it to have run none
-            self._say(Standing(MemberState.MAINTENANCE, runs_hooks=self._runs_hooks()))
+            self._say(Standing(MemberState.MAINTENANCE, runs_hooks=self.cluster.member == self.cluster.primary
+                               and bool(self.cfg.hooks.before_swap)))
 
     def hooks_before(self) -> str:
+        if self.rolling:
+            return self.rolling.hooks_before(super().hooks_before)
         primary = self.cluster.primary
         if self.cluster.member != primary:
-            self._await(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
-                                                                 MemberState.DONE)
+            self._await(lambda view: view.state_of(primary) in HOOKS_RUN
                         or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
                             and view.all_in(IN_MAINTENANCE)),
                         f"for the primary, {primary}, to run the before-swap hooks")
@@ -141,15 +146,20 @@ class ClusterDeploy(Deploy):
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
         # the primary ran its hooks stops every member here.
         at, decision = self._seen
-        if decision is not Decision.GO or time.monotonic() - at > FRESH:
+        if self.rolling:
+            self.rolling.take_turn()
+        elif decision is not Decision.GO or time.monotonic() - at > FRESH:
             self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "for the decision")
         return super().swap()
 
     def commit(self) -> str:
-        self._say(Standing(MemberState.HEALTHY))
+        self._say(Standing(MemberState.HEALTHY, at=time.time()))
         self._await(lambda view: view.decision is Decision.COMMIT, "for every member to be healthy")
         self.phase.committed = True
         return "every member swapped and is healthy: committed"
+
+    def maintenance_off(self) -> str:
+        return self.rolling.no_maintenance() if self.rolling else super().maintenance_off()
 
     def cleanup(self) -> str:
         """The last step of a switch gone forward: then this member leaves it (before the journal is closed, so
@@ -166,13 +176,11 @@ class ClusterDeploy(Deploy):
         if self.phase.begun:
             self.abort(error)
             fault = Fault.RELEASE  # contract §7: an aborted switch marks the release bad on every member
+        if self.rolling and self.phase.swapped:
+            self.rolling.after_later_batches()
         record = super().undo(error, fault)
         if self.switch:
-            try:
-                self.co.set_state(self.switch.id, Standing(MemberState.BACK))
-            except EtcdUnavailable:
-                pass  # the decision is what counts; recovery and the others read that
-            self._finish_switch()
+            self.co.sign_off(self.switch.id, MemberState.BACK)
         return record
 
     def abort(self, reason: str) -> None:
@@ -223,8 +231,11 @@ class ClusterDeploy(Deploy):
         self._said = self.waits.keep_trying(lambda: self.co.set_state(self.phase.switch, standing),
                                             f"to record {standing.state}")
 
-    def _runs_hooks(self) -> bool:
-        return self.cluster.member == self.cluster.primary and bool(self.cfg.hooks.before_swap)
+    def _follow(self, view: View) -> str:
+        """Switch the way go chose, said in words; in a rolling switch every entry from here on carries the batch."""
+        choice, self.rolling = Rolling.chosen(self, view, self._say, self._await)
+        self.log = self.log.bind(batch=self.rolling.batch) if self.rolling else self.log
+        return str(self.rolling or choice)
 
     def _left(self) -> str:
         """What this member leaves behind if it stops now, in words, for the line that says so."""
@@ -235,11 +246,3 @@ class ClusterDeploy(Deploy):
                   if self.switch else "in no switch yet")
         return f"{maintenance}, {live}, {switch}"
 
-    def _finish_switch(self) -> None:
-        """The last member through a decided switch removes it, so that the next may begin."""
-        try:
-            view = self.co.view(self.phase.switch)
-            if view.switch and view.switch.id == self.phase.switch and view.finished():
-                self.co.end(view.switch)
-        except (EtcdUnavailable, Unreadable):
-            pass  # the next switch to begin removes a finished one

@@ -83,6 +83,16 @@ def memcached() -> Iterator[Memcached]:
 
 
 @pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Any]:
+    """A real 3-member etcd cluster on free loopback ports (tests/etcd_cluster.py), for the cluster-mode tests."""
+    from etcd_cluster import EtcdCluster  # here: it imports this module
+
+    cluster = EtcdCluster(tmp_path / "etcd")
+    yield cluster
+    cluster.stop_all()
+
+
+@pytest.fixture
 def own_memcached() -> Iterator[Memcached]:
     """A memcached this test alone may stop or freeze."""
     server = Memcached()

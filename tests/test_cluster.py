@@ -24,13 +24,6 @@ pytestmark = pytest.mark.skipif(not Path(ETCD).exists(),
                                 reason="etcd is missing (`make test` unpacks Debian's into .deps/)")
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd")
-    yield cluster
-    cluster.stop_all()
-
-
 class Sample(NamedTuple):
     """What one look at a tree saw, and the interval it was seen in (threads share the GIL: the look itself may
     happen well after `before`), so that orderings are only claimed when certain."""
@@ -89,9 +82,10 @@ class Cluster:
         self.proxies: dict[str, EtcdProxy] = {}  # members that reach etcd through a proxy the test can cut
 
     def configure(self, lease_ttl: float = 1.0, prepare_timeout: float = 30.0, switch_timeout: float = 30.0,
-                  extra: str = "", proxied: tuple[str, ...] = (), **per_member: str) -> None:
+                  extra: str = "", proxied: tuple[str, ...] = (), keys: str = "", **per_member: str) -> None:
         """Every member's config: the restart command does nothing (the trees run no app), `per_member` adds
-        tables to one member's, and the members `proxied` reach etcd through a proxy of their own (`proxies`)."""
+        tables to one member's, the members `proxied` reach etcd through a proxy of their own (`proxies`), and
+        `keys` are more keys of the [cluster] table."""
         for name in proxied:
             self.proxies[name] = EtcdProxy(self.etcd.client[self.etcd.names[0]])
         for member in self.members:
@@ -108,6 +102,7 @@ prefix = "{self.prefix}"
 lease_ttl = {lease_ttl}
 prepare_timeout = {prepare_timeout}
 switch_timeout = {switch_timeout}
+{keys}
 """)
 
     def start(self) -> None:
@@ -199,10 +194,10 @@ CLUSTER_STEPS = ["validate", "link_shared", "prepare", "maintenance_on", "hooks_
 AFTER_COMMIT = CLUSTER_STEPS[CLUSTER_STEPS.index("hooks_after"):]
 
 
-def crash_and_recover(cluster: Cluster, doomed: Member, step: str) -> str:
+def crash_and_recover(cluster: Cluster, doomed: Member, step: str, **config: Any) -> str:
     """`doomed` is killed (SIGKILL, by itself) just before `step` of the switch of r1; the others carry on; then it
-    comes back. Returns the release every member must end on."""
-    go_live(cluster)
+    comes back. `config` as go_live's. Returns the release every member must end on."""
+    go_live(cluster, **config)
     doomed.daemon.stop(signal.SIGKILL)
     doomed.start(env={"MAINTD_CRASH_AT": step})
     cluster.upload("r1")
@@ -563,11 +558,11 @@ def test_sigterm_while_cut_off_from_etcd_in_maintenance_ends_the_wait_and_recove
 
 
 def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switch_is_joined(cluster):
-    """A value under P/switch this maintd cannot read (the record a newer maintd writes, with a field more, as the
-    rolling switches of contract 7a need), then a switch whose decision is no decision: each member says so once,
-    naming the key, however many readings find it, refuses to begin a switch while it holds the key, and joins the
-    next switch once it is gone. One such value used to end every member's joiner for good: a rollback begun later
-    was never joined, and was aborted, its release marked bad on every member."""
+    """A value under P/switch this maintd cannot read (the record a newer maintd writes, with a field more), then a
+    switch whose decision is no decision: each member says so once, naming the key, however many readings find it,
+    refuses to begin a switch while it holds the key, and joins the next switch once it is gone. One such value used
+    to end every member's joiner for good: a rollback begun later was never joined, and was aborted, its release
+    marked bad on every member."""
     go_live(cluster, prepare_timeout=8.0)
     for member in cluster.members:
         maintctl(member.app, "pause", check_rc=0)
@@ -579,7 +574,7 @@ def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switc
     marks = [m.daemon.mark() for m in cluster.members]
     key = f"{cluster.prefix}/switch"
     newer = {"id": "20990101T000000Z-abcdef", "release": "r9", "digest": "", "kind": "deploy", "by": "m1",
-             "actor": "upload", "since": 0.0, "strategy": "rolling"}
+             "actor": "upload", "since": 0.0, "tier": "blue"}
     assert cluster.etcd.etcdctl("put", key, json.dumps(newer)).returncode == 0
 
     def unreadable(event: str) -> bool:
@@ -591,7 +586,7 @@ def test_a_switch_record_this_maintd_cannot_read_is_said_once_and_the_next_switc
     assert "holds a value this maintd cannot read" in held.stderr and "no switch can begin" in held.stderr
     assert "unknown: a value this maintd cannot read" in maintctl(cluster.members[2].app, "cluster", check_rc=0).stdout
     garbled = {**newer, "id": "20990101T000000Z-fedcba"}
-    del garbled["strategy"]
+    del garbled["tier"]
     decision = f"{cluster.prefix}/s/{garbled['id']}/decision"
     assert cluster.etcd.etcdctl("put", decision, "perhaps").returncode == 0
     assert cluster.etcd.etcdctl("put", key, json.dumps(garbled)).returncode == 0

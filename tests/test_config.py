@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN
-from maintd.config import ConfigError, FlushMode, MaintenanceWhen, RestartMethod, load, parse
+from maintd.config import ConfigError, FlushMode, MaintenanceWhen, RestartMethod, Strategy, load, parse
 
 MINIMAL = 'app = "shop"\nroot = "/srv/shop"\n'
 
@@ -38,7 +38,28 @@ def test_cluster_defaults_are_the_contracts():
     assert cluster and (cluster.member, cluster.primary, cluster.prefix) == (host, host, "/maintd/shop")
     assert (cluster.etcd, cluster.lease_ttl, cluster.prepare_timeout, cluster.switch_timeout) == (
         ("http://127.0.0.1:2379",), 10.0, 900.0, 300.0)
+    assert (cluster.strategy, str(cluster.batch), cluster.canary, cluster.batch_wait) == (Strategy.TOGETHER, "1", "",
+                                                                                           0.0)
+    assert cluster.batches == ((host,), ("other",))  # the first member alone, then one at a time
     assert parse(MINIMAL).cluster is None
+
+
+FIVE = MINIMAL + '[cluster]\nmembers = ["a", "b", "c", "d", "e"]\nmember = "a"\n'
+
+
+@pytest.mark.parametrize("keys, batches", [
+    ("", (("a",), ("b",), ("c",), ("d",), ("e",))),
+    ("batch = 2", (("a",), ("b", "c"), ("d", "e"))),
+    ('canary = "c"\nbatch = 3', (("c",), ("a", "b", "d"), ("e",))),  # the canary alone, whatever batch says
+    ('batch = "40%"', (("a",), ("b", "c"), ("d", "e"))),  # 40% of 5 members: 2 a batch
+    ('batch = "30%"', (("a",), ("b", "c"), ("d", "e"))),  # rounded up: 1.5 is 2
+    ('batch = "1%"', (("a",), ("b",), ("c",), ("d",), ("e",))),  # at least one
+    ('batch = "100%"\ncanary = "e"', (("e",), ("a", "b", "c", "d"))),
+    ("batch = 9", (("a",), ("b", "c", "d", "e"))),
+])
+def test_a_rolling_switch_goes_from_the_canary_in_members_order_batch_by_batch(keys, batches):
+    cluster = parse(FIVE + 'strategy = "rolling"\n' + keys + "\n").cluster
+    assert cluster and cluster.strategy is Strategy.ROLLING and cluster.batches == batches
 
 
 def test_full_example_parses():
@@ -72,6 +93,15 @@ def test_full_example_parses():
     (MINIMAL + "[cluster]\nmembers = [\"a\"]\nmember = \"a\"\nprimary = \"z\"\n", ":6: cluster.primary 'z'"),
     (MINIMAL + "[cluster]\nmembers = [\"a\"]\netcd = [\"127.0.0.1:2379\"]\n", ":5: cluster.etcd must list URLs"),
     (MINIMAL + "[cluster]\nmembers = [\"a\"]\nprefix = \"x/\"\n", ":5: cluster.prefix must start with /"),
+    (FIVE + 'strategy = "canary"\n', ":6: cluster.strategy must be one of 'together', 'rolling', 'auto'"),
+    (FIVE + "batch = 0\n", ':6: cluster.batch must be a number of members (1 or more) or a percentage of them'),
+    (FIVE + 'batch = "0%"\n', ":6: cluster.batch must be a number of members"),
+    (FIVE + 'batch = "101%"\n', ":6: cluster.batch must be a number of members"),
+    (FIVE + 'batch = "2"\n', ":6: cluster.batch must be a number of members"),
+    (FIVE + "batch = 1.5\n", ":6: cluster.batch must be a number of members"),
+    (FIVE + 'canary = "z"\n', ":6: cluster.canary 'z' is not one of members (a, b, c, d, e)"),
+    (FIVE + "batch_wait = -1\n", ":6: cluster.batch_wait must be a finite number, 0 or more"),
+    (FIVE + "batch_wait = inf\n", ":6: cluster.batch_wait must be a finite number, 0 or more"),
 ])
 def test_errors_name_key_and_line(text, expected):
     with pytest.raises(ConfigError) as caught:
@@ -114,6 +144,9 @@ LONG_SOCKET = "/run/maintd/" + "s" * 100 + ".sock"
     (MINIMAL + '[memcached]\nnamespace_key = "shop cache"\n', ":4: memcached.namespace_key must be a memcached key"),
     (MINIMAL + f'[control]\nsocket = "{LONG_SOCKET}"\n', ":4: control.socket /run/maintd/sss"),
     ('app = "' + "a" * 100 + '"\nroot = "/srv/shop"\n', "control.socket /run/maintd/aaa"),
+    # a rolling switch that must wait longer between its batches than it may take in all can never commit
+    (FIVE + 'strategy = "auto"\nbatch_wait = 75.0\n', ":7: cluster.batch_wait 75s after each of the first 4 of 5 "
+                                                       "batches leaves no time to commit within switch_timeout (300s)"),
 ])
 def test_values_that_cannot_work_name_key_and_line(text, expected):
     with pytest.raises(ConfigError) as caught:
@@ -202,3 +235,22 @@ def test_choices_are_parsed_into_enum_members():
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.toml")
+
+
+def test_maintd_check_says_how_a_cluster_switches(app):
+    """Without an etcd: a warning, not a failure, and the way this member's switches go."""
+    app.write_config('[cluster]\nmembers = ["a", "b", "c"]\nmember = "b"\netcd = ["http://127.0.0.1:9"]\n'
+                     'strategy = "auto"\ncanary = "c"\nbatch = "50%"\nbatch_wait = 30.0\n')
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: etcd does not answer" in done.stderr, done.stderr
+    assert ("cluster: member b of a, b, c (primary a), keys under /maintd/shop; switches together when db/migrate "
+            "differs on any member, else rolling, without maintenance, in batches c | a, b (30s apart)") in done.stdout
+
+
+def test_the_examples_cluster_table_parses_once_uncommented():
+    import re
+
+    example = (Path(__file__).parent.parent / "etc" / "maintd" / "example.toml").read_text()
+    cluster = parse(re.sub(r"(?m)^#(\[cluster\]|[a-z_]+ = )", r"\1", example)).cluster
+    assert cluster and cluster.members == ("app1", "app2", "app3") and cluster.member == "app1"
+    assert (cluster.strategy, cluster.canary, cluster.batch_wait) == (Strategy.TOGETHER, "", 0.0)
