@@ -38,9 +38,15 @@ def release(where: Path, name: str) -> Path:
 
 class Server:
     def __init__(self, work: Path, name: str, etcd: EtcdCluster) -> None:
-        self.name, self.root = name, work / name / "srv"
+        self.work, self.name, self.root, self.etcd = work, name, work / name / "srv", etcd
         (self.root / "releases").mkdir(parents=True)
         self.config = work / name / "shop.toml"
+        self.log = open(work / name / "maintd.log", "a")  # noqa: SIM115 - closed in stop()
+        self.start()
+
+    def start(self, cluster: str = "") -> None:
+        """maintd with this config; `cluster`: more [cluster] keys (read at start, as every [cluster] key is)."""
+        work, name, etcd = self.work, self.name, self.etcd
         self.config.write_text(f"""app = "shop"
 root = "{self.root}"
 [upload]
@@ -61,11 +67,10 @@ members = {json.dumps(list(MEMBERS))}
 member = "{name}"
 etcd = {json.dumps(etcd.endpoints)}
 lease_ttl = 2.0
+{cluster}
 """)
-        self.log = open(work / name / "maintd.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(BIN / "maintd"), "run", "--config", str(self.config), "--log-format",
                                       "json"], stderr=self.log)
-        self.samples: list[tuple[float, str]] = []
 
     def seen(self) -> str:
         """What a visitor gets from this server now: the maintenance page, or the release that answers."""
@@ -77,10 +82,11 @@ lease_ttl = 2.0
         # The page, and (for the reader of the demo) the release behind it.
         return f"503 ({release})" if (current / "tmp" / "maintenance.txt").exists() else f"200 {release}"
 
-    def stop(self) -> None:
+    def stop(self, for_good: bool = True) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
-        self.log.close()
+        if for_good:
+            self.log.close()
 
 
 def upload(work: Path, servers: list[Server], name: str) -> None:
@@ -120,6 +126,16 @@ def run_switch(work: Path, servers: list[Server], name: str) -> None:
         print(f"{(when - t0) * 1000:8.1f}  " + "".join(f"{state:<14}" for state in states))
 
 
+def steps_of(work: Path, name: str) -> None:
+    """One switch as app2's journal has it: each step with its result, duration, switch id and batch."""
+    for line in (work / "app2" / "maintd.log").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("release") == name and event.get("step"):
+            batch = f"  batch {event['batch']}" if event.get("batch") is not None else ""
+            print(f"  {event['step']:<16} {event['result']:<8} {event['duration_ms']:>8} ms  "
+                  f"switch {event['switch_id']}{batch}")
+
+
 def wait_all_alive(server: Server) -> None:
     """Until `maintctl cluster` says every member is there (each maintd has taken its lease)."""
 
@@ -146,12 +162,16 @@ def main() -> int:
         say("maintctl cluster")
         subprocess.run([str(BIN / "maintctl"), "--config", str(servers[0].config), "cluster"], check=True)
         say("one switch in app2's log (its steps, with MAINTD_SWITCH_ID)")
-        servers[1].log.flush()
-        for line in (work / "app2" / "maintd.log").read_text().splitlines():
-            event = json.loads(line)
-            if event.get("release") == "r2" and event.get("step"):
-                print(f"  {event['step']:<16} {event['result']:<8} {event['duration_ms']:>8} ms  "
-                      f"switch {event['switch_id']}")
+        steps_of(work, "r2")
+        say('now strategy = "rolling", batch = 1, batch_wait = 1.0 (canary: app1): r3 one server at a time, no page')
+        for server in servers:
+            server.stop(for_good=False)
+        for server in servers:
+            server.start('strategy = "rolling"\nbatch = 1\nbatch_wait = 1.0')
+        wait_all_alive(servers[0])
+        run_switch(work, servers, "r3")
+        say("the rolling switch in app2's log (MAINTD_BATCH: app2 is in batch 2)")
+        steps_of(work, "r3")
         return 0
     finally:
         for server in servers or []:
