@@ -56,9 +56,9 @@ def listeners(root: str) -> dict[Address, list[tuple[int, str]]]:
     """Every listening socket of this user's processes whose working directory is in `root`/releases/, each with
     (pid, release) of the processes holding it."""
     releases = os.path.realpath(os.path.join(root, "releases")) + "/"
-    where = {**_tcp_listeners(), **_unix_listeners(root)}
+    tcp, unix = _tcp_listeners(), _unix_listeners(root)
     me = os.getuid()
-    held: dict[Address, list[tuple[int, str]]] = {}
+    holders: dict[int, list[tuple[int, str]]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -72,8 +72,12 @@ def listeners(root: str) -> dict[Address, list[tuple[int, str]]]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
         release = cwd[len(releases):].split("/", 1)[0]
-        for inode in sorted(inodes & where.keys()):
-            held.setdefault(where[inode], []).append((int(entry.name), release))
+        for inode in sorted(inodes & (tcp.keys() | unix.keys())):
+            holders.setdefault(inode, []).append((int(entry.name), release))
+    held: dict[Address, list[tuple[int, str]]] = {}
+    for inode, by in holders.items():
+        if address := unix.get(inode) or _local(*tcp[inode]):
+            held[address] = by
     return held
 
 
@@ -89,17 +93,17 @@ def _sockets_held(pid: int) -> set[int]:
     return inodes
 
 
-def _tcp_listeners() -> dict[int, Address]:
-    """inode -> where to connect, for every listening TCP socket on an address of this host."""
-    found: dict[int, Address] = {}
+def _tcp_listeners() -> dict[int, tuple[socket.AddressFamily, str]]:
+    """inode -> (family, address as /proc/net/tcp shows it), for every listening TCP socket."""
+    found: dict[int, tuple[socket.AddressFamily, str]] = {}
     for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
         try:
             with open(table) as lines:
                 next(lines, None)
                 for line in lines:
                     fields = line.split()
-                    if len(fields) > 9 and fields[3] == _TCP_LISTEN and (host := _local(family, fields[1])):
-                        found[int(fields[9])] = host
+                    if len(fields) > 9 and fields[3] == _TCP_LISTEN:
+                        found[int(fields[9])] = family, fields[1]
         except OSError:
             continue
     return found
@@ -138,10 +142,10 @@ def _ours(family: socket.AddressFamily, host: str) -> bool:
     return True
 
 
-def _unix_listeners(root: str) -> dict[int, Address]:
+def _unix_listeners(root: str) -> dict[int, str]:
     """inode -> path, for every listening stream socket bound to a path below `root` with no `..` on its way."""
     tops = {root.rstrip("/") + "/", os.path.realpath(root) + "/"}
-    found: dict[int, Address] = {}
+    found: dict[int, str] = {}
     try:
         with open("/proc/net/unix", encoding="utf-8", errors="surrogateescape", newline="\n") as lines:
             next(lines, None)
