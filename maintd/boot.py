@@ -147,10 +147,6 @@ class Listener:
         return (f"{self.address} (pid{'s' * (len(pids) > 1)} {', '.join(pids)}, "
                 f"release{'s' * (len(releases) > 1)} {', '.join(releases)})")
 
-    def of(self, release: str) -> bool:
-        """Whether every process that holds it runs in `release` (see probe.py: a phased restart)."""
-        return all(held == release for _, held in self.holders)
-
 
 @dataclass(frozen=True)
 class Look:
@@ -160,8 +156,9 @@ class Look:
     answered: tuple[str, int] | None = None  # (address, HTTP status)
     unanswered: dict[str, str] = field(default_factory=dict)  # address -> why not
 
-    def listener(self, address: str) -> Listener:
-        return next(found for found in self.listeners if found.address == address)
+    def describe(self, address: str) -> str:
+        """A socket probe.py asked, with its holders as the last look saw them (none: it was gone by then)."""
+        return next((found.describe() for found in self.listeners if found.address == address), address)
 
 
 class LookFailed(Exception):
@@ -210,7 +207,7 @@ def answering(root: Path, release: str, timeout: float, runas: RunAs) -> str:
             failed = False
             if seen.answered:
                 address, status = seen.answered
-                return (f"release {release} answered {status} on {seen.listener(address).describe()} "
+                return (f"release {release} answered {status} on {seen.describe(address)} "
                         f"after {time.monotonic() - started:.1f} s")
             last = _why_not(seen, release)
         if time.monotonic() + POLL_INTERVAL > deadline:
@@ -222,7 +219,7 @@ def answering(root: Path, release: str, timeout: float, runas: RunAs) -> str:
 
 def _why_not(seen: Look, release: str) -> str:
     if seen.unanswered:
-        return "; ".join(f"no answer on {seen.listener(address).describe()}: {why}"
+        return "; ".join(f"no answer on {seen.describe(address)}: {why}"
                          for address, why in seen.unanswered.items())
     if mixed := [found for found in seen.listeners if any(held == release for _, held in found.holders)]:
         return f"an older release still holds {mixed[0].describe()}"

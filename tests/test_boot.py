@@ -111,17 +111,23 @@ def unit_capabilities() -> str:
     return "-all," + ",".join("+" + cap.lower().removeprefix("cap_") for cap in line.split("=", 1)[1].split())
 
 
-def test_under_the_units_capabilities_the_apps_listener_is_found(deploy_app, deploy_user, processes):
-    """Reading another user's /proc/<pid>/cwd and fd takes CAP_SYS_PTRACE, which the shipped unit does not give
-    (and its ProtectProc=invisible hides other users' processes outright): maintd looks as the app's user, who reads
-    its own. `maintd check` run with the unit's bounding set names the listener of the deploy user's process, as a
-    deploy under systemd finds it."""
+@pytest.mark.parametrize("proc", ["/proc as it is", "ProtectProc=invisible"])
+def test_under_the_units_rights_the_apps_listener_is_found(deploy_app, deploy_user, processes, proc):
+    """Reading another user's /proc/<pid>/cwd and fd takes CAP_SYS_PTRACE, which the shipped unit does not give,
+    and its ProtectProc=invisible (a /proc mounted with hidepid=invisible) hides other users' processes outright:
+    maintd looks as the app's user, who sees and reads its own. `maintd check` run with the unit's bounding set (and
+    such a /proc, in a mount namespace of its own) names the listener of the deploy user's process, as a deploy
+    under systemd finds it."""
     release_dir(deploy_app, "A", deploy_user)
     Tree(deploy_app.root).swap("A")
     app = Process(deploy_user, deploy_app.releases / "A", HTTP_APP)
     processes.append(app)
     deploy_app.write_config(hooks_user=None, extra='[restart]\nmethod = "command"\ncommand = ["true"]')
-    said = maintd_check(deploy_app, "setpriv", "--bounding-set", unit_capabilities(), "--inh-caps=-all")
+    unit = ["setpriv", "--bounding-set", unit_capabilities(), "--inh-caps=-all"]
+    if proc == "ProtectProc=invisible":
+        unit = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t proc -o hidepid=invisible proc /proc && exec "$@"', "-", *unit]
+    said = maintd_check(deploy_app, *unit)
     assert f"where it listens now: 127.0.0.1:{app.said} (pid {app.proc.pid}, release A)" in said, said
 
 
