@@ -6,14 +6,18 @@ seconds. Ending maintenance at that point hands the boot to the first visitors (
 request, 2.0–2.7 s stalls with no maintenance at all). So the `restart` step lasts until the app can answer, by what
 the server itself says, without any configured URL:
 
-- Passenger: its own pool (`passenger-status --show=xml`, per registered instance) lists an app process only once
-  it has loaded the app; the wait ends when a group of this tree has a process spawned after the restart began.
-  Nothing is sent to the app.
+- Passenger: its own pool (`passenger-status --show=xml`, in each instance that restarted the app) lists an app
+  process only once it has loaded the app; the wait ends when every group of this tree has a process spawned after
+  the restart began. Nothing is sent to the app. A group for which Passenger spawns nothing has nothing to wait
+  for: with `PassengerMinInstances 0` Passenger starts the app only at a request (the pool shows `min_processes` 0),
+  and the step says so. Otherwise a group that has no new process and none being spawned is one whose spawn failed
+  (an app that raises at boot): Passenger tries again only at a request, so the step fails at once.
 - a restart command (Puma, Unicorn, anything that serves from the release): the app's processes are found in /proc
-  as those whose working directory is inside `releases/` and that listen on a socket (TCP, or a Unix socket under
-  the root). The wait ends when one whose working directory is the new release answers a request with any HTTP
-  status there, sent with maintd's health header. A process still in the old release (Puma between the signal and
-  its re-exec) does not count: its answer would be the old code's.
+  and probed with an HTTP request, by probe.py, run as `hooks.user` (the app's user: see there why, and why only
+  its processes count). The wait ends when a socket held by processes of the new release only answers a request
+  with any HTTP status there, sent with maintd's health header. A socket that a process of an older release still
+  holds does not count: its answer may be the old code's (Puma between the signal and its re-exec; in a phased
+  restart, the old workers that answer while the master already runs in the new release).
 
 Only an app that was running is waited for: one that was not (Passenger starts it on the first request; no process
 listened before the command) has nothing to boot now, and the step says so.
@@ -21,72 +25,107 @@ listened before the command) has nothing to boot now, and the step says so.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import re
 import shutil
-import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
-from . import proc
+from . import probe, proc
 from .config import Config, RestartMethod
 from .restart import HEALTH_HEADER  # sent to the app's own socket too: maintd's probes are told from visitors
 from .results import StepFailed
+from .runas import RunAs
+from .steps import Fault
 
 POLL_INTERVAL = 0.2  # seconds between looks: a boot takes seconds; each passenger-status costs ~0.2 s of Ruby
-_PROBE = f"GET / HTTP/1.0\r\nHost: localhost\r\n{HEALTH_HEADER}: 1\r\nConnection: close\r\n\r\n".encode()
-_STATUS_LINE = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})")
-_SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
-_TCP_LISTEN = "0A"
-_UNIX_ACCEPTING = 1 << 16  # __SO_ACCEPTCON in /proc/net/unix's flags
-_UNIX_STREAM = 1
+# What runs probe.py: the system's Python, which every user may run, not maintd's (its virtualenv may be unreadable
+# to the app's user); -I: nothing of the user's environment or directories is imported.
+SYSTEM_PYTHON = "/usr/bin/python3"
+LOOK_WINDOW = 5.0  # seconds one run of probe.py waits for an answer: what it saw comes back to the step this often
+LOOK_SLACK = 10.0  # seconds a run may take beyond its window (Python's start, /proc, a last probe) before it is killed
 
 
 # --- Passenger ----------------------------------------------------------------------------------------------------
 
 
-def passenger_booted(root: Path, instances: list[Path], since: float, timeout: float) -> str:
-    """Wait until Passenger lists, for an app under `root`, a process spawned at or after `since` (epoch seconds)."""
+class Spawn(Enum):
+    """Where a Passenger group of this tree is, after the restart, by its pool."""
+
+    BOOTED = "booted"  # lists a process spawned since the restart: it has loaded the app
+    SPAWNING = "spawning"  # restarting, or spawning a process
+    ON_DEMAND = "on demand"  # no new process and none being spawned, and none asked for (min_processes 0)
+    FAILED = "failed"  # no new process and none being spawned, though min_processes asks for one: the spawn failed
+
+
+@dataclass(frozen=True)
+class Group:
+    instance: str
+    app_root: str
+    spawn: Spawn
+
+
+def passenger_booted(root: Path, instances: list[str], since: float, timeout: float) -> str:
+    """Wait until Passenger lists, for each app under `root`, a process spawned at or after `since` (epoch seconds),
+    in the named instances; not for a group Passenger starts only at a request; StepFailed for one whose spawn
+    failed, or at the deadline."""
     tool = shutil.which("passenger-status")
     if not tool:
         return "passenger-status is not installed: the boot is not waited for"
     deadline = time.monotonic() + timeout
     while True:
-        groups = list(_passenger_groups(tool, instances, root))
+        groups = [group for name in instances for group in _passenger_groups(tool, name, root, since)]
         if not groups:
             return "Passenger runs no process of this app: nothing to wait for"
-        if any(spawned >= since for _, spawned in groups):
-            return f"Passenger has booted {groups[0][0]} after {time.time() - since:.1f} s"
+        if failed := [group for group in groups if group.spawn is Spawn.FAILED]:
+            raise StepFailed(f"Passenger {failed[0].instance} could not start {failed[0].app_root}: its spawn "
+                             "failed, and Passenger tries again only at a request (the web server's error log says "
+                             "why)")
+        if not any(group.spawn is Spawn.SPAWNING for group in groups):
+            return "; ".join(_waited(group, since) for group in groups)
         if time.monotonic() + POLL_INTERVAL > deadline:
-            raise StepFailed(f"Passenger did not boot {groups[0][0]} within {timeout:g} s of the restart")
+            spawning = next(group for group in groups if group.spawn is Spawn.SPAWNING)
+            raise StepFailed(f"Passenger {spawning.instance} did not boot {spawning.app_root} within {timeout:g} s "
+                             "of the restart")
         time.sleep(POLL_INTERVAL)
 
 
-def _passenger_groups(tool: str, instances: list[Path], root: Path) -> Iterator[tuple[str, float]]:
-    """(app root, newest spawn time of an enabled, live process, or 0) for each Passenger group under `root`."""
-    for instance in instances:
-        try:
-            name = json.loads((instance / "properties.json").read_text())["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        shown = proc.run((tool, "--show=xml", str(name)), cwd=root, timeout=10)
-        if not shown.ok:
-            continue
-        try:
-            pool = ET.fromstring(shown.output[shown.output.find("<?xml"):])
-        except ET.ParseError:
-            continue
-        for group in pool.iter("group"):
-            app_root = group.findtext("app_root") or ""
-            if not _under(app_root, root):
-                continue
-            spawned = [int(p.findtext("spawn_start_time") or 0) / 1e6 for p in group.iter("process")
-                       if p.findtext("enabled") == "ENABLED" and p.findtext("life_status") == "ALIVE"]
-            yield app_root, max(spawned, default=0.0)
+def _waited(group: Group, since: float) -> str:
+    if group.spawn is Spawn.BOOTED:
+        return f"Passenger {group.instance} has booted {group.app_root} after {time.time() - since:.1f} s"
+    return (f"Passenger {group.instance} starts {group.app_root} only at its first request "
+            "(PassengerMinInstances 0): its boot is not waited for")
+
+
+def _passenger_groups(tool: str, instance: str, root: Path, since: float) -> Iterator[Group]:
+    """Each Passenger group under `root` in `instance`, and where its spawn is."""
+    shown = proc.run((tool, "--show=xml", instance), cwd=root, timeout=10)
+    if not shown.ok:
+        return
+    try:
+        pool = ET.fromstring(shown.output[shown.output.find("<?xml"):])
+    except ET.ParseError:
+        return
+    for group in pool.iter("group"):
+        app_root = group.findtext("app_root") or ""
+        if _under(app_root, root):
+            yield Group(instance, app_root, _spawn(group, since))
+
+
+def _spawn(group: ET.Element, since: float) -> Spawn:
+    """Read from the fields Passenger 6 gives a group: `<restarting/>` until its restart is done, then `<spawning/>`
+    and `processes_being_spawned` while a process loads the app; `min_processes` among its options."""
+    if any(int(p.findtext("spawn_start_time") or 0) / 1e6 >= since for p in group.iter("process")
+           if p.findtext("enabled") == "ENABLED" and p.findtext("life_status") == "ALIVE"):
+        return Spawn.BOOTED
+    if (group.find("restarting") is not None or group.find("spawning") is not None
+            or int(group.findtext("processes_being_spawned") or 0) > 0):
+        return Spawn.SPAWNING
+    return Spawn.ON_DEMAND if group.findtext("options/min_processes") == "0" else Spawn.FAILED
 
 
 def _under(path: str, root: Path) -> bool:
@@ -99,114 +138,101 @@ def _under(path: str, root: Path) -> bool:
 
 @dataclass(frozen=True)
 class Listener:
-    pid: int
-    release: str  # the release the process runs in (its working directory)
-    address: tuple[str, int] | str  # (host, port) to connect to, or a Unix socket's path
+    address: str  # host:port, or a Unix socket's path
+    holders: tuple[tuple[int, str], ...]  # (pid, release) of each process of the app's user that holds it
 
     def describe(self) -> str:
-        where = self.address if isinstance(self.address, str) else f"{self.address[0]}:{self.address[1]}"
-        return f"{where} (pid {self.pid}, release {self.release})"
+        pids = [str(pid) for pid, _ in self.holders]
+        releases = sorted({release for _, release in self.holders})
+        return (f"{self.address} (pid{'s' * (len(pids) > 1)} {', '.join(pids)}, "
+                f"release{'s' * (len(releases) > 1)} {', '.join(releases)})")
 
 
-def app_listeners(root: Path) -> list[Listener]:
-    """The listening sockets of every process whose working directory is a release of `root` (read from /proc)."""
-    releases = os.path.realpath(root / "releases") + "/"
-    tcp, unix = _listening_sockets(str(root).rstrip("/") + "/")
-    addresses: dict[int, tuple[str, int] | str] = {**tcp, **unix}
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry.name}/cwd")
-            if not cwd.startswith(releases):
-                continue
-            links = [os.readlink(f"/proc/{entry.name}/fd/{fd}") for fd in os.listdir(f"/proc/{entry.name}/fd")]
-        except OSError:  # gone meanwhile, or a kernel thread
-            continue
-        release = cwd[len(releases):].split("/", 1)[0]
-        inodes = {int(m.group(1)) for link in links if (m := _SOCKET_LINK.match(link))}
-        found += [Listener(int(entry.name), release, addresses[inode]) for inode in sorted(inodes & addresses.keys())]
-    return found
+@dataclass(frozen=True)
+class Look:
+    """What probe.py saw, as the app's user."""
+
+    listeners: list[Listener]
+    answered: tuple[str, int] | None = None  # (address, HTTP status)
+    unanswered: dict[str, str] = field(default_factory=dict)  # address -> why not
+
+    def describe(self, address: str) -> str:
+        """A socket probe.py asked, with its holders as the last look saw them (none: it was gone by then)."""
+        return next((found.describe() for found in self.listeners if found.address == address), address)
 
 
-def _listening_sockets(under: str) -> tuple[dict[int, tuple[str, int]], dict[int, str]]:
-    """inode -> where to connect, for every listening TCP socket and every listening Unix socket below `under`."""
-    tcp: dict[int, tuple[str, int]] = {}
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == _TCP_LISTEN:
-                tcp[int(fields[9])] = _connectable(family, fields[1])
-    unix: dict[int, str] = {}
+class LookFailed(Exception):
+    """probe.py could not be run or said nothing readable: a fault of this machine, not of the release."""
+
+
+@functools.cache
+def _probe_source() -> str:
+    return Path(probe.__file__).read_text(encoding="utf-8")
+
+
+def look(root: Path, runas: RunAs, release: str = "", window: float = 0.0) -> Look:
+    """The listening sockets of `runas`'s processes in `root`'s releases (probe.py), as that user sees them; with
+    `release`, also the first answer, within `window` seconds, of a socket that only processes of that release
+    hold."""
+    argv = (SYSTEM_PYTHON, "-I", "-c", _probe_source(), str(root), release, f"{window:g}", HEALTH_HEADER)
+    ran = proc.run(argv, cwd=Path("/"), timeout=window + LOOK_SLACK, runas=runas)
+    lines = ran.output.strip().splitlines()
     try:
-        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-    except OSError:
-        lines = []
-    for line in lines:
-        fields = line.split()
-        if (len(fields) > 7 and int(fields[3], 16) & _UNIX_ACCEPTING and int(fields[4], 16) == _UNIX_STREAM
-                and fields[7].startswith(under)):
-            unix[int(fields[6])] = fields[7]
-    return tcp, unix
+        report = json.loads(lines[-1]) if ran.ok and lines else None
+        if not isinstance(report, dict):
+            raise ValueError
+        listeners = [Listener(str(found["address"]), tuple((int(pid), str(held)) for pid, held in found["holders"]))
+                     for found in report["listeners"]]
+        answer = report.get("answered")
+        answered = (str(answer["address"]), int(answer["status"])) if answer else None
+        return Look(listeners, answered, {str(k): str(v) for k, v in report.get("unanswered", {}).items()})
+    except (ValueError, KeyError, TypeError, IndexError):
+        said = ran.describe() if not ran.ok else "it said nothing readable"
+        raise LookFailed(f"cannot look for the app's sockets as {runas.name} ({SYSTEM_PYTHON}: {said}): "
+                         f"{ran.output[-300:].strip()}") from None
 
 
-def _connectable(family: socket.AddressFamily, hex_address: str) -> tuple[str, int]:
-    """/proc/net/tcp's `0100007F:1F90` -> ("127.0.0.1", 8080); a wildcard address is reached on loopback."""
-    raw, port = hex_address.split(":")
-    packed = bytes.fromhex(raw)
-    # the kernel prints each 32-bit word in host order (little-endian here)
-    packed = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
-    host = socket.inet_ntop(family, packed)
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if family is socket.AF_INET else "::1"
-    return host, int(port, 16)
-
-
-def answered(listener: Listener, timeout: float) -> int | None:
-    """The HTTP status the app answers a probe with on `listener`, or None (refused, closed, not HTTP)."""
-    family = socket.AF_UNIX if isinstance(listener.address, str) else (
-        socket.AF_INET6 if ":" in listener.address[0] else socket.AF_INET)
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(listener.address)
-            conn.sendall(_PROBE)
-            head = conn.recv(64)
-    except OSError:
-        return None
-    status = _STATUS_LINE.match(head)
-    return int(status.group(1)) if status else None
-
-
-def answering(root: Path, release: str, timeout: float) -> str:
-    """Wait until a process of `release` answers on one of its listening sockets; StepFailed at the deadline."""
+def answering(root: Path, release: str, timeout: float, runas: RunAs) -> str:
+    """Wait until a socket of `release`'s processes answers; StepFailed at the deadline, the machine's fault when
+    the last look could not be made."""
     started = time.monotonic()
     deadline = started + timeout
-    last = "no process of it listens yet"
+    last, failed = "no process of it listens yet", False
     while True:
-        for listener in (found for found in app_listeners(root) if found.release == release):
-            status = answered(listener, max(0.1, deadline - time.monotonic()))
-            if status is not None:
-                return (f"release {release} answered {status} on {listener.describe()} "
+        try:
+            seen = look(root, runas, release, min(LOOK_WINDOW, max(0.1, deadline - time.monotonic())))
+        except LookFailed as exc:
+            last, failed = str(exc), True
+        else:
+            failed = False
+            if seen.answered:
+                address, status = seen.answered
+                return (f"release {release} answered {status} on {seen.describe(address)} "
                         f"after {time.monotonic() - started:.1f} s")
-            last = f"no answer on {listener.describe()}"
+            last = _why_not(seen, release)
         if time.monotonic() + POLL_INTERVAL > deadline:
-            raise StepFailed(f"the app did not answer from release {release} within {timeout:g} s: {last}")
-        time.sleep(POLL_INTERVAL)
+            raise StepFailed(f"the app did not answer from release {release} within {timeout:g} s: {last}",
+                             fault=Fault.SERVER if failed else None)
+        if failed:
+            time.sleep(POLL_INTERVAL)  # probe.py looks again by itself; a run that failed is not run again at once
+
+
+def _why_not(seen: Look, release: str) -> str:
+    if seen.unanswered:
+        return "; ".join(f"no answer on {seen.describe(address)}: {why}"
+                         for address, why in seen.unanswered.items())
+    if mixed := [found for found in seen.listeners if any(held == release for _, held in found.holders)]:
+        return f"an older release still holds {mixed[0].describe()}"
+    return "no process of it listens yet"
 
 
 # --- what `maintd check` tells -----------------------------------------------------------------------------------
 
 
-def described(config: Config) -> list[str]:
+def described(config: Config, runas: RunAs | None) -> list[str]:
     """What a deploy waits for before it ends maintenance, in the words `maintd check` prints, found as a deploy
-    would find it now."""
-    r, root = config.restart, config.root
+    would find it now (the app's processes as `runas`, hooks.user, sees them)."""
+    r = config.restart
     if r.method is RestartMethod.PASSENGER:
         if not shutil.which("passenger-config"):
             waits = ("touches tmp/restart.txt only (passenger-config is not installed): Passenger restarts at its "
@@ -214,16 +240,29 @@ def described(config: Config) -> list[str]:
         elif not shutil.which("passenger-status"):
             waits = "runs passenger-config restart-app; passenger-status is missing, so the boot is not waited for"
         else:
-            waits = (f"runs passenger-config restart-app, then waits (at most {r.health_timeout:g} s, "
-                     "restart.health_timeout) until Passenger lists a process of the new release, so its boot falls "
-                     "inside maintenance; nothing is waited for when Passenger runs no app of this tree")
-    elif found := app_listeners(root):
-        waits = (f"runs restart.command, then waits (at most {r.health_timeout:g} s, restart.health_timeout) until "
-                 f"the app answers from the new release where it listens now: "
-                 f"{', '.join(listener.describe() for listener in found)}")
+            waits = (f"runs passenger-config restart-app in each Passenger instance, then waits (at most "
+                     f"{r.health_timeout:g} s, restart.health_timeout) until Passenger lists a process of the new "
+                     "release, so its boot falls inside maintenance; nothing is waited for when Passenger runs no "
+                     "app of this tree, or starts it only at a request (PassengerMinInstances 0)")
+    elif runas is None:
+        waits = "runs restart.command; hooks.user cannot be used (see below), so no process of the app can be seen"
     else:
-        waits = (f"runs restart.command; no process of the app listens now (none whose working directory is in "
-                 f"{root}/releases/), so a deploy would wait for no boot: set restart.health_url to wait on a URL")
+        waits = _described_command(config, runas)
     health = (f"GET {r.health_url} until it answers 2xx/3xx with {r.health_expect!r} (at most {r.health_timeout:g} s)"
               if r.health_url else "not checked (restart.health_url is empty)")
     return [f"restart: {waits}", f"health: {health}"]
+
+
+def _described_command(config: Config, runas: RunAs) -> str:
+    r, root = config.restart, config.root
+    try:
+        found = look(root, runas).listeners
+    except LookFailed as exc:
+        return f"runs restart.command, but {exc}: a deploy's restart step would fail"
+    if found:
+        return (f"runs restart.command, then waits (at most {r.health_timeout:g} s, restart.health_timeout) until "
+                f"the app answers from the new release where it listens now: "
+                f"{', '.join(listener.describe() for listener in found)} (as {runas.name} sees its own processes "
+                f"in {root}/releases/)")
+    return (f"runs restart.command; no process of {runas.name} (hooks.user) listens now with its working directory "
+            f"in {root}/releases/, so a deploy would wait for no boot: set restart.health_url to wait on a URL")

@@ -48,7 +48,7 @@ def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from . import boot
     from .config import ConfigError, RestartMethod
-    from .runas import resolve
+    from .runas import RunAs, resolve
     from .state import faults
     from .tree import Tree
 
@@ -62,6 +62,7 @@ def check(config: Config) -> int:
     warnings += faults(config.state_dir)  # `run` carries on past these
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
+    runas: RunAs | None = None
     try:
         runas = resolve(config)
     except ConfigError as exc:
@@ -69,7 +70,7 @@ def check(config: Config) -> int:
     else:
         if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
             print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
-    for line in boot.described(config):
+    for line in boot.described(config, runas):
         print(line)
     if cluster := config.cluster:
         from .etcd import Etcd

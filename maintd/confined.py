@@ -182,6 +182,10 @@ class Confined:
         except FileNotFoundError:
             return None
 
+    def status(self) -> os.stat_result:
+        """This directory's own status: of the directory held open, whatever its path names by now."""
+        return os.fstat(self._fd)
+
     def kind(self, name: str) -> int | None:
         """The file type bits (`stat.S_IFMT`) of entry `name`, never following it; None when there is none."""
         found = self.entry(name)

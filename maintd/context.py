@@ -161,11 +161,16 @@ class Context:
         `before`: the release `current` pointed at until now (default: `release`, no swap)."""
         r, root = self.config.restart, self.config.root
         if r.method is RestartMethod.COMMAND:
-            serving = boot.app_listeners(root)
+            try:
+                serving, blind = boot.look(root, self.runas).listeners, None
+            except boot.LookFailed as exc:  # the command runs all the same: a rollback must restart the app
+                serving, blind = [], exc
             done = restart.command(r.command, root, self.config.hooks.timeout, release, self.runas)
+            if blind:
+                raise StepFailed(f"{done}, but its boot cannot be waited for: {blind}", fault=Fault.SERVER)
             if not serving:
-                return f"{done}; no process of the app listened before: no boot to wait for"
-            return f"{done}; {boot.answering(root, release, r.health_timeout)}"
+                return f"{done}; no process of {self.runas.name} listened in releases/ before: no boot to wait for"
+            return f"{done}; {boot.answering(root, release, r.health_timeout, self.runas)}"
         since = time.time()
         try:
             restarted = restart.passenger(root, self.tree.path(release), self.tree.path(before or release),

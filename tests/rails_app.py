@@ -113,12 +113,14 @@ def template(base: Path) -> Path:
 
 
 def release(app: App, source: Path, name: str, migrations: dict[str, str] | None = None,
-            marker: bool = True) -> Path:
-    """A release `name` of the app, with extra migrations {version: body}, written under a staging name and renamed
-    into place as an uploader does, owned by the owner of releases/."""
+            marker: bool = True, files: dict[str, str] | None = None) -> Path:
+    """A release `name` of the app, with extra migrations {version: body} and extra `files` {path: text}, written
+    under a staging name and renamed into place as an uploader does, owned by the owner of releases/."""
     staging = app.releases / f".incoming-{name}"
     shutil.copytree(source, staging, symlinks=True)
     (staging / "REVISION").write_text(f"{name}\n")
+    for path, text in (files or {}).items():
+        (staging / path).write_text(text)
     for version, body in (migrations or {}).items():
         class_name = f"Step{version}"
         (staging / "db/migrate" / f"{version}_step{version}.rb").write_text(

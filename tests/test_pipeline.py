@@ -246,9 +246,10 @@ def test_shared_files_are_linked_before_the_swap(app):
 def test_passenger_is_asked_only_where_an_instance_is_registered(app, monkeypatch, tmp_path, instance, said):
     registry = tmp_path / "registry"
     registry.mkdir()
-    if instance:
+    if instance:  # as a Passenger killed leaves it: finalized and named, its watchdog gone
         (registry / "passenger.Stale01").mkdir()
         (registry / "passenger.Stale01" / "creation_finalized").touch()
+        (registry / "passenger.Stale01" / "properties.json").write_text('{"name": "Stale01"}')
     monkeypatch.setenv("PASSENGER_INSTANCE_REGISTRY_DIR", str(registry))
     app.make_release("r1")
     outcome, events, _ = run_deploy(app, "r1")

@@ -254,7 +254,9 @@ def rails_passenger(deploy_app, deploy_user, rails_source) -> Iterator[tuple[Apa
     if not Path("/usr/lib/apache2/modules/mod_passenger.so").exists():
         pytest.skip("Apache's Passenger module is missing")
     env = rails_tree(deploy_app, rails_source, deploy_user)
-    stack = ApachePassenger(deploy_app, user=deploy_user.pw_name, env=env)
+    # Passenger looks at tmp/restart.txt at every request, not at most every 10 s (the default): a restart.txt that
+    # looked new after maintd's restart-app would restart the app again at the first visitor's request, visibly.
+    stack = ApachePassenger(deploy_app, user=deploy_user.pw_name, env=env, vhost="PassengerStatThrottleRate 0")
     wait_until(lambda: get(stack.port)[0] == 200, 120, "Passenger serving release A")
     yield stack, env
     stack.stop()
@@ -320,6 +322,24 @@ def test_the_first_answer_after_maintenance_is_the_new_release_already_booted(re
     booted = float(body.split("booted ")[1].split()[0])
     restarted = [e["event"] for e in daemon.events if e.get("step") == "restart"]
     assert booted < sent, f"the first visitor after maintenance waited for the new release to boot: {restarted}"
+
+
+def test_a_rails_release_that_cannot_boot_fails_the_restart_and_the_old_release_answers(
+        deploy_app, deploy_user, rails_source, rails_passenger):
+    """B raises while Rails boots: Passenger's spawn fails and Passenger tries again only at a request, so the
+    restart step fails at once (not at restart.health_timeout), the deploy goes back, and A answers, booted."""
+    stack, env = rails_passenger
+    daemon = daemon_on(deploy_app, stack.restart, env, daemon_env=stack.env)
+    try:
+        rails_app.release(deploy_app, rails_source, "B",
+                          files={"config/initializers/broken.rb": 'raise "this release cannot boot"\n'})
+        done = daemon.deployed("B", 120)
+        [restart] = [e for e in daemon.steps(done["deploy_id"]) if e["step"] == "restart"]
+    finally:
+        daemon.stop()
+    assert done["result"] == "rolled_back" and deploy_app.live() == "A"
+    assert "could not start" in restart["event"] and "spawn failed" in restart["event"], restart
+    assert page(stack.port)["release"] == "A"
 
 
 # --- the README's Rack app with Dalli -----------------------------------------------------------------------------

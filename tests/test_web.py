@@ -218,17 +218,24 @@ class ApachePassenger:
     MODULES = ("mpm_event", "authz_core", "mime", "dir", "rewrite", "headers", "alias", "env", "proxy",
                "proxy_http", "passenger")
 
-    def __init__(self, app: App, user: str = "www-data", env: dict[str, str] | None = None) -> None:
-        """Passenger runs the app as `user`, with `env` added to its environment (SetEnv, as the README shows)."""
-        self.base = app.base / "apache"
+    def __init__(self, app: App, user: str = "www-data", env: dict[str, str] | None = None, vhost: str = "",
+                 directory: str = "apache", registry: Path | None = None) -> None:
+        """Passenger runs the app as `user`, with `env` added to its environment (SetEnv, as the README shows) and
+        `vhost`'s directives in the VirtualHost; `directory`: its own under the app's base (a second server needs
+        another), `registry`: a Passenger instance registry to share with another server."""
+        self.base = app.base / directory
         (self.base / "run").mkdir(parents=True)
-        self.registry = self.base / "passenger"
-        self.registry.mkdir()
-        self.registry.chmod(0o755)
+        if registry is None:
+            registry = self.base / "passenger"
+            registry.mkdir()
+            registry.chmod(0o755)
+        self.registry = registry
         self.port = free_port()
         # Apache's own 503: mod_proxy's answer for a backend that is down (nothing listens on a free port)
         self.own_503 = "/backend/checkout"
         modules = "\n".join(f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so" for m in self.MODULES)
+        directives = [*vhost.splitlines(), *(f"SetEnv {name} {value}" for name, value in (env or {}).items())]
+        inside = "".join(f"    {line}\n" for line in directives)
         self.conf = self.base / "apache2.conf"
         self.conf.write_text(f"""
 ServerRoot {self.base}
@@ -252,7 +259,7 @@ PassengerDisableAnonymousTelemetry on
     DocumentRoot {app.root}/current/public
     PassengerUser {user}
     PassengerAppEnv production
-{"".join(f"    SetEnv {name} {value}{chr(10)}" for name, value in (env or {}).items())}
+{inside}
     <Directory {app.root}/current/public>
         Require all granted
         Options -MultiViews
