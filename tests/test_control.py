@@ -212,6 +212,31 @@ def test_operator_maintenance_turned_on_after_the_swap_holds_when_the_deploy_goe
     assert sorted(app.releases.glob("*/tmp/maintenance.txt")) == []
 
 
+def test_a_deploy_that_fails_before_its_swap_under_an_operators_maintenance_leaves_no_flag(app, start_daemon):
+    """r2's deploy raised its own flag in r1 and r2; the operator turned maintenance on while r2's before-swap hook
+    ran; the hook failed. The operator's maintenance stays on where `current` points, r1; r2's flag, where nobody
+    serves it, used to stay too, after `maintenance off` as well: served as a 503 with no maintenance recorded the
+    day r2 goes live (`maintctl deploy r2` once its cause is fixed, needing no maintenance of its own)."""
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}, '
+                     '["sh", "-c", "test \\"$MAINTD_RELEASE\\" != r2"]]\n')
+    app.make_release("r1")
+    app.gate.open()
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    app.gate.opened.unlink()
+    mark = daemon.mark()
+    app.make_release("r2")
+    app.gate.wait_entered()
+    assert (app.releases / "r2" / "tmp" / "maintenance.txt").exists(), "r2's deploy raised its own flag"
+    maintctl(app, "maintenance", "on", "--reason", "db upgrade", check_rc=0)
+    app.gate.open()
+    assert daemon.deployed("r2", since=mark)["result"] == "failed"
+    assert app.live() == "r1" and "db upgrade" in (app.current / "tmp" / "maintenance.txt").read_text()
+    assert not (app.releases / "r2" / "tmp" / "maintenance.txt").exists()
+    maintctl(app, "maintenance", "off", check_rc=0)
+    assert sorted(app.releases.glob("*/tmp/maintenance.txt")) == []
+
+
 def test_pause_survives_a_restart_and_resume_deploys_what_waited(app, live):
     maintctl(app, "pause", check_rc=0)
     live.stop()
