@@ -305,8 +305,7 @@ def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: A
     """A finished deploy, rollback or recovery (`entry`, its history line) into state, history and revisions.log,
     and its journal closed. What cannot be written is logged: the site is consistent by now, so the deploy stands."""
     last = {key: entry[key] for key in ("release", "result", "duration_ms", "deploy_id", "kind", "error")}
-    went_on = entry["result"] == StepResult.OK and entry["previous"] != entry["release"]
-    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["previous"] if went_on else None),
+    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["result"] == StepResult.OK),
                 ctx.tree.append_revision(revision), ctx.store.journal_done()]
     for problem in filter(None, problems):
         logger.error(problem)
