@@ -28,6 +28,7 @@ from .cluster import Coordinator
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
 from .results import DeployKind, Interrupted, Outcome, StepResult
+from .state import InFlight
 from .steps import FINISH, Ending, Fault, Step
 from .switch import ClusterDeploy
 
@@ -36,10 +37,11 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
             on_start: Callable[[Deploy], object] | None = None) -> Outcome | None:
     """Finish or undo the deploy the journal names; None when none was in flight, or when the daemon stopped
     before etcd told the decision. In a cluster, the switch's recorded decision says which (waiting for etcd as
-    long as it takes), never this member's own reading. Then, once no deploy is in flight (none was, or its journal
-    is closed now), no maintenance flag stays where nobody serves it: in any release but the live one."""
-    outcome = _resume(ctx, coordinator, on_start)
-    if ctx.store.in_flight() is None:
+    long as it takes), never this member's own reading. Then, once no deploy is in flight (none was, or it is over
+    now), no maintenance flag stays where nobody serves it: in any release but the live one."""
+    inflight = ctx.store.in_flight()
+    outcome = _resume(ctx, inflight, coordinator, on_start) if inflight else None
+    if inflight is None or outcome is not None:  # not one the daemon's stop left for the next start
         lowered, problems = leftovers.lower_unserved_flags(ctx, ctx.tree.entries())
         logger = log.get(app=ctx.config.app)
         if lowered:
@@ -49,11 +51,9 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
     return outcome
 
 
-def _resume(ctx: Context, coordinator: Coordinator | None,
+def _resume(ctx: Context, inflight: InFlight, coordinator: Coordinator | None,
             on_start: Callable[[Deploy], object] | None) -> Outcome | None:
-    inflight = ctx.store.in_flight()
-    if inflight is None:
-        return None
+    """The deploy `inflight` names, finished or undone (see `recover`); None when the daemon stopped first."""
     t0 = time.perf_counter()
     deploy: Deploy
     if coordinator:  # cut off before it joined a switch, it still aborts the switch of its release (if any)
