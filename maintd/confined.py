@@ -114,11 +114,14 @@ class Confined:
         """The directory `rel` below this one; with `create`, what is missing is made, owned by `owner`. A symlink
         on the way is followed only as far as it stays inside the bound; one that leads out raises PathRefused, and
         so does any symlink without `follow` (for reading: nothing an uploader links to is read as theirs)."""
-        chain, names = [os.dup(fd) for fd in self._chain], list(self.names)
+        chain: list[int] = []
+        names = list(self.names)
         pending = list(reversed(rel.split("/")))
         via = ""  # the last link followed, for the message when a `..` after it climbs out
         steps = 0
         try:
+            for fd in self._chain:  # copied one at a time inside the try: one refused (EMFILE) leaves no other open
+                chain.append(os.dup(fd))
             while pending:
                 part = pending.pop()
                 steps += 1
@@ -324,8 +327,10 @@ def _files_below(top: int, path: Path) -> list[bytes]:
     """Confined.files: walked by descriptors, so a directory swapped for a link meanwhile leads nowhere; no deeper
     than _MAX_STEPS directories (PathRefused), one descriptor open for each level."""
     found: list[bytes] = []
-    levels = [(os.dup(top), b"", _listing(top))]
+    levels: list[tuple[int, bytes, list[tuple[bytes, bool]]]] = []
     try:
+        levels.append((os.dup(top), b"", []))  # each level held before it is listed: the finally closes it
+        levels[-1][2].extend(_listing(top))
         while levels:
             fd, prefix, pending = levels[-1]
             if not pending:
@@ -346,7 +351,7 @@ def _files_below(top: int, path: Path) -> list[bytes]:
                     raise
                 found.append(prefix + name)
                 continue
-            levels.append((sub, prefix + name + b"/", []))  # held before it is listed: the finally closes it
+            levels.append((sub, prefix + name + b"/", []))
             levels[-1][2].extend(_listing(sub))
     finally:
         _close([fd for fd, _, _ in levels])

@@ -17,7 +17,6 @@ from typing import Any
 
 from . import boot, cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
-from .confined import Confined, PathRefused
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -101,42 +100,40 @@ class Context:
             raise Skipped(f"no more than {keep} releases have been live")
         return f"removed {len(doomed)} old release(s): {', '.join(doomed)}"
 
-    def move_current(self, release: str) -> None:
+    def move_current(self, release: str, logger: Any, back: bool = False) -> list[str]:
         """Point `current` at `release`: the swap, the way back, the one way it moves. While an operator holds
         maintenance its flag moves along: into `release` first, so the site stays in maintenance wherever `current`
         ends up, then out of the release left, which nobody serves now and whose flag `maintenance off` (lowering
         it where `current` points) would never take down. Under the store's lock, as `operator_maintenance_on`
-        raises the flag where `current` points: neither can miss the other."""
+        raises the flag where `current` points: neither can miss the other.
+
+        It raises only where `current` did not move, so that a swap that happened is always known (and undone) as
+        one. A flag that cannot go into `release` (a full disk, a `tmp` its uploader turned into a link out of the
+        tree) stops a swap forward before anything moved, but not the way back (`back`): the release that worked,
+        out of maintenance, is a lesser harm than the one that failed, in it. A flag that cannot leave the release
+        left stays where nobody serves it until the next start lowers it (leftovers.py). Either is logged, and
+        returned in words for the record of the swap or of the way back."""
+        notes = []
         with self.store.lock:
             leaving = self.tree.live()
             if operator := self.store.memory.maintenance:
-                self.flags.raise_in(self.tree.path(release), operator)
+                try:
+                    self.flags.raise_in(self.tree.path(release), operator)
+                except Exception as exc:
+                    if not back:
+                        raise
+                    notes.append(f"the operator's maintenance flag could not go into releases/{release} "
+                                 f"({describe(exc)}); `current` went back there all the same")
             self.tree.swap(release)
             if operator and leaving and leaving != release:
-                self.flags.lower_in(self.tree.path(leaving))
-
-    def remove_leftovers(self) -> list[Path]:
-        """At start, the staging directories a kill -9 left where maintd makes things (confined.py): in `<root>`
-        and, in every release, in each directory on the way to what maintd puts there, as its writes reach them."""
-        ways = {""}
-        for rel in self.written_by_maintd():
-            parts = Path(rel).parent.parts
-            ways.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
-        with Confined.open(self.tree.root, self.tree.root) as root:
-            removed = root.remove_leftovers()
-        for name in self.tree.entries():
-            try:
-                release = self.tree.open(name)
-            except (ReleaseError, FileNotFoundError, PathRefused):
-                continue  # not a release (an upload's staging area), or gone meanwhile
-            with release:
-                for way in sorted(ways):
-                    try:
-                        with release.dir(way) as where:
-                            removed += where.remove_leftovers()
-                    except (FileNotFoundError, NotADirectoryError, PathRefused):
-                        continue  # nothing made there, or nothing maintd would make there
-        return removed
+                try:
+                    self.flags.lower_in(self.tree.path(leaving))
+                except Exception as exc:
+                    notes.append(f"the operator's maintenance flag could not leave releases/{leaving}, which nobody "
+                                 f"serves now ({describe(exc)}): the next start lowers it")
+        for note in notes:
+            logger.warning(note)
+        return notes
 
     def return_to(self, previous: str, logger: Any) -> list[str]:
         """A failed deploy's way back after its swap: `current` to `previous`, restarted and flushed, as far as it
@@ -144,14 +141,13 @@ class Context:
         done = []
         try:
             failed = self.tree.live()
-            self.move_current(previous)
-            done.append(f"current -> releases/{previous}")
+            done += [f"current -> releases/{previous}", *self.move_current(previous, logger, back=True)]
             done.append(self.restart_app(previous, before=failed))
             done.append(self.flush_cache(logger))
         except Skipped as skip:
             done.append(str(skip))
         except Exception as exc:  # going back as far as it can, and saying what it could not
-            done.append(f"rollback incomplete: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+            done.append(f"rollback incomplete: {describe(exc)}")
             logger.exception("rollback incomplete")
         return done
 
@@ -242,3 +238,13 @@ class Context:
         if not r.health_url:
             raise Skipped("no restart.health_url configured")
         return restart.wait_healthy(r.health_url, r.health_expect.replace("{release}", release), r.health_timeout)
+
+
+def describe(exc: BaseException) -> str:
+    """An error in the words of a step's record: an OSError's text and file, one of maintd's own its message, any
+    other (a bug) as Python shows it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    if isinstance(exc, (OSError, ReleaseError, StepFailed, Skipped)):
+        return str(exc)
+    return repr(exc)

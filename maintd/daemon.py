@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import log
+from . import leftovers, log
 from .cluster import Coordinator, Membership
 from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
@@ -86,7 +86,7 @@ class Daemon:
         self.ctx.tree.make_releases()
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
-        if stages := self.ctx.remove_leftovers():
+        if stages := leftovers.remove_staging(self.ctx):
             self.log.warning(f"removed {len(stages)} staging director{'y' if len(stages) == 1 else 'ies'} left by a "
                              f"crash: {', '.join(map(str, stages))}")
         if self.coordinator:

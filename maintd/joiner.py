@@ -57,15 +57,21 @@ class Joiner:
                                               f"said once): {exc}", self.log.error, exc_info=exc)
 
     def _mark_abandoned(self, view: View) -> None:
-        """Marked bad here too, and saved at once: a restart must not forget what the cluster abandoned."""
+        """Marked bad here too, and saved at once: a restart must not forget what the cluster abandoned. Once for
+        each abandonment (`ReleaseRecord.abandoned`): the key stays in etcd (contract §7: the cluster abandoned it),
+        while this member's record follows what became of the release here since, so that a release an operator
+        took live again (`maintctl deploy NAME`) is not bad, here as on a lone server (`ReleaseRecord.acquit`)."""
         store, marked = self.inventory.store, False
         for release, reason in view.bad.items():
             record = store.memory.releases.get(release)
             here = (self.inventory.tree.releases / release).is_dir()
-            if here and not (record and record.bad):
-                store.record(release).bad = f"abandoned by the cluster: {reason}"
-                self.log.warning(f"release {release} marked bad: the cluster abandoned it: {reason}", release=release)
-                marked = True
+            if here and not (record and record.abandoned == reason):
+                record = store.record(release)
+                record.abandoned, marked = reason, True
+                if not record.bad:  # a member that took part in the switch judged it already, in its own words
+                    record.bad = f"abandoned by the cluster: {reason}"
+                    self.log.warning(f"release {release} marked bad: the cluster abandoned it: {reason}",
+                                     release=release)
         if marked:
             try:
                 store.save()

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import log, manifest
+from . import leftovers, log, manifest
 from .config import MaintenanceWhen
 from .confined import PathRefused
-from .context import Context
+from .context import Context, describe
 from .maintenance import Notice
 from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
@@ -217,11 +217,13 @@ class Deploy:
         return self._hooks(self.cfg.hooks.before_swap)
 
     def swap(self) -> str:
-        self.ctx.move_current(self.release)
-        self.phase.swapped = True
+        try:
+            notes = self.ctx.move_current(self.release, self.log.bind(step=Step.SWAP))
+        finally:  # one that happened is one, whatever failed after its rename (the fsync): its undo goes back
+            self.phase.swapped = self.ctx.tree.live() == self.release
         record = self.ctx.store.record(self.release)
         record.went_live, record.failed = time.time(), ""
-        return f"current -> releases/{self.release}"
+        return "; ".join([f"current -> releases/{self.release}", *notes])
 
     def restart(self) -> str:
         return self.ctx.restart_app(self.release, before=self.previous)
@@ -251,8 +253,9 @@ class Deploy:
 
     def undo(self, error: str, fault: Fault | None) -> StepRecord:
         """After a failed step: the verdict on the release (`ReleaseRecord.judge`), back to the previous release if
-        the swap happened, then out of our maintenance. The way back is journaled before it is taken, durably: a
-        crash on it (in the previous release's restart) is recovered by taking it again, never finished forward."""
+        the swap happened, out of our maintenance, no flag left where nobody serves it. The way back is journaled
+        before it is taken, durably: a crash on it (in the previous release's restart) is recovered by taking it
+        again, never finished forward."""
         t0 = time.perf_counter()
         phase, notes = self.phase, []
         phase.fault, phase.failed = fault if phase.begun else Fault.NOBODY, error
@@ -260,12 +263,13 @@ class Deploy:
         try:  # one that cannot be journaled (a full disk) is taken all the same
             self.ctx.store.journal(self._in_flight(ending), durable=True)
         except OSError as exc:
-            notes.append(f"the way back could not be journaled ({_describe(exc)})")
+            notes.append(f"the way back could not be journaled ({describe(exc)})")
         if ending == self.crash_at:
             _crash()
         self.ctx.store.record(self.release).judge(phase.fault, error)
         if phase.swapped and self.previous:
             notes += self.ctx.return_to(self.previous, self.log)
+        notes += leftovers.lower_unserved_flags(self.ctx, (self.release, self.previous))[1]
         with self.ctx.store.lock:  # as in maintenance_off
             if self.ctx.store.memory.maintenance:
                 notes.append("operator maintenance stays on")
@@ -277,7 +281,7 @@ class Deploy:
                     self._lower_flags()
                     notes.append("maintenance off")
                 except Exception as exc:
-                    notes.append(f"maintenance could not be lifted: {_describe(exc)}")
+                    notes.append(f"maintenance could not be lifted: {describe(exc)}")
                     self.log.exception("maintenance could not be lifted")
         closed = StepRecord(ending, StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED, _ms(t0),
                             "; ".join(notes) or "nothing to undo")
@@ -305,8 +309,7 @@ def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: A
     """A finished deploy, rollback or recovery (`entry`, its history line) into state, history and revisions.log,
     and its journal closed. What cannot be written is logged: the site is consistent by now, so the deploy stands."""
     last = {key: entry[key] for key in ("release", "result", "duration_ms", "deploy_id", "kind", "error")}
-    went_on = entry["result"] == StepResult.OK and entry["previous"] != entry["release"]
-    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["previous"] if went_on else None),
+    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["result"] == StepResult.OK),
                 ctx.tree.append_revision(revision), ctx.store.journal_done()]
     for problem in filter(None, problems):
         logger.error(problem)
@@ -349,7 +352,7 @@ def failure(exc: Exception, step: Step) -> tuple[str, str, Fault]:
     if isinstance(exc, (ReleaseError, PathRefused)):  # the release itself: a path that leads out of the tree
         return str(exc), "", Fault.RELEASE
     if isinstance(exc, OSError):  # the server: a full disk, permissions, too many open files
-        return _describe(exc), "", Fault.SERVER
+        return describe(exc), "", Fault.SERVER
     return f"unexpected error: {exc!r}", traceback.format_exc(), Fault.SERVER
 
 
@@ -381,14 +384,6 @@ def _migrations(tree: Tree, release: str) -> str | None:
         return ""
     except (PathRefused, ReleaseError):
         return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    if isinstance(exc, (OSError, ReleaseError, StepFailed, Skipped)):
-        return str(exc)
-    return repr(exc)
 
 
 def _ms(t0: float) -> float:

@@ -80,10 +80,9 @@ def _replay(memory: Memory, entry: dict[str, Any], latest: float) -> float | Non
     finished = _finished(entry)
     if result == StepResult.OK:
         latest = max(finished or 0.0, latest + 0.001)
-        record.went_live, record.bad, record.failed = latest, "", ""
+        record.went_live = latest
         previous = entry.get("previous")
-        if isinstance(previous, str) and previous != release:
-            memory.previous = previous
+        memory.went_live(release, previous if isinstance(previous, str) else None)
     else:  # as the deploy judged it: by whose fault the failure was (the release's, where an old entry does not say)
         fault = entry.get("fault")
         record.judge(Fault(fault) if fault in tuple(Fault) else Fault.RELEASE,

@@ -14,6 +14,8 @@ aborted (if nobody has yet: this member failed it by crashing) and undone. A dep
 waited (`Interrupted`) is recovered the same way.
 After-swap hooks are not run again: a hook that killed maintd would kill it on every start.
 The outcome is one `recovery` log entry and one history entry, beside the steps' own entries.
+Then maintenance flags in releases nobody serves are lowered (leftovers.py): a kill -9 between the swap and the
+lowering of the operator's flag in the release left leaves one there, which a later rollback would serve.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from . import leftovers, log
 from .cluster import Coordinator
 from .context import Context
 from .pipeline import Deploy, record_outcome, revision_line
 from .results import DeployKind, Interrupted, Outcome, StepResult
+from .state import InFlight
 from .steps import FINISH, Ending, Fault, Step
 from .switch import ClusterDeploy
 
@@ -33,10 +37,23 @@ def recover(ctx: Context, coordinator: Coordinator | None = None,
             on_start: Callable[[Deploy], object] | None = None) -> Outcome | None:
     """Finish or undo the deploy the journal names; None when none was in flight, or when the daemon stopped
     before etcd told the decision. In a cluster, the switch's recorded decision says which (waiting for etcd as
-    long as it takes), never this member's own reading."""
+    long as it takes), never this member's own reading. Then, once no deploy is in flight (none was, or it is over
+    now), no maintenance flag stays where nobody serves it: in any release but the live one."""
     inflight = ctx.store.in_flight()
-    if inflight is None:
-        return None
+    outcome = _resume(ctx, inflight, coordinator, on_start) if inflight else None
+    if inflight is None or outcome is not None:  # not one the daemon's stop left for the next start
+        lowered, problems = leftovers.lower_unserved_flags(ctx, ctx.tree.entries())
+        logger = log.get(app=ctx.config.app)
+        if lowered:
+            logger.warning(f"lowered the maintenance flag left in release(s) nobody serves: {', '.join(lowered)}")
+        for problem in problems:
+            logger.error(problem)
+    return outcome
+
+
+def _resume(ctx: Context, inflight: InFlight, coordinator: Coordinator | None,
+            on_start: Callable[[Deploy], object] | None) -> Outcome | None:
+    """The deploy `inflight` names, finished or undone (see `recover`); None when the daemon stopped first."""
     t0 = time.perf_counter()
     deploy: Deploy
     if coordinator:  # cut off before it joined a switch, it still aborts the switch of its release (if any)

@@ -51,6 +51,9 @@ class ReleaseRecord:
     bad: str = ""  # why a deploy of it failed; a bad release is never deployed automatically again
     auto_considered: bool = False  # automatic deploys take a release at most once
     failed: str = ""  # why its last deploy failed through a fault of the server's, not the release's
+    # In a cluster: the abandonment (the reason under `P/bad/<release>`, a key that stays) it was marked bad for here
+    # already: once each, so that a release an operator took live since is not marked bad again (joiner.py)
+    abandoned: str = ""
 
     def judge(self, fault: Fault | None, error: str) -> None:
         """The verdict after a deploy of it failed with `error` (a deploy's undo, and the history replayed). Only
@@ -61,6 +64,11 @@ class ReleaseRecord:
             self.bad = error
         elif fault is Fault.SERVER:
             self.failed = error
+
+    def acquit(self) -> None:
+        """A deploy of it went live (ended ok): whatever an earlier one said of it no longer holds. Not bad, so that
+        `rollback` goes to it when it is the previous release, as `maintctl releases` says; not failed."""
+        self.bad = self.failed = ""
 
     @classmethod
     def from_json(cls, name: str, data: Any) -> ReleaseRecord:
@@ -73,6 +81,7 @@ class ReleaseRecord:
         _typed(record.bad, f"{where}.bad", (str,), "a string")
         _typed(record.auto_considered, f"{where}.auto_considered", (bool,), "true or false")
         _typed(record.failed, f"{where}.failed", (str,), "a string")
+        _typed(record.abandoned, f"{where}.abandoned", (str,), "a string")
         return record
 
 
@@ -100,6 +109,13 @@ class Memory:
             releases={name: ReleaseRecord.from_json(name, record)
                       for name, record in _typed(data.get("releases", {}), "releases", (dict,), "an object").items()},
         )
+
+    def went_live(self, release: str, previous: str | None) -> None:
+        """A deploy of `release` went live from `previous`: as it ends (`Store.finish`), and as rebuild.py replays the
+        history, one definition for both, so that a rebuilt state is the one the deploys left."""
+        self.releases.setdefault(release, ReleaseRecord()).acquit()
+        if previous and previous != release:
+            self.previous = previous
 
     def retired(self, keep: int, protected: set[str | None]) -> list[str]:
         """Releases that have been live, beyond the newest `keep` of them, oldest first: what cleanup removes.
@@ -370,15 +386,16 @@ class Store:
         with self.lock:
             write_atomically(self.path, json.dumps(asdict(self.memory), indent=1, sort_keys=True), durable=True)
 
-    def finish(self, last_deploy: dict[str, Any], entry: dict[str, Any], previous: str | None) -> str | None:
-        """Record a finished deploy (state, then history); returns why it could not be, e.g. a full disk.
+    def finish(self, last_deploy: dict[str, Any], entry: dict[str, Any], went_live: bool) -> str | None:
+        """Record a finished deploy (state, then history); returns why it could not be, e.g. a full disk. One that
+        `went_live` is recorded as `Memory.went_live` says.
 
         The site is already consistent when this runs, so failing to write the record must not fail the deploy.
         """
         try:
             with self.lock:
-                if previous:
-                    self.memory.previous = previous
+                if went_live:
+                    self.memory.went_live(entry["release"], entry["previous"])
                 self.memory.last_deploy = last_deploy
                 self.save()
             self.append_history(entry)

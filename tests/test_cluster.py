@@ -646,6 +646,27 @@ def test_an_operator_deploys_a_release_the_cluster_abandoned_on_every_member(clu
     for member, mark in zip(cluster.members, marks, strict=True):  # (m3's own try at the upload may end first)
         member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("deploy of"))
     cluster.assert_on("r1")
+    # The cluster abandoned r1, and its key stays; each member's record follows what became of r1 there: it went
+    # live, so it is bad no more, as on a lone server, and the joiner, which reads the key at every reading, does not
+    # mark it bad again. So `rollback`, after r2, goes back to r1, the release `releases` calls previous.
+    assert cluster.keys("bad/r1")
+    marks = [m.daemon.mark() for m in cluster.members]
+    cluster.upload("r2")
+    assert all(d["result"] == "ok" for d in cluster.deployed("r2"))
+    cluster.assert_on("r2")
+    joined = [member for member, mark in zip(cluster.members, marks, strict=True)  # each read the keys, r1 live
+              if not any("of release r2 begun" in e["event"] for e in member.daemon.events[mark:])]  # there, first
+    assert joined
+    for member in joined:
+        assert not json.loads((member.app.state / "state.json").read_text())["releases"]["r1"]["bad"], member.name
+        assert {r["name"]: r["state"] for r in maintctl_json(member.app, "releases")}["r1"] == "previous"
+    marks = [m.daemon.mark() for m in cluster.members]
+    done = maintctl(joined[0].app, "rollback")
+    assert done.returncode == 0, (done.stderr, cluster.events_tail())
+    for member, mark in zip(cluster.members, marks, strict=True):
+        member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("rollback of"))
+    cluster.assert_on("r1")
+    assert cluster.keys("bad/r1")
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 be written or be chowned outside the app's tree, whatever symlinks the upload holds, and what it makes in a release
 is the release owner's. Real trees owned by a real user, the real pipeline run in-process as root."""
 
+import errno
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,3 +205,49 @@ def test_cleanup_never_removes_through_a_releases_link(deploy_app, outside):
     with pytest.raises(PathRefused, match="not a real directory"):
         tree.remove("r1")
     assert snapshot(outside) == before
+
+
+# A walk with the process out of descriptors (the starvation of issue #20, which the daemon outlives), in a child
+# with a low limit: every descriptor taken but `free`, so that the walk's first copies are made and a later one fails.
+WALK_OUT_OF_DESCRIPTORS = """
+import errno, os, resource, sys
+from pathlib import Path
+from maintd.confined import Confined
+
+root, walk, free = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+top = Confined.open(root, root / "releases" / "r1")  # a chain of three descriptors
+before = len(os.listdir("/proc/self/fd"))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE
+for _ in range(free):
+    os.close(fillers.pop())
+failed = ""
+try:
+    top.dir("tmp").close() if walk == "dir" else top.files()
+except OSError as exc:
+    failed = os.strerror(exc.errno)
+for fd in fillers:
+    os.close(fd)
+print(failed, len(os.listdir("/proc/self/fd")) - before)
+"""
+
+
+@pytest.mark.parametrize("walk, free", [("dir", 2), ("files", 1)])
+def test_a_walk_cut_short_by_emfile_leaks_no_descriptor(app, walk, free):
+    """Every walk (the flag, restart.txt, the manifest's files, a rescan's `Tree.uploaded`) first copies the
+    descriptors it starts from: `dir` its chain of three (two copies made here, the third refused), `files` its top
+    (made, then its listing refused). The copies made before the refusal used to stay open, so that a shortage of
+    descriptors outlived its cause, one walk at a time. A real EMFILE: the walk fails with it and holds nothing."""
+    (app.releases / "r1" / "tmp").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-c", WALK_OUT_OF_DESCRIPTORS, str(app.root), walk, str(free)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    failed, leaked = done.stdout.strip().rsplit(" ", 1)
+    assert failed == os.strerror(errno.EMFILE), f"the walk did not meet EMFILE ({failed!r}): no shortage reproduced"
+    assert int(leaked) == 0, f"{leaked} descriptor(s) still open after a walk that failed with {failed}"

@@ -123,6 +123,33 @@ def test_failed_deploy_exits_1_and_rollback_skips_bad_releases(app, live):
         daemon.stop()
 
 
+def test_a_bad_release_an_operator_took_live_is_where_rollback_goes_as_releases_says(app, start_daemon):
+    """r2 failed once through its own fault (its before-swap hook): bad. Once its cause was fixed an operator took it
+    live (`maintctl deploy r2`, contract §2), then r3 went live. `releases` calls r2 `previous`, where `rollback`
+    goes; rollback used to skip it as bad and take r1 live, two releases back, across r2's migrations: nothing
+    cleared the mark on the live path, while a state rebuilt from the history (rebuild.py) had it cleared."""
+    fail = app.base / "fail-r2"
+    app.write_config(f'[hooks]\nbefore_swap = [["sh", "-c", "test ! -e {fail}"]]\n')
+    app.make_release("r1")
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    fail.touch()
+    mark = daemon.mark()
+    app.make_release("r2")
+    assert daemon.deployed("r2", since=mark)["result"] == "failed"
+    assert {row["name"]: row["state"] for row in maintctl_json(app, "releases")}["r2"] == "bad"
+    fail.unlink()
+    maintctl(app, "deploy", "r2", check_rc=0)
+    mark = daemon.mark()
+    app.make_release("r3")
+    assert daemon.deployed("r3", since=mark)["result"] == "ok"
+    rows = {row["name"]: row for row in maintctl_json(app, "releases")}
+    assert rows["r2"]["state"] == "previous", rows["r2"]
+    assert not json.loads((app.state / "state.json").read_text())["releases"]["r2"]["bad"]
+    maintctl(app, "rollback", check_rc=0)
+    assert app.live() == "r2", f"`releases` said r2 is previous; rollback took {app.live()} live"
+
+
 def test_one_deploy_at_a_time(app, start_daemon):
     app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
     app.make_release("r1")
@@ -208,6 +235,31 @@ def test_operator_maintenance_turned_on_after_the_swap_holds_when_the_deploy_goe
     assert "db upgrade" in flag.read_text()
     status = maintctl_json(app, "status")["maintenance"]
     assert status["on"] and status["reason"] == "db upgrade"
+    maintctl(app, "maintenance", "off", check_rc=0)
+    assert sorted(app.releases.glob("*/tmp/maintenance.txt")) == []
+
+
+def test_a_deploy_that_fails_before_its_swap_under_an_operators_maintenance_leaves_no_flag(app, start_daemon):
+    """r2's deploy raised its own flag in r1 and r2; the operator turned maintenance on while r2's before-swap hook
+    ran; the hook failed. The operator's maintenance stays on where `current` points, r1; r2's flag, where nobody
+    serves it, used to stay too, after `maintenance off` as well: served as a 503 with no maintenance recorded the
+    day r2 goes live (`maintctl deploy r2` once its cause is fixed, needing no maintenance of its own)."""
+    app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}, '
+                     '["sh", "-c", "test \\"$MAINTD_RELEASE\\" != r2"]]\n')
+    app.make_release("r1")
+    app.gate.open()
+    daemon = start_daemon()
+    assert daemon.deployed("r1")["result"] == "ok"
+    app.gate.opened.unlink()
+    mark = daemon.mark()
+    app.make_release("r2")
+    app.gate.wait_entered()
+    assert (app.releases / "r2" / "tmp" / "maintenance.txt").exists(), "r2's deploy raised its own flag"
+    maintctl(app, "maintenance", "on", "--reason", "db upgrade", check_rc=0)
+    app.gate.open()
+    assert daemon.deployed("r2", since=mark)["result"] == "failed"
+    assert app.live() == "r1" and "db upgrade" in (app.current / "tmp" / "maintenance.txt").read_text()
+    assert not (app.releases / "r2" / "tmp" / "maintenance.txt").exists()
     maintctl(app, "maintenance", "off", check_rc=0)
     assert sorted(app.releases.glob("*/tmp/maintenance.txt")) == []
 

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, App, free_port, maintctl_json, run_deploy, wait_until
+from conftest import BIN, App, free_port, maintctl, maintctl_json, run_deploy, wait_until
 from maintd.pipeline import Deploy
 from maintd.state import InFlight, Store
 
@@ -312,6 +313,74 @@ def test_a_state_directory_made_immutable_after_the_swap_leaves_the_deploy_stand
     assert any("could not remove the deploy journal" in e for e in errors), errors
 
 
+def operator_maintenance_on(ctx) -> None:
+    """`maintctl maintenance on`, as its handler does it."""
+    from maintd.maintenance import Notice
+    from maintd.pipeline import now_iso
+
+    ctx.operator_maintenance_on(Notice("db upgrade", now_iso(), "root"))
+
+
+def step_record(events, step: str) -> str:
+    [record] = [e["event"] for e in events if e.get("step") == step and "result" in e]
+    return record
+
+
+@pytest.mark.parametrize("fault", ["a directory where the flag was", "a tmp the kernel refuses to change"])
+def test_a_swap_done_is_a_swap_even_when_the_flag_cannot_leave_the_old_release(app, fault):
+    """Under an operator's maintenance the swap carries its flag along: into r2, `current` moved, out of r1. When
+    the last part fails (r1's uploader put a directory where the flag was: EISDIR; a disk that refuses the change:
+    here EPERM, chattr +i) the swap has happened all the same. It used to raise out of the swap after `current`
+    moved: the deploy was recorded as failed before its swap, with no way back, while `current` pointed at r2. The
+    flag left in r1, which nobody serves, is said in the swap's record (and lowered at the next start)."""
+    app.make_release("r1")
+    outcome, _, ctx = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    operator_maintenance_on(ctx)
+    tmp = app.releases / "r1" / "tmp"
+    app.make_release("r2")
+    if fault == "a directory where the flag was":
+        (tmp / "maintenance.txt").unlink()
+        (tmp / "maintenance.txt" / "mine").mkdir(parents=True)
+        outcome, events, ctx = run_deploy(app, "r2")
+    else:
+        with immutable(tmp):
+            outcome, events, ctx = run_deploy(app, "r2")
+    assert outcome.result == "ok" and app.live() == "r2", (outcome.result, outcome.error)
+    assert not ctx.store.memory.releases["r2"].bad
+    assert (app.releases / "r2" / "tmp" / "maintenance.txt").is_file(), "the operator's maintenance holds on r2"
+    assert "the operator's maintenance flag could not leave releases/r1" in step_record(events, "swap")
+
+
+@pytest.mark.parametrize("fault", ["a tmp its uploader linked out of the tree", "a tmp the kernel refuses to change"])
+def test_the_way_back_is_taken_even_where_the_operators_flag_cannot_go(app, tmp_path, fault):
+    """Under an operator's maintenance the way back raises its flag in r1 before it points `current` there. Where
+    the flag cannot go (r1's uploader turned its `tmp` into a link out of the tree, before the deploy; a disk that
+    refuses the change, from r2's failing after-swap hook on: chattr +i), `current` goes back all the same: r1
+    worked, r2 has just failed. It used to stay on r2 while the deploy said `rolled_back`. The record says so."""
+    app.make_release("r1")
+    outcome, _, ctx = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    operator_maintenance_on(ctx)
+    tmp = app.releases / "r1" / "tmp"
+    app.make_release("r2")
+    try:
+        if fault == "a tmp its uploader linked out of the tree":
+            (tmp_path / "outside").mkdir()
+            shutil.rmtree(tmp)
+            tmp.symlink_to(tmp_path / "outside")
+            hook = '["false"]'
+        else:
+            hook = f'["sh", "-c", "chattr +i {tmp}; false"]'
+        outcome, events, ctx = run_deploy(app, "r2", f"[hooks]\nafter_swap = [{hook}]\n")
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp)], capture_output=True)
+    assert outcome.result == "rolled_back" and app.live() == "r1", (outcome.result, app.live(), outcome.error)
+    assert "the operator's maintenance flag could not go into releases/r1" in step_record(events, "rollback")
+    assert not (app.releases / "r2" / "tmp" / "maintenance.txt").exists(), "r2, which nobody serves, keeps no flag"
+    assert ctx.store.memory.maintenance, "the operator's maintenance is still on, until `maintenance off`"
+
+
 def test_a_journal_record_longer_than_a_sector_is_read_back_whole(tmp_path):
     store = Store(tmp_path)
     long = InFlight("id", "deploy", "r" * 128, "p" * 128, "a" * 200, "2026-11-23T00:00:00+00:00", "validate")
@@ -377,3 +446,44 @@ def test_a_staging_directory_a_kill_9_left_is_removed_at_the_next_start(app, sta
     daemon.stop()
     again = start_daemon()
     assert [e for e in again.events if "staging director" in e["event"]] == []
+
+
+# A kill -9 inside `Context.move_current`, after the swap and before the operator's flag leaves the release left.
+# The code is the real one; only the moment of the kill is arranged, by making that lowering the kill.
+CRASH_AFTER_THE_SWAP = r"""
+import os, signal, sys
+from maintd.config import load
+from maintd.context import Context
+from maintd.maintenance import Flags
+from maintd.pipeline import Deploy
+from maintd.state import Store
+Flags.lower_in = lambda self, release: os.kill(os.getpid(), signal.SIGKILL)
+config = load(sys.argv[1])
+Deploy(Context.build(config, Store(config.state_dir)), "r2", "root").run()
+"""
+
+
+def test_a_kill_9_inside_the_swap_leaves_no_flag_where_nobody_serves_it(app, start_daemon):
+    """Killed between the swap and the lowering of the operator's flag in r1, maintd left that flag in r1, which
+    nobody serves; recovery finishes r2 forward and `maintenance off` lowers the flag where `current` points, so
+    nothing ever took r1's down, and a later rollback to r1 (needing no maintenance of its own) served the 503
+    page with no maintenance recorded. The start lowers it, once no deploy is in flight, and says so; r2's, where
+    `current` points, stays: the operator's maintenance holds until `maintenance off`."""
+    app.make_release("r1")
+    outcome, _, ctx = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    operator_maintenance_on(ctx)
+    app.make_release("r2")
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_THE_SWAP, str(app.config)], timeout=120)
+    assert crashed.returncode == -signal.SIGKILL and app.live() == "r2"
+    flags = {name: app.releases / name / "tmp" / "maintenance.txt" for name in ("r1", "r2")}
+    assert flags["r1"].exists() and flags["r2"].exists(), "the kill came between the swap and the lowering"
+    daemon = start_daemon()  # ready: recovered, and what nobody serves tidied
+    assert daemon.wait_for(step="recovery")["result"] == "ok"
+    assert not flags["r1"].exists(), "r1, which nobody serves, still holds the operator's flag"
+    assert flags["r2"].exists()
+    said = [e["event"] for e in daemon.events if "nobody serves" in e["event"]]
+    assert said == ["lowered the maintenance flag left in release(s) nobody serves: r1"]
+    assert maintctl_json(app, "status")["maintenance"]["on"]
+    maintctl(app, "maintenance", "off", check_rc=0)
+    assert_consistent(app, "r2")

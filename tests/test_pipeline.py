@@ -211,10 +211,15 @@ def test_migrations_are_compared_through_no_link(app, tmp_path):
     assert [e["result"] for e in events if e.get("step") == "maintenance_on"] == ["ok"]
 
 
-def test_keep_on_failure_leaves_the_page_up(app):
+def test_keep_on_failure_leaves_the_page_up_where_current_points(app):
+    """The site stays in maintenance after the failure; the release that failed, which nobody serves, keeps no flag
+    to be served with it the day it goes live (leftovers.py)."""
     app.make_release("r1")
-    outcome, _, _ = run_deploy(app, "r1", '[maintenance]\nkeep_on_failure = true\n[hooks]\nbefore_swap = [["false"]]\n')
-    assert outcome.result == "failed" and flag(app, "r1")
+    app.make_release("r2")
+    run_deploy(app, "r1")
+    outcome, _, _ = run_deploy(app, "r2", '[maintenance]\nkeep_on_failure = true\n[hooks]\nbefore_swap = [["false"]]\n')
+    assert outcome.result == "failed" and app.live() == "r1"
+    assert flag(app, "r1") and not flag(app, "r2")
 
 
 def test_cleanup_keeps_the_newest_live_ones_and_never_unreleased(app):

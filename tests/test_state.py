@@ -206,3 +206,26 @@ def test_a_release_that_failed_through_the_servers_fault_is_not_rebuilt_bad(app)
     rebuild(store, ctx.tree, ctx.flags)
     assert not store.memory.releases["r2"].bad
     assert store.memory.releases["r2"].failed == before.releases["r2"].failed != ""
+
+
+def test_a_bad_release_taken_live_again_is_not_bad_live_or_rebuilt(app):
+    """A release that went live is no longer bad (`ReleaseRecord.acquit`), as its deploy ends and as rebuild.py
+    replays the history: one definition (`Memory.went_live`), so that the state does not depend on whether
+    state.json was ever rebuilt. r2 failed through its own fault, then an operator took it live, then r3."""
+    app.make_release("r1")
+    assert run_deploy(app, "r1")[0].result == "ok"
+    app.make_release("r2")
+    assert run_deploy(app, "r2", FAILS_BEFORE_SWAP)[0].result == "failed"
+    assert read_memory(app.state / "state.json").releases["r2"].bad
+    assert run_deploy(app, "r2")[0].result == "ok"
+    app.make_release("r3")
+    assert run_deploy(app, "r3")[0].result == "ok"
+    config = load(app.config)
+    before = read_memory(app.state / "state.json")
+    (app.state / "state.json").write_text("")
+    store = Store(config.state_dir, recorded([]))
+    ctx = Context.build(config, store)
+    rebuild(store, ctx.tree, ctx.flags)
+    after = store.memory
+    assert before.previous == after.previous == "r2"
+    assert before.releases["r2"].bad == after.releases["r2"].bad == "", (before.releases["r2"], after.releases["r2"])
