@@ -110,9 +110,10 @@ class EtcdProxy:
             upstream.settimeout(None)
             link = Link(client, upstream)
             with self.lock:
-                if self.listener is not listener:
+                if self.listener is not listener:  # refused while this one was being connected: reset it too
                     link.close()
                     return
+                link.silent = self.silent  # or silenced meanwhile: silent too
                 self.links.append(link)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
