@@ -191,8 +191,7 @@ class Confined:
 
     def kind(self, name: str) -> int | None:
         """The file type bits (`stat.S_IFMT`) of entry `name`, never following it; None when there is none."""
-        found = self.entry(name)
-        return stat.S_IFMT(found.st_mode) if found else None
+        return stat.S_IFMT(found.st_mode) if (found := self.entry(name)) else None
 
     def link_target(self, name: str) -> str | None:
         """Where entry `name` points, when it is a symlink."""
