@@ -87,13 +87,9 @@ class Deploy:
 
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
                  on_step: OnStep | None = None, journal: InFlight | None = None) -> None:
-        self.ctx = ctx
-        self.cfg = ctx.config
-        self.release = release
-        self.actor = actor
-        self.kind = DeployKind(kind)
+        self.ctx, self.cfg, self.release, self.actor = ctx, ctx.config, release, actor
+        self.kind, self.path = DeployKind(kind), ctx.tree.path(release)
         self.on_step = on_step or (lambda record: None)
-        self.path = ctx.tree.path(release)
         self.phase = Phase.resumed(journal, ctx.tree.live() == release) if journal else Phase()
         if journal:
             self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
