@@ -32,10 +32,12 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); print(s.getsockname()
 while True:
     c, _ = s.accept(); c.recv(4096); c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\napp\\n"); c.close()
 """
-# Puma between USR2 and its re-exec: the process listens (in the new release) a moment after the restart.
-LISTENS_SOON = """import socket, time
+# Puma between USR2 and its re-exec: the process listens (in the new release) only once the restart command has
+# signalled it (SIGUSR1 here), not before.
+LISTENS_AT_RESTART = """import signal, socket
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
-time.sleep(1); s.listen()
+signal.sigwait({signal.SIGUSR1}); s.listen()
 while True:
     c, _ = s.accept(); c.recv(4096); c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\napp\\n"); c.close()
 """
@@ -135,16 +137,17 @@ def test_only_the_app_users_processes_count_and_no_silent_listener_holds_up_the_
                                                                                     processes):
     """Anyone may enter a release (uploads are 0755) and leave there a socket that accepts and never answers:
     `nobody`'s does not count at all. One of the app's own user that never answers (an admin port, say) is asked
-    beside the others, each probe for a few seconds at most: the app, answering a second after the restart (Puma
-    once re-executed), ends the wait."""
+    beside the others, each probe for a few seconds at most: the app, listening only once the restart command has
+    signalled it (Puma once re-executed), ends the wait."""
     release_dir(deploy_app, "B", deploy_user)
     processes.append(Process(pwd.getpwnam("nobody"), deploy_app.releases / "B", SILENT))
     silent = Process(deploy_user, deploy_app.releases / "B", SILENT)
     processes.append(silent)
-    app = Process(deploy_user, deploy_app.releases / "B", LISTENS_SOON)
+    app = Process(deploy_user, deploy_app.releases / "B", LISTENS_AT_RESTART)
     processes.append(app)
     try:
-        said = restart_step(deploy_app, "B", timeout=4)
+        said = restart_step(deploy_app, "B", f'method = "command"\ncommand = ["/bin/kill", "-USR1", "{app.proc.pid}"]',
+                            timeout=4)
     except StepFailed as exc:
         pytest.fail(f"the app answered, yet the restart step failed: {exc}")
     assert f"answered 200 on 127.0.0.1:{app.said} (pid {app.proc.pid}, release B)" in said, said
@@ -180,12 +183,12 @@ def test_a_unix_socket_is_asked_only_below_the_root_and_never_through_a_link(dep
         recorder = Recorder(outside)
         climbing = f"{deploy_app.root}/{os.path.relpath(outside, deploy_app.root)}/climbing.sock"
         swapped = f"{release}/swapped.sock"
-        code = f"""import os, socket, time
+        code = f"""import os, signal, socket
 held = []
 for path in ({climbing!r}, {swapped!r}):
     s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(); held.append(s)
     os.unlink(path); os.symlink({str(recorder.path)!r}, path)
-print("ready", flush=True); time.sleep(600)
+print("ready", flush=True); signal.pause()  # until the test kills it
 """
         os.chown(outside, deploy_user.pw_uid, deploy_user.pw_gid)  # the app's user binds there
         processes.append(Process(deploy_user, release, code))
@@ -220,9 +223,9 @@ def test_a_listener_on_another_hosts_address_is_never_the_apps(deploy_app, deplo
     Tree(deploy_app.root).swap("A")
     app = Process(deploy_user, deploy_app.releases / "A", HTTP_APP)
     processes.append(app)
-    code = """import socket, time
+    code = """import signal, socket
 s = socket.socket(); s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
-s.bind(("192.0.2.1", 0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(600)
+s.bind(("192.0.2.1", 0)); s.listen(); print(s.getsockname()[1], flush=True); signal.pause()
 """
     processes.append(Process(deploy_user, deploy_app.releases / "A", code))
     deploy_app.write_config(hooks_user=None, extra='[restart]\nmethod = "command"\ncommand = ["true"]')

@@ -102,7 +102,7 @@ class Restarts:
         script.write_text(f"""
 n=$(cat {work}/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > {work}/count
 echo "$n $MAINTD_RELEASE" >> {self.log}
-if [ $n -eq {hold} ]; then echo $$ > {work}/held.tmp; mv {work}/held.tmp {self.held}; while :; do sleep 0.05; done; fi
+if [ $n -eq {hold} ]; then echo $$ > {work}/held.tmp; mv {work}/held.tmp {self.held}; exec sleep infinity; fi
 """)
         self.config = f'[restart]\nmethod = "command"\ncommand = ["sh", "{script}"]\n'
 
