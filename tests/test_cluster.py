@@ -9,7 +9,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -285,36 +286,37 @@ def waiting_of(member: Member) -> str:
     return deploying.get("waiting") or ""
 
 
-def test_quorum_lost_before_a_switch_begins_nothing_until_it_is_back(cluster, etcd):
-    go_live(cluster)
+@contextmanager
+def quorum_lost(cluster: Cluster, etcd: EtcdCluster, then: Callable[[], Any], waiting: Member) -> Iterator[None]:
+    """Two of three etcd members killed, then `then` (what happens in the dark); once every member has said it
+    cannot reach etcd and `waiting`'s status says why it waits, the body checks what holds meanwhile; etcd is
+    back afterwards."""
     lost = etcd.names[:2]
     for name in lost:
         etcd.kill(name)
-    cluster.upload("r1")
+    then()
     for member in cluster.members:
         member.daemon.wait_for(event=lambda e: e.startswith("etcd cannot be reached"))
-    wait_until(lambda: "etcd unreachable" in waiting_of(cluster.members[0]), 30, "status to say why it waits")
-    assert not any((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members)
+    wait_until(lambda: "etcd unreachable" in waiting_of(waiting), 30, "status to say why it waits")
+    yield
     for name in lost:
         etcd.start(name)
+
+
+def test_quorum_lost_before_a_switch_begins_nothing_until_it_is_back(cluster, etcd):
+    go_live(cluster)
+    with quorum_lost(cluster, etcd, lambda: cluster.upload("r1"), cluster.members[0]):
+        assert not any((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members)
     assert all(d["result"] == "ok" for d in cluster.deployed("r1"))
     cluster.assert_on("r1")
 
 
 def test_quorum_lost_mid_switch_keeps_everyone_in_maintenance_until_it_is_back(cluster, etcd):
     primary = hold_at_primary_hook(cluster)
-    lost = etcd.names[:2]
-    for name in lost:
-        etcd.kill(name)
-    primary.app.gate.open()
-    for member in cluster.members:
-        member.daemon.wait_for(event=lambda e: e.startswith("etcd cannot be reached"))
-    wait_until(lambda: "etcd unreachable" in waiting_of(cluster.members[1]), 30, "status to say why it waits")
-    assert json.loads(maintctl(cluster.members[1].app, "status", "--json", check_rc=0).stdout)["maintenance"]["on"]
-    assert all((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members), \
-        "a member left maintenance without the decision"
-    for name in lost:
-        etcd.start(name)
+    with quorum_lost(cluster, etcd, primary.app.gate.open, cluster.members[1]):
+        assert json.loads(maintctl(cluster.members[1].app, "status", "--json", check_rc=0).stdout)["maintenance"]["on"]
+        assert all((m.app.current / "tmp" / "maintenance.txt").exists() for m in cluster.members), \
+            "a member left maintenance without the decision"
     outcomes = {d["result"] for d in cluster.deployed("r1")}
     release = "r1" if outcomes == {"ok"} else "r0"
     cluster.assert_on(release)  # one release everywhere, whichever the decision was

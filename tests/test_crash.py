@@ -326,6 +326,16 @@ def step_record(events, step: str) -> str:
     return record
 
 
+def r1_live_under_operator_maintenance(app: App) -> Path:
+    """r1 live, an operator's maintenance on, r2 uploaded: returns r1's tmp/, where the operator's flag is."""
+    app.make_release("r1")
+    outcome, _, ctx = run_deploy(app, "r1")
+    assert outcome.result == "ok"
+    operator_maintenance_on(ctx)
+    app.make_release("r2")
+    return app.releases / "r1" / "tmp"
+
+
 @pytest.mark.parametrize("fault", ["a directory where the flag was", "a tmp the kernel refuses to change"])
 def test_a_swap_done_is_a_swap_even_when_the_flag_cannot_leave_the_old_release(app, fault):
     """Under an operator's maintenance the swap carries its flag along: into r2, `current` moved, out of r1. When
@@ -333,12 +343,7 @@ def test_a_swap_done_is_a_swap_even_when_the_flag_cannot_leave_the_old_release(a
     here EPERM, chattr +i) the swap has happened all the same. It used to raise out of the swap after `current`
     moved: the deploy was recorded as failed before its swap, with no way back, while `current` pointed at r2. The
     flag left in r1, which nobody serves, is said in the swap's record (and lowered at the next start)."""
-    app.make_release("r1")
-    outcome, _, ctx = run_deploy(app, "r1")
-    assert outcome.result == "ok"
-    operator_maintenance_on(ctx)
-    tmp = app.releases / "r1" / "tmp"
-    app.make_release("r2")
+    tmp = r1_live_under_operator_maintenance(app)
     if fault == "a directory where the flag was":
         (tmp / "maintenance.txt").unlink()
         (tmp / "maintenance.txt" / "mine").mkdir(parents=True)
@@ -358,12 +363,7 @@ def test_the_way_back_is_taken_even_where_the_operators_flag_cannot_go(app, tmp_
     the flag cannot go (r1's uploader turned its `tmp` into a link out of the tree, before the deploy; a disk that
     refuses the change, from r2's failing after-swap hook on: chattr +i), `current` goes back all the same: r1
     worked, r2 has just failed. It used to stay on r2 while the deploy said `rolled_back`. The record says so."""
-    app.make_release("r1")
-    outcome, _, ctx = run_deploy(app, "r1")
-    assert outcome.result == "ok"
-    operator_maintenance_on(ctx)
-    tmp = app.releases / "r1" / "tmp"
-    app.make_release("r2")
+    tmp = r1_live_under_operator_maintenance(app)
     try:
         if fault == "a tmp its uploader linked out of the tree":
             (tmp_path / "outside").mkdir()

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
-from test_cluster import Cluster, Member, Poller, crash_and_recover, go_live, waiting_of
+from test_cluster import Cluster, Member, Poller, crash_and_recover, go_live, quorum_lost
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from conftest import maintctl, maintctl_json, wait_until
+from conftest import maintctl, maintctl_json
 
 FOUR = ("m1", "m2", "m3", "m4")
 pytestmark = [pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` unpacks Debian's "
@@ -269,18 +269,10 @@ def test_quorum_lost_mid_rolling_leaves_each_member_serving_what_it_serves(fleet
     flags = FlagWatch(fleet)
     fleet.upload("r1")
     held.app.gate.wait_entered()
-    lost = etcd.names[:2]
-    for name in lost:
-        etcd.kill(name)
-    held.app.gate.open()
-    for member in fleet.members:
-        member.daemon.wait_for(event=lambda e: e.startswith("etcd cannot be reached"))
-    wait_until(lambda: "etcd unreachable" in waiting_of(fleet.members[1]), 30, "status to say why m2 waits")
-    assert [m.app.live() for m in fleet.members] == ["r1", "r1", "r0", "r0"]
-    assert not any(json.loads(maintctl(m.app, "status", "--json", check_rc=0).stdout)["maintenance"]["on"]
-                   for m in fleet.members)
-    for name in lost:
-        etcd.start(name)
+    with quorum_lost(fleet, etcd, held.app.gate.open, fleet.members[1]):
+        assert [m.app.live() for m in fleet.members] == ["r1", "r1", "r0", "r0"]
+        assert not any(json.loads(maintctl(m.app, "status", "--json", check_rc=0).stdout)["maintenance"]["on"]
+                       for m in fleet.members)
     outcomes = {d["result"] for d in fleet.deployed("r1", timeout=60)}
     assert flags.stop() == [], "a member went into maintenance without the decision"
     fleet.assert_on("r1" if outcomes == {"ok"} else "r0")  # one release everywhere, whichever the decision was

@@ -15,7 +15,7 @@ from maintd.config import load
 from maintd.context import Context
 from maintd.maintenance import Notice
 from maintd.rebuild import rebuild
-from maintd.state import InFlight, Store, read_memory
+from maintd.state import InFlight, Memory, Store, read_memory
 
 FAILS_BEFORE_SWAP = '[hooks]\nbefore_swap = [["false"]]\n'
 FAILS_AFTER_SWAP = '[hooks]\nafter_swap = [["false"]]\n'
@@ -90,16 +90,20 @@ def test_a_state_that_is_not_one_is_named_kept_aside_and_blank_paused(tmp_path, 
     assert len(list(tmp_path.glob("state.json.bad-*"))) == 1
 
 
-def test_the_rebuilt_state_is_what_the_deploys_left(app):
-    past_deploys(app)
+def lost_and_rebuilt(app, damaged: str = "") -> tuple[Memory, Store, str]:
+    """state.json as the deploys left it, then damaged (`damaged` written over it) and rebuilt from the history and
+    the tree: (the state before, the store rebuilt, rebuild's one line)."""
     config = load(app.config)
     before = read_memory(app.state / "state.json")
-    (app.state / "state.json").write_text('{"paused": "no"}')
+    (app.state / "state.json").write_text(damaged)
     store = Store(config.state_dir, recorded([]))
     ctx = Context.build(config, store)
+    return before, store, rebuild(store, ctx.tree, ctx.flags)
 
-    line = rebuild(store, ctx.tree, ctx.flags)
 
+def test_the_rebuilt_state_is_what_the_deploys_left(app):
+    past_deploys(app)
+    before, store, line = lost_and_rebuilt(app, '{"paused": "no"}')
     after = read_memory(app.state / "state.json")  # saved
     assert after == store.memory
     assert after.paused is True and before.paused is False
@@ -198,12 +202,7 @@ def test_a_release_that_failed_through_the_servers_fault_is_not_rebuilt_bad(app)
     app.make_release("r2")
     assert run_deploy(app, "r2", '[shared]\ndirs = ["log"]\n')[0].result == "failed"
     app.write_config()
-    config = load(app.config)
-    before = read_memory(app.state / "state.json")
-    (app.state / "state.json").write_text("")
-    store = Store(config.state_dir, recorded([]))
-    ctx = Context.build(config, store)
-    rebuild(store, ctx.tree, ctx.flags)
+    before, store, _ = lost_and_rebuilt(app)
     assert not store.memory.releases["r2"].bad
     assert store.memory.releases["r2"].failed == before.releases["r2"].failed != ""
 
@@ -220,12 +219,7 @@ def test_a_bad_release_taken_live_again_is_not_bad_live_or_rebuilt(app):
     assert run_deploy(app, "r2")[0].result == "ok"
     app.make_release("r3")
     assert run_deploy(app, "r3")[0].result == "ok"
-    config = load(app.config)
-    before = read_memory(app.state / "state.json")
-    (app.state / "state.json").write_text("")
-    store = Store(config.state_dir, recorded([]))
-    ctx = Context.build(config, store)
-    rebuild(store, ctx.tree, ctx.flags)
+    before, store, _ = lost_and_rebuilt(app)
     after = store.memory
     assert before.previous == after.previous == "r2"
     assert before.releases["r2"].bad == after.releases["r2"].bad == "", (before.releases["r2"], after.releases["r2"])
