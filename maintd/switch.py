@@ -16,8 +16,7 @@ from collections.abc import Callable
 from . import manifest
 from .cluster import (
     IN_MAINTENANCE,
-    POLL_FIRST,
-    POLL_MOST,
+    IN_SWITCH,
     Coordinator,
     Decision,
     Entry,
@@ -74,12 +73,7 @@ class ClusterDeploy(Deploy):
     def leave(self) -> None:
         """Through the switch, forward: done, and the last member through removes it. Not worth waiting for etcd
         over: the site is out of maintenance already, and the joiner signs a switch off later if this could not."""
-        if self.switch:
-            try:
-                self.co.set_state(self.switch.id, Standing(MemberState.DONE))
-            except EtcdUnavailable:
-                return
-            self._finish_switch()
+        self._sign_off(MemberState.DONE)
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash, the switch's recorded decision says (waiting for etcd as long as it takes), never this
@@ -124,8 +118,9 @@ class ClusterDeploy(Deploy):
         self._await(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
         try:
             return super().hooks_before()
-        finally:
-            self._say(Standing(MemberState.HOOKS_DONE))
+        finally:  # with none to run, the others do not wait for this (see maintenance_on): no round trip for it
+            if self._runs_hooks():
+                self._say(Standing(MemberState.HOOKS_DONE))
 
     def swap(self) -> str:
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
@@ -157,12 +152,7 @@ class ClusterDeploy(Deploy):
             self.abort(error)
             fault = Fault.RELEASE  # contract §7: an aborted switch marks the release bad on every member
         record = super().undo(error, fault)
-        if self.switch:
-            try:
-                self.co.set_state(self.switch.id, Standing(MemberState.BACK))
-            except EtcdUnavailable:
-                pass  # the decision is what counts; recovery and the others read that
-            self._finish_switch()
+        self._sign_off(MemberState.BACK)
         return record
 
     def abort(self, reason: str) -> None:
@@ -200,18 +190,22 @@ class ClusterDeploy(Deploy):
 
     def _await(self, ready: Callable[[View], bool], what: str) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
-        step. While etcd does not answer: wait, and say so."""
+        step. Between two readings, wait for etcd's watch to say that something this wait reads has changed
+        (`Waiting.until_changed`), rather than reading again and again. While etcd does not answer: wait, and say
+        so."""
         assert self.switch
-        pause, last = POLL_FIRST, None
         while True:
             try:
-                view, self._said = self._said or self.co.view(self.switch.id), None
-                self._seen = (time.monotonic(), view.decision)
-                move = view.next_move(self.cluster, time.time())
-                if move and self.co.decide(self.switch.id, move, self.release, time.time()):
-                    self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
-                                  switch_id=self.switch.id, decision=str(move.decision))
-                    continue
+                view, self._said = self._said or self.co.view(self.switch.id, besides=frozenset()), None
+                self._seen, basis = (time.monotonic(), view.decision), view.revision
+                if move := view.next_move(self.cluster, time.time()):
+                    # Read again in the same transaction, won or lost; lost, the change that beat it is after
+                    # `basis`, so the wait below reads once more at once if this reading is not ready yet
+                    won, view = self.co.deciding(self.switch.id, move, self.release, time.time())
+                    self._seen = (time.monotonic(), view.decision)
+                    if won:
+                        self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
+                                      switch_id=self.switch.id, decision=str(move.decision))
             except EtcdUnavailable as exc:
                 self.waits.unanswered(what, exc)
                 continue
@@ -221,12 +215,7 @@ class ClusterDeploy(Deploy):
             if ready(view):
                 self.waits.over()
                 return view
-            # After go every member is in (or entering) maintenance and every wait is inside the window: read at
-            # the quickest pace. Before it, slow down while nothing changes.
-            seen = (view.decision, dict(view.states), frozenset(view.alive))
-            quiet = seen == last and view.decision is None
-            pause, last = (min(POLL_MOST, pause * 1.5) if quiet else POLL_FIRST), seen
-            self.waits.pause(pause, what)
+            self.waits.until_changed(self.co.changes, basis, IN_SWITCH, what)
 
     def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
@@ -245,14 +234,19 @@ class ClusterDeploy(Deploy):
                   if self.switch else "in no switch yet")
         return f"{maintenance}, {live}, {switch}"
 
-    def _finish_switch(self) -> None:
-        """The last member through a decided switch removes it, so that the next may begin."""
+    def _sign_off(self, state: MemberState) -> None:
+        """This member is through the switch (`done`, or `back`); the last member through a decided switch
+        removes it, so that the next may begin: who else is through is read in the same round trip. The decision
+        is what counts: what this cannot write, the joiner signs off later, and the next switch to begin removes a
+        finished one."""
+        if not self.switch:
+            return
         try:
-            view = self.co.view(self.phase.switch)
+            view = self.co.set_state(self.switch.id, Standing(state))
             if view.switch and view.switch.id == self.phase.switch and view.finished():
                 self.co.end(view.switch)
         except (EtcdUnavailable, Unreadable):
-            pass  # the next switch to begin removes a finished one
+            pass
 
     def _report_member(self) -> None:
         try:

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from .changes import Changes
+from .cluster import TRUTH_EVERY
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy
 from .results import Interrupted
@@ -54,7 +56,19 @@ class Waiting:
     def pause(self, seconds: float, what: str, shown: str = "") -> None:
         """Wait `seconds`, `status` showing what for, unless the daemon stops first: then `Interrupted`."""
         self.deploy.phase.waiting = shown or f"waiting {what}"
-        if self.stopping.wait(seconds):
+        self.stopping.wait(seconds)
+        self._unless_stopping(what)
+
+    def until_changed(self, changes: Changes, after: int, areas: frozenset[str], what: str) -> None:
+        """Wait until etcd's watch says that something in `areas` changed after revision `after` (the reading the
+        caller has), or `TRUTH_EVERY` seconds in any case, `status` showing what for; `Interrupted` if the daemon
+        stops first."""
+        self.deploy.phase.waiting = f"waiting {what}"
+        changes.wait(after, areas, TRUTH_EVERY)
+        self._unless_stopping(what)
+
+    def _unless_stopping(self, what: str) -> None:
+        if self.stopping.is_set():
             raise Interrupted(f"stopping while waiting {what}: {self.left()}; recovery at the next start obeys "
                               "the decision recorded in etcd")
 
