@@ -202,6 +202,8 @@ class Area(StrEnum):
 
 # What a switch's waits read and wait on: the rule (`View.next_move`) and every `ready` need no more
 IN_SWITCH = frozenset({Area.ALIVE, Area.SWITCH, Area.DECISION, Area.STATE})
+# What a wait for the decision alone waits on (switch.py's `_await_decision`)
+ON_DECISION = frozenset({Area.ALIVE, Area.SWITCH, Area.DECISION})
 # What `Coordinator.view` reads besides the switch by default: everything (`maintctl cluster`, the way in)
 EVERYTHING = frozenset({Area.ALIVE, Area.REPORT, Area.BAD})
 

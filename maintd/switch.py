@@ -17,6 +17,8 @@ from . import manifest
 from .cluster import (
     IN_MAINTENANCE,
     IN_SWITCH,
+    ON_DECISION,
+    Area,
     Coordinator,
     Decision,
     Entry,
@@ -96,7 +98,7 @@ class ClusterDeploy(Deploy):
         self.phase.switch = self.switch.id
         self.log = self.log.bind(switch_id=self.switch.id)
         self._say(Standing(MemberState.PREPARED, digest=digest))
-        self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
+        self._await_decision((Decision.GO,), "for every member to prepare the release")
         return f"every member prepared release {self.release} ({digest[:12]}): go"
 
     def maintenance_on(self) -> str:
@@ -127,12 +129,12 @@ class ClusterDeploy(Deploy):
         # the primary ran its hooks stops every member here.
         at, decision = self._seen
         if decision is not Decision.GO or time.monotonic() - at > FRESH:
-            self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "for the decision")
+            self._await_decision((Decision.GO, Decision.COMMIT), "for the decision")
         return super().swap()
 
     def commit(self) -> str:
         self._say(Standing(MemberState.HEALTHY))
-        self._await(lambda view: view.decision is Decision.COMMIT, "for every member to be healthy")
+        self._await_decision((Decision.COMMIT,), "for every member to be healthy")
         self.phase.committed = True
         return "every member swapped and is healthy: committed"
 
@@ -188,17 +190,29 @@ class ClusterDeploy(Deploy):
                 self.phase.begun, self.held_by = False, view.holder if entry is Entry.HELD else ""
                 raise StepFailed(why)
 
-    def _await(self, ready: Callable[[View], bool], what: str) -> View:
+    def _await_decision(self, decisions: tuple[Decision, ...], what: str) -> View:
+        """Wait for the decision to be one of `decisions`. Only a decision, a member come or gone (the rule then
+        aborts) or the switch record can change what a member does then, unless it is the primary, which tries go
+        and commit on any reading (see `_await`): the others do not read the keys again at each state written."""
+        wakes = IN_SWITCH if self.cluster.member == self.cluster.primary else ON_DECISION
+        return self._await(lambda view: view.decision in decisions, what, wakes)
+
+    def _await(self, ready: Callable[[View], bool], what: str, wakes: frozenset[Area] = IN_SWITCH) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
-        step. Between two readings, wait for etcd's watch to say that something this wait reads has changed
-        (`Waiting.until_changed`), rather than reading again and again. While etcd does not answer: wait, and say
-        so."""
+        step. Between two readings, wait for etcd's watch to say that something in `wakes` changed
+        (`Waiting.until_changed`), rather than reading again and again. Go and commit are tried on the reading
+        that came with this member's own state (the member whose write completes the set sees it complete there)
+        and by the primary on any reading (should that member fail to): not by every member that reads the same
+        keys at the same moment, each with a transaction that compares every member's keys. An abort is tried by
+        whoever sees the reason for it. While etcd does not answer: wait, and say so."""
         assert self.switch
         while True:
             try:
+                own = self._said is not None
                 view, self._said = self._said or self.co.view(self.switch.id, besides=frozenset()), None
                 self._seen, basis = (time.monotonic(), view.decision), view.revision
-                if move := view.next_move(self.cluster, time.time()):
+                move = view.next_move(self.cluster, time.time())
+                if move and (move.decision is Decision.ABORT or own or self.cluster.member == self.cluster.primary):
                     # Read again in the same transaction, won or lost; lost, the change that beat it is after
                     # `basis`, so the wait below reads once more at once if this reading is not ready yet
                     won, view = self.co.deciding(self.switch.id, move, self.release, time.time())
@@ -215,7 +229,7 @@ class ClusterDeploy(Deploy):
             if ready(view):
                 self.waits.over()
                 return view
-            self.waits.until_changed(self.co.changes, basis, IN_SWITCH, what)
+            self.waits.until_changed(self.co.changes, basis, wakes, what)
 
     def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
