@@ -35,10 +35,6 @@ from .etcd import Compare, Etcd, EtcdUnavailable, Reading, delete_op, put_op
 from .results import DeployKind
 from .tree import name_problem
 
-# Seconds a member waiting on the others goes without reading the keys while etcd's watch says nothing changed: the
-# watch is a hint (changes.py), this reading is the truth, so a silent watch makes a member late by this much at
-# worst, never wrong. Timeouts (`prepare_timeout`, `switch_timeout`) are noticed this late too.
-TRUTH_EVERY = 1.0
 T = TypeVar("T")
 
 
@@ -359,6 +355,19 @@ class Coordinator:
     def stop(self) -> None:
         self.stopping.set()
         self.changes.stop()
+
+    @property
+    def truth_every(self) -> float:
+        """Seconds a member waiting on the keys goes without reading them while etcd's watch says nothing changed:
+        the watch is a hint (changes.py), the reading is the truth, so a silent watch makes a member late by this
+        much at worst, never wrong; timeouts are noticed this late too. The pace of its lease's refresh: a third
+        of `lease_ttl`, the time the cluster gives a silent member."""
+        return self.cluster.lease_ttl / 3
+
+    def changed(self, after: int, areas: frozenset[Area]) -> None:
+        """Until etcd's watch says that something in `areas` changed after revision `after` (the caller's reading),
+        `truth_every` seconds in any case, or `stop`."""
+        self.changes.wait(after, areas, self.truth_every)
 
     def view(self, switch_id: str | None = None, writes: tuple[dict[str, Any], ...] = (),
              besides: frozenset[Area] = EVERYTHING) -> View:

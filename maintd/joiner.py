@@ -21,7 +21,6 @@ from typing import Any
 from . import log
 from .cluster import (
     FINISHED,
-    TRUTH_EVERY,
     Area,
     Coordinator,
     Decision,
@@ -42,7 +41,7 @@ READS = frozenset({Area.BAD})
 # The changes it reads again on: a switch begun or ended, a release abandoned (an abort marks it bad in the same
 # transaction), a member come or gone. Not the states in a switch nor its go or commit: the members in it wait on
 # those themselves, and the last one through ends it (a member that died before signing off is found at the next
-# reading, every TRUTH_EVERY seconds); nor the reports.
+# reading, every `Coordinator.truth_every` seconds); nor the reports.
 WAKES = frozenset({Area.SWITCH, Area.BAD, Area.ALIVE})
 
 
@@ -60,10 +59,10 @@ class Joiner:
         read, or a bug, is logged once (per distinct error) and the next reading is another chance. A member whose
         joiner ended would never join a switch again: every switch the others began would wait for it and be
         aborted, its release marked bad on every member. It reads them again when etcd's watch says that
-        something it acts on changed, and every `TRUTH_EVERY` seconds in any case (the watch is only a hint)."""
+        something it acts on changed, and every `Coordinator.truth_every` seconds anyway: the watch is a hint."""
         after = 0  # the revision of the last reading
         while True:
-            await asyncio.to_thread(self.co.changes.wait, after, WAKES, TRUTH_EVERY)
+            await asyncio.to_thread(self.co.changed, after, WAKES)
             try:
                 view = await asyncio.to_thread(self.co.view, None, (), READS)
                 after = view.revision

@@ -229,7 +229,7 @@ class ClusterDeploy(Deploy):
             if ready(view):
                 self.waits.over()
                 return view
-            self.waits.until_changed(self.co.changes, basis, wakes, what)
+            self.waits.until_changed(self.co, basis, wakes, what)
 
     def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""

@@ -12,8 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from .changes import Changes
-from .cluster import TRUTH_EVERY
+from .cluster import Area, Coordinator
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy
 from .results import Interrupted
@@ -59,12 +58,12 @@ class Waiting:
         self.stopping.wait(seconds)
         self._unless_stopping(what)
 
-    def until_changed(self, changes: Changes, after: int, areas: frozenset[str], what: str) -> None:
-        """Wait until etcd's watch says that something in `areas` changed after revision `after` (the reading the
-        caller has), or `TRUTH_EVERY` seconds in any case, `status` showing what for; `Interrupted` if the daemon
-        stops first."""
+    def until_changed(self, co: Coordinator, after: int, areas: frozenset[Area], what: str) -> None:
+        """Wait until something in `areas` changed after revision `after` (the reading the caller has), or long
+        enough that the keys must be read anyway (`Coordinator.changed`), `status` showing what for;
+        `Interrupted` if the daemon stops first."""
         self.deploy.phase.waiting = f"waiting {what}"
-        changes.wait(after, areas, TRUTH_EVERY)
+        co.changed(after, areas)
         self._unless_stopping(what)
 
     def _unless_stopping(self, what: str) -> None:
