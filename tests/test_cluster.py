@@ -648,3 +648,44 @@ def test_an_operator_deploys_a_release_the_cluster_abandoned_on_every_member(clu
     for member, mark in zip(cluster.members, marks, strict=True):  # (m3's own try at the upload may end first)
         member.daemon.wait_for(since=mark, release="r1", result="ok", event=lambda e: e.startswith("deploy of"))
     cluster.assert_on("r1")
+
+
+def prepared(cluster: Cluster, *names: str) -> bool:
+    return all(f"/state/{name}\n" in cluster.keys("s/") for name in names)
+
+
+def test_a_waiting_member_reads_the_keys_when_they_change_and_learns_of_go_through_the_watch(cluster):
+    """Issue 22: a member waiting for go reads the keys again when etcd's watch says that something it waits on
+    changed, not on a timer: its readings, counted at its proxy, stand still while nothing changes (it used to read
+    every member's keys every 4 to 50 ms). lease_ttl is long here, so the reading a member makes anyway (every third
+    of it) would come far too late: the switch goes through on the watch alone, even after the stream ended and was
+    opened again from the last revision it had delivered."""
+    waiting = cluster.members[1]
+    go_live(cluster, lease_ttl=300.0, proxied=(waiting.name,))
+    proxy = cluster.proxies[waiting.name]
+    cluster.upload("r1", to=("m1", "m2"))  # not m3 yet: the switch waits for it in prepare
+    wait_until(lambda: prepared(cluster, "m1", "m2"), 30, "m1 and m2 to prepare r1")
+    wait_until(lambda: "for every member to prepare" in waiting_of(waiting), 30, "m2 to wait for go")
+    quiet = proxy.count("/v3/kv/txn")
+    for _ in range(10):  # the test reads too: time passes, and nothing under the prefix changes
+        assert cluster.etcd.etcdctl("get", "--prefix", cluster.prefix).returncode == 0
+    assert proxy.count("/v3/kv/txn") == quiet, "m2 read the keys again while nothing had changed"
+    assert proxy.end_watches() == 1
+    wait_until(lambda: proxy.count("/v3/watch") == 2, 30, "m2 to open its watch again")
+    cluster.upload("r1", to=("m3",))
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
+
+
+def test_a_member_whose_watch_falls_silent_still_switches_through_its_readings(cluster):
+    """etcd3gw's watch can end silently (../shared/cluster-notes.md): the stream is held open here, and nothing comes
+    through it any more, as on a network that drops a connection's packets. The member learns nothing from it and
+    still switches with the others: the reading it makes anyway, every third of lease_ttl, is the truth."""
+    cut = cluster.members[1]
+    go_live(cluster, proxied=(cut.name,))
+    assert cluster.proxies[cut.name].silence_watches() == 1
+    cluster.upload("r1")
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
