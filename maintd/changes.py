@@ -15,6 +15,7 @@ it waits on (changes that land together are read together) rather than hundreds 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from .etcd import Etcd, EtcdUnavailable
@@ -25,6 +26,7 @@ IDLE = 30.0
 RETRY = 0.5  # seconds between two tries to open a stream while etcd does not answer
 # Seconds a wait lasts while no stream is open: the waiters poll, as they must when nothing hints.
 UNWATCHED = 0.05
+RECENT = 4096  # changes remembered by key, for `written_since`
 
 
 class Changes(threading.Thread):
@@ -36,6 +38,7 @@ class Changes(threading.Thread):
         self.cond = threading.Condition()
         self.newest: dict[str, int] = {}  # area -> revision of the newest change seen in it
         self.everything = 0  # the revision up to which anything may have changed unseen (a fresh stream)
+        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT)  # (revision, key) of the latest changes
         self.live = False  # a stream is open
         self.stopping = False
 
@@ -51,15 +54,22 @@ class Changes(threading.Thread):
             finally:
                 self.live = False
 
-    def wait(self, after: int, areas: frozenset[str], timeout: float) -> None:
+    def wait(self, after: int, areas: frozenset[str], timeout: float) -> bool:
         """Until a change newer than revision `after` in one of `areas`, `timeout` seconds, or `stop`, whichever is
-        first; without a stream, no longer than `UNWATCHED`."""
+        first; without a stream, no longer than `UNWATCHED`. Whether it was a change."""
         with self.cond:
             self.cond.wait_for(lambda: self.stopping or self.changed_since(after, areas),
                                timeout if self.live else min(timeout, UNWATCHED))
+            return self.changed_since(after, areas)
 
     def changed_since(self, after: int, areas: frozenset[str]) -> bool:
         return self.everything > after or any(self.newest.get(area, 0) > after for area in areas)
+
+    def written_since(self, after: int, prefix: str) -> set[str]:
+        """The keys under `prefix` that the watch says changed after revision `after`. A hint that may fall short
+        (a stream down, changes older than it remembers), never one that names a key that did not change."""
+        with self.cond:
+            return {key for revision, key in self.recent if revision > after and key.startswith(prefix)}
 
     def stop(self) -> None:
         with self.cond:
@@ -79,4 +89,5 @@ class Changes(threading.Thread):
         area = self.area(key)
         with self.cond:
             self.newest[area] = max(self.newest.get(area, 0), revision)
+            self.recent.append((revision, key))
             self.cond.notify_all()

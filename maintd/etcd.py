@@ -114,12 +114,13 @@ class Etcd:
         a member says where it is and learns where the others are in the same round trip."""
         return self.txn_reading([], list(writes), wanted)[1]
 
-    def txn_reading(self, compare: list[Compare], success: list[dict[str, Any]],
-                    wanted: list[str]) -> tuple[bool, Reading]:
-        """`txn`, and `wanted` read in the same transaction after it, whether its conditions held or not."""
+    def txn_reading(self, compare: list[Compare], success: list[dict[str, Any]], wanted: list[str],
+                    failure: tuple[dict[str, Any], ...] = ()) -> tuple[bool, Reading]:
+        """`txn` (`failure` written where `success` is not), and `wanted` read in the same transaction after it,
+        whether its conditions held or not."""
         ranges = [{"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))}
                                                           if key.endswith("/") else {})}} for key in wanted]
-        body = {"compare": [c.body for c in compare], "success": [*success, *ranges], "failure": ranges}
+        body = {"compare": [c.body for c in compare], "success": [*success, *ranges], "failure": [*failure, *ranges]}
         result = self._call(lambda client: client.transaction(body))
         found = {}
         for response in result.get("responses", []):

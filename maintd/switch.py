@@ -56,6 +56,7 @@ class ClusterDeploy(Deploy):
         self.held_by = ""  # what held the cluster when this one could not begin (`View.holder`)
         self.waits = Waiting(self, coordinator.stopping, self._left)
         self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
+        self._revision = 0  # etcd's revision that reading was of
         self._said: View | None = None  # read with this member's last state: the next wait's first reading
 
     def run(self) -> Outcome:
@@ -133,7 +134,17 @@ class ClusterDeploy(Deploy):
         return super().swap()
 
     def commit(self) -> str:
-        self._say(Standing(MemberState.HEALTHY))
+        # When etcd's watch says that every other member has written its state since this member last read them
+        # (every member in maintenance then, the primary's hooks run: their next state is healthy), this member's
+        # likely completes the set: it tries commit in the same transaction (etcd checks the conditions, as ever).
+        others = set(self.cluster.members) - {self.cluster.member}
+        if others <= self.co.written_since(self._revision, self.phase.switch):
+            won, self._said = self.waits.keep_trying(lambda: self.co.set_healthy_committing(self.phase.switch),
+                                                     "to record healthy")
+            if won:
+                self.log.info("decided: commit", switch_id=self.phase.switch, decision=str(Decision.COMMIT))
+        else:
+            self._say(Standing(MemberState.HEALTHY))
         self._await_decision((Decision.COMMIT,), "for every member to be healthy")
         self.phase.committed = True
         return "every member swapped and is healthy: committed"
@@ -191,28 +202,29 @@ class ClusterDeploy(Deploy):
                 raise StepFailed(why)
 
     def _await_decision(self, decisions: tuple[Decision, ...], what: str) -> View:
-        """Wait for the decision to be one of `decisions`. Only a decision, a member come or gone (the rule then
-        aborts) or the switch record can change what a member does then, unless it is the primary, which tries go
-        and commit on any reading (see `_await`): the others do not read the keys again at each state written."""
-        wakes = IN_SWITCH if self.cluster.member == self.cluster.primary else ON_DECISION
-        return self._await(lambda view: view.decision in decisions, what, wakes)
+        """Wait for the decision to be one of `decisions`: only a decision, a member come or gone (the rule then
+        aborts) or the switch record change what a member does then, not each state another member writes."""
+        return self._await(lambda view: view.decision in decisions, what, ON_DECISION)
 
     def _await(self, ready: Callable[[View], bool], what: str, wakes: frozenset[Area] = IN_SWITCH) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
         step. Between two readings, wait for etcd's watch to say that something in `wakes` changed
         (`Waiting.until_changed`), rather than reading again and again. Go and commit are tried on the reading
-        that came with this member's own state (the member whose write completes the set sees it complete there)
-        and by the primary on any reading (should that member fail to): not by every member that reads the same
-        keys at the same moment, each with a transaction that compares every member's keys. An abort is tried by
-        whoever sees the reason for it. While etcd does not answer: wait, and say so."""
+        that came with this member's own state (the member whose write completes the set sees it complete there),
+        and on a reading made without the watch's word (nothing changed for a while, or etcd did not answer):
+        should that member not have decided, every member tries then. Not by every member that the watch wakes at
+        the same moment, each with a transaction that compares every member's keys. An abort is tried by whoever
+        sees the reason for it. While etcd does not answer: wait, and say so."""
         assert self.switch
+        woken = False  # the next reading is made on the watch's word
         while True:
             try:
-                own = self._said is not None
+                own = self._said is not None  # the reading came with this member's own state
                 view, self._said = self._said or self.co.view(self.switch.id, besides=frozenset()), None
                 self._seen, basis = (time.monotonic(), view.decision), view.revision
+                self._revision = basis
                 move = view.next_move(self.cluster, time.time())
-                if move and (move.decision is Decision.ABORT or own or self.cluster.member == self.cluster.primary):
+                if move and (move.decision is Decision.ABORT or own or not woken):
                     # Read again in the same transaction, won or lost; lost, the change that beat it is after
                     # `basis`, so the wait below reads once more at once if this reading is not ready yet
                     won, view = self.co.deciding(self.switch.id, move, self.release, time.time())
@@ -222,6 +234,7 @@ class ClusterDeploy(Deploy):
                                       switch_id=self.switch.id, decision=str(move.decision))
             except EtcdUnavailable as exc:
                 self.waits.unanswered(what, exc)
+                woken = False
                 continue
             self.waits.answered()
             if view.decision is Decision.ABORT:
@@ -229,7 +242,7 @@ class ClusterDeploy(Deploy):
             if ready(view):
                 self.waits.over()
                 return view
-            self.waits.until_changed(self.co, basis, wakes, what)
+            woken = self.waits.until_changed(self.co, basis, wakes, what)
 
     def _say(self, standing: Standing) -> None:
         """Record this member's state; the others' states, read in the same round trip, serve the next wait."""

@@ -58,13 +58,14 @@ class Waiting:
         self.stopping.wait(seconds)
         self._unless_stopping(what)
 
-    def until_changed(self, co: Coordinator, after: int, areas: frozenset[Area], what: str) -> None:
+    def until_changed(self, co: Coordinator, after: int, areas: frozenset[Area], what: str) -> bool:
         """Wait until something in `areas` changed after revision `after` (the reading the caller has), or long
-        enough that the keys must be read anyway (`Coordinator.changed`), `status` showing what for;
-        `Interrupted` if the daemon stops first."""
+        enough that the keys must be read anyway (`Coordinator.changed`), `status` showing what for; whether it
+        was a change. `Interrupted` if the daemon stops first."""
         self.deploy.phase.waiting = f"waiting {what}"
-        co.changed(after, areas)
+        changed = co.changed(after, areas)
         self._unless_stopping(what)
+        return changed
 
     def _unless_stopping(self, what: str) -> None:
         if self.stopping.is_set():
