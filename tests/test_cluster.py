@@ -4,6 +4,7 @@ the timeline they make is what proves that the members switch as one."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -689,3 +690,39 @@ def test_a_member_whose_watch_falls_silent_still_switches_through_its_readings(c
     outcomes = cluster.deployed("r1")
     assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
     cluster.assert_on("r1")
+
+
+def kv(cluster: Cluster, key: str, *args: str) -> dict | None:
+    """The key as etcd holds it (now, or `--rev=N`): its value and revisions, None when absent."""
+    done = cluster.etcd.etcdctl("get", f"{cluster.prefix}/{key}", "-w", "json", *args)
+    found = json.loads(done.stdout).get("kvs") or [None]
+    return found[0] and {**found[0], "value": base64.b64decode(found[0]["value"]).decode()}
+
+
+def test_the_member_whose_health_completes_the_set_commits_in_the_same_transaction(cluster):
+    """When etcd's watch says that every other member has recorded its state since this member last read them, its
+    own `healthy` likely completes the set: it writes `commit` in the same transaction (etcd comparing the others'
+    keys, as ever), one round trip instead of two inside every member's window. m3 is held in its restart until m1
+    and m2 are healthy: the decision is written at the very revision of m3's `healthy`. It used to take a
+    transaction of its own, after m3 had read its own write back."""
+    go_live(cluster)
+    late = cluster.members[2]
+    late.app.gate.open()
+    late.app.config.write_text(late.app.config.read_text().replace('command = ["true"]',
+                                                                   f"command = {late.app.gate.hook()}"))
+    late.daemon.reload()
+    late.app.gate.opened.unlink()
+    cluster.upload("r1")
+    late.app.gate.wait_entered()
+    switch = json.loads(kv(cluster, "switch")["value"])["id"]
+    healthy = json.dumps({"state": "healthy"})
+    wait_until(lambda: all((kv(cluster, f"s/{switch}/state/{name}") or {}).get("value") == healthy
+                           for name in ("m1", "m2")), 30, "m1 and m2 to be healthy")
+    late.app.gate.open()
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
+    decision = kv(cluster, f"s/{switch}/decision")
+    assert decision and decision["value"] == "commit"
+    then = kv(cluster, f"s/{switch}/state/m3", f"--rev={decision['mod_revision']}")
+    assert then and then["value"] == healthy and then["mod_revision"] == decision["mod_revision"], (decision, then)
