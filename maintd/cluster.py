@@ -423,21 +423,21 @@ class Coordinator:
         return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), standing.as_json()),),
                          frozenset())
 
-    def set_healthy_committing(self, switch_id: str) -> tuple[bool, View]:
-        """Record this member healthy and, in the same transaction, commit the switch where every other member is
-        healthy already (the conditions of `deciding`, but for this member's own state, which it writes): the
-        member whose state completes the set commits in one round trip, not two. Whether it committed, and the
-        switch's keys read after it."""
-        put = put_op(self.keys.state(switch_id, self.me), Standing(MemberState.HEALTHY).as_json())
+    def set_healthy(self, switch_id: str, since: int) -> tuple[bool, View]:
+        """Record this member healthy, and read the others' states in the same round trip. When etcd's watch says
+        that every other member has written its state after revision `since` (a reading in which each was one
+        state short of healthy), this member's likely completes the set: the same transaction commits the switch
+        where every other member is healthy indeed (the conditions of `deciding`, but for this member's own state,
+        which it writes), one round trip instead of two. Whether it committed."""
+        state = self.keys.state(switch_id)
+        others = {state + m for m in self.cluster.members if m != self.me}
+        put = put_op(state + self.me, Standing(MemberState.HEALTHY).as_json())
+        if not others <= self.changes.written_since(since, state):
+            return False, self.view(switch_id, (put,), frozenset())
         won, reading = self.etcd.txn_reading(self._commit_conditions(switch_id, but=self.me),
                                              [put, put_op(self.keys.decision(switch_id), Decision.COMMIT)],
                                              self._wanted(switch_id, frozenset()), failure=(put,))
         return won, self._view(reading, switch_id)
-
-    def written_since(self, after: int, switch_id: str) -> set[str]:
-        """The members whose state in the switch etcd's watch says changed after revision `after`: a hint."""
-        prefix = self.keys.state(switch_id)
-        return {key.removeprefix(prefix) for key in self.changes.written_since(after, prefix)}
 
     def _commit_conditions(self, switch_id: str, but: str = "") -> list[Compare]:
         """Commit's: go decided, every member alive and healthy (but `but`)."""

@@ -11,14 +11,10 @@ how a wait ends when the daemon stops, is `waiting.Waiting`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from . import manifest
 from .cluster import (
     IN_MAINTENANCE,
-    IN_SWITCH,
-    ON_DECISION,
-    Area,
     Coordinator,
     Decision,
     Entry,
@@ -26,7 +22,6 @@ from .cluster import (
     Standing,
     SwitchRecord,
     Unreadable,
-    View,
 )
 from .config import Cluster
 from .context import Context
@@ -54,10 +49,7 @@ class ClusterDeploy(Deploy):
         self.joining = joining  # the id of the switch another member began, which this deploy joins or nothing
         self.planned_id = joining or new_deploy_id()
         self.held_by = ""  # what held the cluster when this one could not begin (`View.holder`)
-        self.waits = Waiting(self, coordinator.stopping, self._left)
-        self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
-        self._revision = 0  # etcd's revision that reading was of
-        self._said: View | None = None  # read with this member's last state: the next wait's first reading
+        self.waits = Waiting(self, coordinator, self._left)
 
     def run(self) -> Outcome:
         # Every entry of the switch carries its id from the first step on: the id of the switch of this release
@@ -98,8 +90,8 @@ class ClusterDeploy(Deploy):
         self.switch = self.waits.keep_trying(lambda: self._join_or_begin(digest), "to begin or join the switch")
         self.phase.switch = self.switch.id
         self.log = self.log.bind(switch_id=self.switch.id)
-        self._say(Standing(MemberState.PREPARED, digest=digest))
-        self._await_decision((Decision.GO,), "for every member to prepare the release")
+        self.waits.say(Standing(MemberState.PREPARED, digest=digest))
+        self.waits.for_decision((Decision.GO,), "for every member to prepare the release")
         return f"every member prepared release {self.release} ({digest[:12]}): go"
 
     def maintenance_on(self) -> str:
@@ -107,45 +99,40 @@ class ClusterDeploy(Deploy):
             return super().maintenance_on()
         finally:  # skipped or not, the others learn that this member is ready to swap; the primary says whether
             # it has hooks to run, and when it has none, the others need not wait for it to have run none
-            self._say(Standing(MemberState.MAINTENANCE, runs_hooks=self._runs_hooks()))
+            self.waits.say(Standing(MemberState.MAINTENANCE, runs_hooks=self._runs_hooks()))
 
     def hooks_before(self) -> str:
         primary = self.cluster.primary
         if self.cluster.member != primary:
-            self._await(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
-                                                                 MemberState.DONE)
-                        or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
-                            and view.all_in(IN_MAINTENANCE)),
-                        f"for the primary, {primary}, to run the before-swap hooks")
+            self.waits.until(lambda view: view.state_of(primary) in (MemberState.HOOKS_DONE, MemberState.HEALTHY,
+                                                                     MemberState.DONE)
+                             or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
+                                 and view.all_in(IN_MAINTENANCE)),
+                             f"for the primary, {primary}, to run the before-swap hooks")
             raise Skipped(f"the before-swap hooks are run by the primary, {primary}")
-        self._await(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
+        self.waits.until(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
         try:
             return super().hooks_before()
         finally:  # with none to run, the others do not wait for this (see maintenance_on): no round trip for it
             if self._runs_hooks():
-                self._say(Standing(MemberState.HOOKS_DONE))
+                self.waits.say(Standing(MemberState.HOOKS_DONE))
 
     def swap(self) -> str:
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
         # the primary ran its hooks stops every member here.
-        at, decision = self._seen
+        at, decision = self.waits.seen
         if decision is not Decision.GO or time.monotonic() - at > FRESH:
-            self._await_decision((Decision.GO, Decision.COMMIT), "for the decision")
+            self.waits.for_decision((Decision.GO, Decision.COMMIT), "for the decision")
         return super().swap()
 
     def commit(self) -> str:
-        # When etcd's watch says that every other member has written its state since this member last read them
-        # (every member in maintenance then, the primary's hooks run: their next state is healthy), this member's
-        # likely completes the set: it tries commit in the same transaction (etcd checks the conditions, as ever).
-        others = set(self.cluster.members) - {self.cluster.member}
-        if others <= self.co.written_since(self._revision, self.phase.switch):
-            won, self._said = self.waits.keep_trying(lambda: self.co.set_healthy_committing(self.phase.switch),
-                                                     "to record healthy")
-            if won:
-                self.log.info("decided: commit", switch_id=self.phase.switch, decision=str(Decision.COMMIT))
-        else:
-            self._say(Standing(MemberState.HEALTHY))
-        self._await_decision((Decision.COMMIT,), "for every member to be healthy")
+        # Since the last reading every member was in maintenance (the primary's hooks run): healthy is the next
+        # state of each, and this member's may complete the set (see `Coordinator.set_healthy`).
+        won, self.waits.said = self.waits.keep_trying(
+            lambda: self.co.set_healthy(self.phase.switch, self.waits.revision), "to record healthy")
+        if won:
+            self.log.info("decided: commit", switch_id=self.phase.switch, decision=str(Decision.COMMIT))
+        self.waits.for_decision((Decision.COMMIT,), "for every member to be healthy")
         self.phase.committed = True
         return "every member swapped and is healthy: committed"
 
@@ -201,54 +188,6 @@ class ClusterDeploy(Deploy):
                 self.phase.begun, self.held_by = False, view.holder if entry is Entry.HELD else ""
                 raise StepFailed(why)
 
-    def _await_decision(self, decisions: tuple[Decision, ...], what: str) -> View:
-        """Wait for the decision to be one of `decisions`: only a decision, a member come or gone (the rule then
-        aborts) or the switch record change what a member does then, not each state another member writes."""
-        return self._await(lambda view: view.decision in decisions, what, ON_DECISION)
-
-    def _await(self, ready: Callable[[View], bool], what: str, wakes: frozenset[Area] = IN_SWITCH) -> View:
-        """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
-        step. Between two readings, wait for etcd's watch to say that something in `wakes` changed
-        (`Waiting.until_changed`), rather than reading again and again. Go and commit are tried on the reading
-        that came with this member's own state (the member whose write completes the set sees it complete there),
-        and on a reading made without the watch's word (nothing changed for a while, or etcd did not answer):
-        should that member not have decided, every member tries then. Not by every member that the watch wakes at
-        the same moment, each with a transaction that compares every member's keys. An abort is tried by whoever
-        sees the reason for it. While etcd does not answer: wait, and say so."""
-        assert self.switch
-        woken = False  # the next reading is made on the watch's word
-        while True:
-            try:
-                own = self._said is not None  # the reading came with this member's own state
-                view, self._said = self._said or self.co.view(self.switch.id, besides=frozenset()), None
-                self._seen, basis = (time.monotonic(), view.decision), view.revision
-                self._revision = basis
-                move = view.next_move(self.cluster, time.time())
-                if move and (move.decision is Decision.ABORT or own or not woken):
-                    # Read again in the same transaction, won or lost; lost, the change that beat it is after
-                    # `basis`, so the wait below reads once more at once if this reading is not ready yet
-                    won, view = self.co.deciding(self.switch.id, move, self.release, time.time())
-                    self._seen = (time.monotonic(), view.decision)
-                    if won:
-                        self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
-                                      switch_id=self.switch.id, decision=str(move.decision))
-            except EtcdUnavailable as exc:
-                self.waits.unanswered(what, exc)
-                woken = False
-                continue
-            self.waits.answered()
-            if view.decision is Decision.ABORT:
-                raise StepFailed(f"the switch was aborted: {view.reason}")
-            if ready(view):
-                self.waits.over()
-                return view
-            woken = self.waits.until_changed(self.co, basis, wakes, what)
-
-    def _say(self, standing: Standing) -> None:
-        """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
-        self._said = self.waits.keep_trying(lambda: self.co.set_state(self.phase.switch, standing),
-                                            f"to record {standing.state}")
-
     def _runs_hooks(self) -> bool:
         return self.cluster.member == self.cluster.primary and bool(self.cfg.hooks.before_swap)
 
@@ -256,7 +195,7 @@ class ClusterDeploy(Deploy):
         """What this member leaves behind if it stops now, in words, for the line that says so."""
         maintenance = "not in maintenance" if self.phase.maintenance is MaintenanceOwner.NONE else "in maintenance"
         live = f"current -> releases/{self.ctx.tree.live() or 'none'}" + (" (swapped)" if self.phase.swapped else "")
-        decision = self._seen[1]
+        decision = self.waits.seen[1]
         switch = (f"switch {self.phase.switch} " + (f"last read as {decision}" if decision else "undecided")
                   if self.switch else "in no switch yet")
         return f"{maintenance}, {live}, {switch}"
