@@ -700,11 +700,11 @@ def kv(cluster: Cluster, key: str, *args: str) -> dict | None:
 
 
 def test_the_member_whose_health_completes_the_set_commits_in_the_same_transaction(cluster):
-    """When etcd's watch says that every other member has recorded its state since this member last read them, its
-    own `healthy` likely completes the set: it writes `commit` in the same transaction (etcd comparing the others'
-    keys, as ever), one round trip instead of two inside every member's window. m3 is held in its restart until m1
-    and m2 are healthy: the decision is written at the very revision of m3's `healthy`. It used to take a
-    transaction of its own, after m3 had read its own write back."""
+    """When etcd's watch says that every other member (but at most two) has recorded its state since this member
+    last read them, its own `healthy` may complete the set: it writes `commit` in the same transaction (etcd
+    comparing the others' keys, as ever), one round trip instead of two inside every member's window. m3 is held in
+    its restart until m1 and m2 are healthy: the decision is written at the very revision of m3's `healthy`. It used
+    to take a transaction of its own, after m3 had read its own write back."""
     go_live(cluster)
     late = cluster.members[2]
     late.app.gate.open()
