@@ -184,16 +184,16 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
     out = []
     for run in results["runs"]:
         n, strategy, cost = run["members"], run["strategy"], run["etcd_per_switch"]
-        head = f"7 {strategy}, {n} member{'s' if n > 1 else ''}:"
+        head = f"7 {strategy}, {n} member{'s' if n > 1 else ''}:"  # per switch, medians
         spread = run["marker_to_all_live_ms"]
-        out += [(f"{head} window, worst member (lone maintd)",
+        out += [(f"{head} worst window (lone maintd)",
                  f"{run['worst_window_ms']} ms ({run['lone_window_ms']['median']} ms)", ""),
-                (f"{head} of which waiting on the others", f"{run['worst_waiting_ms']} ms", ""),
+                (f"{head} of it, waiting on the others", f"{run['worst_waiting_ms']} ms", ""),
                 (f"{head} marker → all live (lone maintd)",
                  f"{spread['median']} ms ({run['lone_marker_to_live_ms']['median']} ms)", "")]
         if strategy == "together":
             out += [(f"{head} added by the coordination", f"{run['added_ms']} ms", goals.get(n, ""))]
-        out += [(f"{head} etcd per switch: requests, range ops, KB sent, watch events",
+        out += [(f"{head} etcd: requests, range ops, KB, events",
                  f"{cost['kv_requests']}, {cost['range_ops']}, {cost['sent_bytes'] / 1000:.0f}, "
                  f"{cost['watch_events']}", "requests, range ops ∝ members")]
     if note := results.get("rolling"):
