@@ -16,6 +16,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -139,7 +140,7 @@ class Etcd:
         if after:
             create["start_revision"] = after + 1
 
-        def open_stream(client: Etcd3Client) -> tuple[Any, Any, int]:
+        def open_stream(client: Etcd3Client) -> tuple[Any, Any, dict[str, Any]]:
             response = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
                                            timeout=(self.timeout, idle))
             lines = response.iter_lines()
@@ -147,15 +148,14 @@ class Etcd:
             if response.status_code != 200 or not first.get("created"):
                 response.close()
                 raise ValueError(f"no watch: HTTP {response.status_code} {first}")
-            return response, lines, int(first.get("header", {}).get("revision", 0))
+            return response, lines, first
 
-        response, lines, now = self._call(open_stream)
-        last = after or now
+        response, lines, first = self._call(open_stream)
+        last = after or int(first.get("header", {}).get("revision", 0))
         opened(last)
         try:
-            for line in lines:
-                result = json.loads(line).get("result", {}) if line else {}
-                if result.get("canceled"):
+            for result in chain([first], (json.loads(line).get("result", {}) for line in lines if line)):
+                if result.get("canceled"):  # etcd ended it: compacted past `after`, or an error of its own
                     return 0 if result.get("compact_revision") else last
                 for event in result.get("events", []):
                     last = int(event["kv"]["mod_revision"])
