@@ -1,7 +1,8 @@
 """make bench: how fast maintd is, side by side with the plain alternative, on this machine.
 
 Eight measures (medians over repeated runs, with min and max), printed as one table and written to
-bench/results.json. Timings live here and only here: the test suite asserts behaviour, never speed.
+bench/results.json; the seventh, switches of a fleet, is bench/fleet.py. Timings live here and only here: the test
+suite asserts behaviour, never speed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # conftest's fixtures and the etcd cluster of the tests
 sys.path.insert(0, str(HERE.parent))
+
+from fleet import SIZES, fleet  # noqa: E402
+from fleet import rows as fleet_rows  # noqa: E402
 
 from conftest import App, Daemon, Memcached, make_source, wait_until  # noqa: E402
 from maintd.config import Upload, load  # noqa: E402
@@ -323,54 +327,7 @@ def scaling() -> dict:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-# --- 7. a cluster switch ------------------------------------------------------------------------------------------
-
-
-def cluster_window() -> dict:
-    """The maintenance window (flag written -> flag removed, from each daemon's own log) of every member of a
-    3-member switch through a real 3-member etcd, against a lone maintd's measured the same way in the same run."""
-    from etcd_cluster import EtcdCluster
-
-    base = Path(tempfile.mkdtemp(prefix="maintd-bench-cluster-"))
-    etcd = EtcdCluster(base / "etcd")
-    members = ("m1", "m2", "m3")
-    same = '[restart]\nmethod = "command"\ncommand = ["true"]\n'
-    lone = App(base / "lone", MEMCACHED.address)
-    lone.write_config(same)
-    apps = [App(base / name, MEMCACHED.address) for name in members]
-    for name, app in zip(members, apps, strict=True):
-        app.write_config(same + f"""[cluster]
-members = {json.dumps(list(members))}
-member = "{name}"
-etcd = {json.dumps(etcd.endpoints)}
-prefix = "/maintd/bench"
-lease_ttl = 2.0
-""")
-    daemons = [Daemon(app).ready() for app in (lone, *apps)]
-    windows: dict[str, list[float]] = {"lone": [], **{name: [] for name in members}}
-    try:
-        for i in range(max(5, RUNS // 3) + 1):
-            name = f"r{i:03d}"
-            for app, daemon, key in zip((lone, *apps), daemons, ("lone", *members), strict=True):
-                mark = daemon.mark()
-                app.make_release(name)
-                if key == "lone":
-                    daemon.deployed(name, since=mark)
-            for daemon, key in zip(daemons, ("lone", *members), strict=True):
-                done = daemon.deployed(name, timeout=60)
-                assert done["result"] == "ok", done
-                steps = {e["step"]: e for e in daemon.steps(done["deploy_id"])}
-                if i:  # the first switch has no live release
-                    windows[key].append((ts(steps["maintenance_off"]) - ts(steps["maintenance_on"])) * 1000)
-    finally:
-        for daemon in daemons:
-            daemon.stop()
-        etcd.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
-    lone_median = statistics.median(windows["lone"])
-    return {"lone_ms": summary(windows["lone"]),
-            **{f"{name}_ms": summary(windows[name]) for name in members},
-            "added_ms": round(max(statistics.median(windows[name]) for name in members) - lone_median, 3)}
+# --- 7. switches of a fleet: bench/fleet.py ---------------------------------------------------------------------
 
 
 # --- 8. the window where Passenger serves the app ------------------------------------------------------------------
@@ -428,7 +385,7 @@ def share(mode: dict, when: str) -> str:
 def table(results: dict) -> str:
     w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
                                                "control_socket", "scaling"))
-    cl, pw = results.get("cluster"), results.get("passenger_window")
+    fl, pw = results.get("fleet"), results.get("passenger_window")
     m = c["require_marker_mode"]
     rows = [
         ("1 maintenance window (maintd)", spread(w["maintd_ms"]), "≤ 0.5× script, < 5 ms"),
@@ -454,10 +411,8 @@ def table(results: dict) -> str:
           for n in (10, 100, 1000)],
         ("6 cleanup of 100 old releases", f"{sc['cleanup_ms_for_100_old_releases']} ms", ""),
     ]
-    if cl:
-        rows += [("7 window, lone maintd (same config, same run)", spread(cl["lone_ms"]), "")]
-        rows += [(f"7 window, cluster member {name}", spread(cl[f"{name}_ms"]), "") for name in ("m1", "m2", "m3")]
-        rows += [("7 added by the coordination (worst member)", f"{cl['added_ms']} ms", "≤ 50 ms")]
+    if fl:
+        rows += fleet_rows(fl)
     if pw:
         rows += [("8 window where Passenger serves the app (maintd)", spread(pw["maintd_ms"]), "the restart"),
                  ("8 passenger-config restart-app alone", spread(pw["restart_app_alone_ms"]), ""),
@@ -502,8 +457,8 @@ def main() -> None:
         results["control_socket"] = control_socket()
         print("6/8 scaling", flush=True)
         results["scaling"] = scaling()
-        print("7/8 a cluster switch (3 members, 3 etcd)", flush=True)
-        results["cluster"] = cluster_window()
+        print(f"7/8 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
+        results["fleet"] = fleet(MEMCACHED.address)
         print("8/8 the window where Passenger serves the app", flush=True)
         results["passenger_window"] = passenger_window()
     finally:

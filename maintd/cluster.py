@@ -32,16 +32,18 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from .changes import Changes
 from .config import Cluster, Strategy
-from .etcd import Compare, Etcd, EtcdUnavailable, delete_op, put_op
+from .etcd import Compare, Etcd, EtcdUnavailable, Reading, delete_op, put_op
 from .results import DeployKind
 from .tree import name_problem
 
-# Seconds between two readings of the keys while waiting for the others: from a few ms (a switch takes a handful of
-# round trips, and every wait sits inside the maintenance window) growing to 50 ms while nothing changes. The
-# ceiling is also how late a member may learn of `go`, and an early member's window waits for the latest one.
-POLL_FIRST, POLL_MOST = 0.004, 0.05
 T = TypeVar("T")
+# Other members whose last state a member writing `healthy` may not have seen yet and still try commit in the same
+# transaction (`Coordinator.set_healthy`): the watch tells of a write about one write's commit later, so members that
+# finish their restarts within that time do not see each other's; a few unseen catch such a burst, while in a large
+# fleet only its last few writers pay commit's comparisons (2 per member, made by etcd).
+UNSEEN = 2
 
 
 class Decision(StrEnum):
@@ -247,6 +249,37 @@ class Keys:
     def reason(self, switch: str) -> str:
         return f"{self.of_switch(switch)}reason"
 
+    def area(self, key: str) -> Area:
+        """Which part of the layout `key` belongs to: what a change of it may concern (see `Area`)."""
+        rest = key.removeprefix(self.prefix + "/")
+        if rest == "switch":
+            return Area.SWITCH
+        head, _, tail = rest.partition("/")
+        if head == "s":
+            return Area.STATE if tail.partition("/")[2].startswith("state/") else Area.DECISION
+        return {"alive": Area.ALIVE, "members": Area.REPORT, "bad": Area.BAD}.get(head, Area.OTHER)
+
+
+class Area(StrEnum):
+    """The parts of the key layout, for reading some of them (`Coordinator.view`) and for waiting on changes to
+    some of them (`changes.Changes`)."""
+
+    ALIVE = "alive"
+    REPORT = "report"
+    BAD = "bad"
+    SWITCH = "switch"  # P/switch
+    DECISION = "decision"  # a switch's decision, go_at, reason
+    STATE = "state"  # a member's state in a switch
+    OTHER = "other"
+
+
+# What a switch's waits read and wait on: the rule (`View.next_move`) and every `ready` need no more
+IN_SWITCH = frozenset({Area.ALIVE, Area.SWITCH, Area.DECISION, Area.STATE})
+# What a wait for the decision alone waits on (`Waiting.for_decision`)
+ON_DECISION = frozenset({Area.ALIVE, Area.SWITCH, Area.DECISION})
+# What `Coordinator.view` reads besides the switch by default: everything (`maintctl cluster`, the way in)
+EVERYTHING = frozenset({Area.ALIVE, Area.REPORT, Area.BAD})
+
 
 class Entry(StrEnum):
     """What a deploy not yet in a switch does with one reading of the keys (`View.way_in`)."""
@@ -287,6 +320,7 @@ class View:
     # P/switch's value when this maintd cannot read it (`SwitchRecord.parse`): no switch a member can join, and it
     # holds the key, so none can begin until it is gone
     unreadable: str = ""
+    revision: int = 0  # etcd's revision this reading is of: a change after it is news (changes.py)
 
     @property
     def holder(self) -> str:
@@ -445,12 +479,20 @@ class Rollout:
         k = self.batch_of(member)
         if k == 0:
             return ""
-        before = self.batches[k - 1]
-        if unhealthy := [m for m in before if view.state_of(m) is not MemberState.HEALTHY]:
+        if unhealthy := [m for m in self.batches[k - 1] if view.state_of(m) is not MemberState.HEALTHY]:
             return f"for batch {k} ({', '.join(unhealthy)}) to be healthy"
-        if now < max(view.states[m].at for m in before) + self.wait:
+        if now < self.settled_at(view, member):
             return f"for batch {k} to stay healthy for batch_wait ({self.wait:g}s)"
         return ""
+
+    def settled_at(self, view: View, member: str) -> float:
+        """When the batch before `member`'s has been healthy for `wait` seconds (time.time); 0 when that is not
+        what `member` waits for (its batch is the first, or the one before is not healthy yet)."""
+        k = self.batch_of(member)
+        before = self.batches[k - 1] if k else ()
+        if not before or any(view.state_of(m) is not MemberState.HEALTHY for m in before):
+            return 0.0
+        return max(view.states[m].at for m in before) + self.wait
 
     def behind(self, view: View, member: str) -> list[str]:
         """The members of later batches still on the new release and alive: on abort they go back first (reverse
@@ -472,23 +514,59 @@ class Coordinator:
         self.etcd = etcd
         self.keys = Keys(cluster.prefix)
         self.me = cluster.member
-        # Set when the daemon stops: every wait on etcd or on the other members ends then (see waiting.py).
+        # Set when the daemon stops (`stop`): every wait on etcd or on the other members ends then (see waiting.py).
         self.stopping = threading.Event()
+        self.changes = Changes(etcd, cluster.prefix + "/", self.keys.area)  # started by the daemon
 
-    def view(self, switch_id: str | None = None, writes: tuple[dict[str, Any], ...] = ()) -> View:
+    def stop(self) -> None:
+        self.stopping.set()
+        self.changes.stop()
+
+    @property
+    def truth_every(self) -> float:
+        """Seconds a member waiting on the keys goes without reading them while etcd's watch says nothing changed:
+        the watch is a hint (changes.py), the reading is the truth, so a silent watch makes a member late by this
+        much at worst, never wrong; timeouts are noticed this late too. The pace of its lease's refresh: a third
+        of `lease_ttl`, the time the cluster gives a silent member."""
+        return self.cluster.lease_ttl / 3
+
+    def changed(self, after: int, areas: frozenset[Area], within: float | None = None) -> bool:
+        """Until etcd's watch says that something in `areas` changed after revision `after` (the caller's reading),
+        `truth_every` seconds in any case (`within`, if sooner: what the caller awaits may come by the clock), or
+        `stop`; whether the watch said so."""
+        timeout = self.truth_every if within is None else max(0.0, min(within, self.truth_every))
+        return self.changes.wait(after, areas, timeout)
+
+    def view(self, switch_id: str | None = None, writes: tuple[dict[str, Any], ...] = (),
+             besides: frozenset[Area] = EVERYTHING) -> View:
         """One consistent reading of the keys that matter now, in one round trip (two when the switch in progress
-        is not known yet), after `writes` if any: the members, the abandoned releases, and the switch `switch_id`
-        (default: the one in progress) with its states and decision; `switch` is None once that switch is no
-        longer the one in P/switch. The second round trip reads everything again: an abort between the two would
-        otherwise show its decision without the release it marked bad."""
+        is not known yet), after `writes` if any: P/switch, the parts of the layout named in `besides`, and the
+        switch `switch_id` (default: the one in progress) with its states and decision and the alive keys, which
+        the rule needs; `switch` is None once that switch is no longer the one in P/switch. A switch's waits read
+        no more than that: the reports and the abandoned releases only grow with the fleet and with time. The
+        second round trip reads everything again: an abort between the two would otherwise show its decision
+        without the release it marked bad."""
         k = self.keys
-        base = [k.alive(), k.report(), k.bad(), k.switch]
-        found = self.etcd.read(base + ([k.of_switch(switch_id)] if switch_id else []), writes)
-        if not switch_id and k.switch in found and (record := SwitchRecord.parse(found[k.switch])):
-            switch_id = record.id
-            found = self.etcd.read([*base, k.of_switch(switch_id)])
-        view = View(self.cluster.members)
-        for key, value in found.items():
+        if switch_id:
+            return self._view(self.etcd.read(self._wanted(switch_id, besides), writes), switch_id)
+        reading = self.etcd.read(self._wanted("", besides), writes)
+        if k.switch in reading.found and (record := SwitchRecord.parse(reading.found[k.switch])):
+            return self._view(self.etcd.read(self._wanted(record.id, besides)), record.id)
+        return self._view(reading, "")
+
+    def _wanted(self, switch_id: str, besides: frozenset[Area]) -> list[str]:
+        """What `view` reads: P/switch, `besides`, and with a switch its keys and the alive keys."""
+        k = self.keys
+        parts = {Area.ALIVE: k.alive(), Area.REPORT: k.report(), Area.BAD: k.bad()}
+        wanted = [k.switch, *(parts[area] for area in sorted(besides))]
+        if switch_id:
+            wanted += [*([k.alive()] if Area.ALIVE not in besides else []), k.of_switch(switch_id)]
+        return wanted
+
+    def _view(self, reading: Reading, switch_id: str) -> View:
+        k = self.keys
+        view = View(self.cluster.members, revision=reading.revision)
+        for key, value in reading.found.items():
             if key.startswith(k.alive()):
                 view.alive.add(key.removeprefix(k.alive()))
             elif key.startswith(k.report()):
@@ -503,15 +581,38 @@ class Coordinator:
             elif switch_id and key.startswith(k.state(switch_id)) and (standing := Standing.parse(value)):
                 view.states[key.removeprefix(k.state(switch_id))] = standing
         if switch_id:
-            view.decision = _read(found, k.decision(switch_id), Decision)
-            view.choice = _read(found, k.strategy(switch_id), Choice.parse)
-            view.go_at = _read(found, k.go_at(switch_id), float)
-            view.reason = found.get(k.reason(switch_id), "")
+            view.decision = _read(reading.found, k.decision(switch_id), Decision)
+            view.choice = _read(reading.found, k.strategy(switch_id), Choice.parse)
+            view.go_at = _read(reading.found, k.go_at(switch_id), float)
+            view.reason = reading.found.get(k.reason(switch_id), "")
         return view
 
     def set_state(self, switch_id: str, standing: Standing) -> View:
         """Record this member's state in the switch, and read the others' in the same round trip."""
-        return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), standing.as_json()),))
+        return self.view(switch_id, (put_op(self.keys.state(switch_id, self.me), standing.as_json()),),
+                         frozenset())
+
+    def set_healthy(self, switch_id: str, since: int, at: float = 0.0) -> tuple[bool, View]:
+        """Record this member healthy, and read the others' states in the same round trip. When etcd's watch says
+        that every other member, or all but `UNSEEN`, has written its state after revision `since` (a reading in
+        which each was one state short of healthy), this member's may complete the set: the same transaction
+        commits the switch where every other member is healthy indeed (the conditions of `deciding`, but for this
+        member's own state, which it writes), one round trip instead of two. Whether it committed. A rolling
+        switch's healthy says since when (`at`, for `batch_wait`), which no condition can know of the others: it
+        commits by `View.next_move`, on the values read."""
+        k, members = self.keys, self.cluster.members
+        healthy = Standing(MemberState.HEALTHY).as_json()
+        put = put_op(k.state(switch_id, self.me), Standing(MemberState.HEALTHY, at=at).as_json())
+        unseen = {k.state(switch_id, m) for m in members if m != self.me} - self.changes.written_since(
+            since, k.state(switch_id))
+        if at or len(unseen) > UNSEEN:
+            return False, self.view(switch_id, (put,), frozenset())
+        conditions = [Compare.equals(k.decision(switch_id), Decision.GO),
+                      *[Compare.present(k.alive(m)) for m in members],
+                      *[Compare.equals(k.state(switch_id, m), healthy) for m in members if m != self.me]]
+        won, reading = self.etcd.txn_reading(conditions, [put, put_op(k.decision(switch_id), Decision.COMMIT)],
+                                             self._wanted(switch_id, frozenset()), failure=(put,))
+        return won, self._view(reading, switch_id)
 
     def sign_off(self, switch_id: str, state: MemberState) -> None:
         """This member is through with the switch (`done` or `back`), and the last member through removes it, so
@@ -536,28 +637,42 @@ class Coordinator:
 
     def decide(self, switch_id: str, move: Move, release: str, now: float) -> bool:
         """Try to write `move.decision`; whether this member's transaction was the one that did."""
+        return self.deciding(switch_id, move, release, now)[0]
+
+    def deciding(self, switch_id: str, move: Move, release: str, now: float) -> tuple[bool, View]:
+        """`decide`, and the switch's keys read in the same transaction, won or lost: members that see the same
+        reading try the same transaction at once, and the losers learn the winner's decision without another
+        round trip."""
         k, members = self.keys, self.cluster.members
         decision = k.decision(switch_id)
+        wanted = self._wanted(switch_id, frozenset())
+
+        def attempt(compare: list[Compare], writes: list[dict[str, Any]]) -> tuple[bool, View]:
+            won, reading = self.etcd.txn_reading(compare, writes, wanted)
+            return won, self._view(reading, switch_id)
+
         alive = [Compare.present(k.alive(m)) for m in members]
         states = [Compare.equals(k.state(switch_id, m), value) for m, value in move.expect]
         if move.decision is Decision.GO:
             assert move.choice
-            return self.etcd.txn([Compare.absent(decision), *alive, *states],
-                                 [put_op(decision, Decision.GO), put_op(k.go_at(switch_id), repr(now)),
-                                  put_op(k.strategy(switch_id), move.choice.as_json())])
+            return attempt([Compare.absent(decision), *alive, *states],
+                           [put_op(decision, Decision.GO), put_op(k.go_at(switch_id), repr(now)),
+                            put_op(k.strategy(switch_id), move.choice.as_json())])
         if move.decision is Decision.COMMIT:
-            return self.etcd.txn([Compare.equals(decision, Decision.GO), *alive, *states],
-                                 [put_op(decision, Decision.COMMIT)])
+            return attempt([Compare.equals(decision, Decision.GO), *alive, *states],
+                           [put_op(decision, Decision.COMMIT)])
         abort = [put_op(decision, Decision.ABORT), put_op(k.reason(switch_id), move.reason),
                  put_op(k.bad(release), move.reason)]
-        return (self.etcd.txn([Compare.absent(decision)], abort)
-                or self.etcd.txn([Compare.equals(decision, Decision.GO)], abort))
+        won, view = attempt([Compare.absent(decision)], abort)
+        if not won and view.decision is Decision.GO:
+            won, view = attempt([Compare.equals(decision, Decision.GO)], abort)
+        return won, view
 
     def abort(self, release: str, reason: str, switch_id: str = "") -> str:
         """Abort switch `switch_id`, or (a member that failed before it joined) the switch of `release` in
         progress, if any; the id of the switch this member's transaction aborted, or "" when none did."""
         if not switch_id:
-            view = self.view()
+            view = self.view(besides=frozenset())
             if not view.switch or view.switch.release != release:
                 return ""
             switch_id = view.switch.id

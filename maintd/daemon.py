@@ -92,6 +92,7 @@ class Daemon:
         if self.coordinator:
             self.membership = Membership(self.coordinator, self._etcd_problem, lambda: self.ctx.tree.live())
             self.membership.start()
+            self.coordinator.changes.start()
             # Before anything can begin a switch: a member without its alive key is gone to the others, and a
             # switch begun meanwhile would be aborted. Bounded: with etcd away, nothing can begin anyway.
             await asyncio.to_thread(self.membership.joined.wait, JOIN_WAIT)
@@ -121,7 +122,7 @@ class Daemon:
         await self.stopping.wait()
         self.runner.accepting = False
         if self.coordinator:  # a switch's waits end now; recovery at the next start obeys the decision
-            self.coordinator.stopping.set()
+            self.coordinator.stop()
         self.notifier.stopping()
         self.log.info("stopping" + (" after the deploy in progress" if self.runner.current else ""))
         for chore in chores:

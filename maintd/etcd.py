@@ -2,18 +2,22 @@
 
 What the wrapper adds, because etcd3gw leaves it out (checked in its 2.7.0 source): a client speaks to one endpoint,
 so every call is tried on each configured endpoint in turn, starting with the last that answered; every call has a
-timeout; a requests Session is not shared between threads, so each thread gets its own clients. No watch is used:
-etcd3gw's watch can end silently or hang on a dropped stream, and the keys read by polling are the truth anyway.
-Anything that fails on every endpoint is `EtcdUnavailable`: the caller decides what waiting means.
+timeout; a requests Session is not shared between threads, so each thread gets its own clients; the watch stream is
+read here, not through etcd3gw's watch, which ends silently (or hangs) on a dropped stream or an error: here its end
+is the end of `watch`, and a stream silent for `idle` seconds ends too. A watch is only ever a hint (see changes.py):
+the keys read are the truth. Anything that fails on every endpoint is `EtcdUnavailable`: the caller decides what
+waiting means.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from itertools import chain
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # imported where a client is made: a lone server never loads requests (~7 MB of RSS)
@@ -29,6 +33,13 @@ class EtcdUnavailable(Exception):
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+class Reading(NamedTuple):
+    """Keys read in one transaction, and the revision of etcd's store they are of."""
+
+    found: dict[str, str]
+    revision: int
 
 
 @dataclass(frozen=True)
@@ -98,18 +109,62 @@ class Etcd:
             return result
         raise EtcdUnavailable("etcd did not answer (" + "; ".join(problems) + ")")
 
-    def read(self, wanted: list[str], writes: tuple[dict[str, Any], ...] = ()) -> dict[str, str]:
+    def read(self, wanted: list[str], writes: tuple[dict[str, Any], ...] = ()) -> Reading:
         """Several keys and prefixes (those ending in "/") in one round trip, as one consistent snapshot: a
         transaction with no condition whose every operation is a range read, after `writes` (put_op), if any:
         a member says where it is and learns where the others are in the same round trip."""
-        ops = [*writes, *({"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))}
-                                                                    if key.endswith("/") else {})}} for key in wanted)]
-        result = self._call(lambda client: client.transaction({"compare": [], "success": ops, "failure": []}))
+        return self.txn_reading([], list(writes), wanted)[1]
+
+    def txn_reading(self, compare: list[Compare], success: list[dict[str, Any]], wanted: list[str],
+                    failure: tuple[dict[str, Any], ...] = ()) -> tuple[bool, Reading]:
+        """`txn` (`failure` written where `success` is not), and `wanted` read in the same transaction after it,
+        whether its conditions held or not."""
+        ranges = [{"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))}
+                                                          if key.endswith("/") else {})}} for key in wanted]
+        body = {"compare": [c.body for c in compare], "success": [*success, *ranges], "failure": [*failure, *ranges]}
+        result = self._call(lambda client: client.transaction(body))
         found = {}
         for response in result.get("responses", []):
             for kv in response.get("response_range", {}).get("kvs", []):
                 found[base64.b64decode(kv["key"]).decode()] = base64.b64decode(kv.get("value", "")).decode()
-        return found
+        return bool(result.get("succeeded", False)), Reading(found, int(result.get("header", {}).get("revision", 0)))
+
+    def watch(self, prefix: str, after: int, opened: Callable[[int], None], seen: Callable[[int, str], None],
+              idle: float) -> int:
+        """Follow every change under `prefix` after revision `after` (0: from now) until the stream ends, breaks
+        or stays silent for `idle` seconds: `opened(revision)` once it is open, with the revision it follows on
+        from, then `seen(revision, key)` for each change, in order. Returns the last revision it followed on to
+        (resume after it), 0 when etcd no longer holds the history after `after` (compacted: start afresh).
+        EtcdUnavailable when no endpoint opens a stream."""
+        create: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(_after(prefix))}
+        if after:
+            create["start_revision"] = after + 1
+
+        def open_stream(client: Etcd3Client) -> tuple[Any, Any, dict[str, Any]]:
+            response = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
+                                           timeout=(self.timeout, idle))
+            lines = response.iter_lines()
+            first = json.loads(next(lines, b"") or b"{}").get("result", {})
+            if response.status_code != 200 or not first.get("created"):
+                response.close()
+                raise ValueError(f"no watch: HTTP {response.status_code} {first}")
+            return response, lines, first
+
+        response, lines, first = self._call(open_stream)
+        last = after or int(first.get("header", {}).get("revision", 0))
+        opened(last)
+        try:
+            for result in chain([first], (json.loads(line).get("result", {}) for line in lines if line)):
+                if result.get("canceled"):  # etcd ended it: compacted past `after`, or an error of its own
+                    return 0 if result.get("compact_revision") else last
+                for event in result.get("events", []):
+                    last = int(event["kv"]["mod_revision"])
+                    seen(last, base64.b64decode(event["kv"]["key"]).decode())
+        except (OSError, ValueError, KeyError):
+            pass  # broken, garbled, or silent for `idle` seconds: the caller opens another from `last`
+        finally:
+            response.close()
+        return last
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self.txn([], [put_op(key, value, lease)])
@@ -117,8 +172,7 @@ class Etcd:
     def txn(self, compare: list[Compare], success: list[dict[str, Any]]) -> bool:
         """One transaction: `success` happens if every `compare` holds; whether it did. etcd serialises them, so
         of two racing transactions on the same keys exactly one sees its conditions hold."""
-        body = {"compare": [c.body for c in compare], "success": success, "failure": []}
-        return bool(self._call(lambda client: client.transaction(body)).get("succeeded", False))
+        return self.txn_reading(compare, success, [])[0]
 
     def grant(self, ttl: float) -> int:
         return self._call(lambda client: client.lease(ttl=max(1, round(ttl)))).id

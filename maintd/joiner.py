@@ -1,13 +1,14 @@
 """A member's part in switches that other members began, and in the cluster's verdicts on releases.
 
 A switch begins on whichever member first has the release complete (or where an operator asked for it). Every
-other member learns of it here, by reading the keys a few times a second, and joins as soon as the release is
-complete on it too (an operator's switch even when the release is live or bad here: it is that operator's deploy);
-a release that is refused here, or bad here when an upload began the switch, aborts the switch at once instead of
-leaving the others waiting for `prepare_timeout`. A release the cluster abandoned is marked bad here too, whether it
-is already here or comes later, so it is never deployed automatically. An upload whose deploy could not begin while
-another switch held the cluster is tried again here, once, when that switch has ended. Nothing one reading finds
-(a value this maintd cannot read) ends the reading: it is said once, and the next reading is another chance.
+other member learns of it here, by reading the keys again when etcd's watch says they changed, and joins as soon as
+the release is complete on it too (an operator's switch even when the release is live or bad here: it is that
+operator's deploy); a release that is refused here, or bad here when an upload began the switch, aborts the switch
+at once instead of leaving the others waiting for `prepare_timeout`. A release the cluster abandoned is marked bad
+here too, whether it is already here or comes later, so it is never deployed automatically. An upload whose deploy
+could not begin while another switch held the cluster is tried again here, once, when that switch has ended.
+Nothing one reading finds (a value this maintd cannot read) ends the reading: it is said once, and the next reading
+is another chance.
 """
 
 from __future__ import annotations
@@ -18,14 +19,29 @@ from collections.abc import Callable
 from typing import Any
 
 from . import log
-from .cluster import FINISHED, Coordinator, Decision, MemberState, Move, SwitchRecord, View
+from .cluster import (
+    FINISHED,
+    Area,
+    Coordinator,
+    Decision,
+    MemberState,
+    Move,
+    SwitchRecord,
+    View,
+)
 from .etcd import EtcdUnavailable
 from .inventory import Inventory, ReleaseState
 from .results import UPLOAD_ACTOR, DeployKind, Refused
 from .runner import DeployRunner
 from .tasks import Tasks
 
-JOIN_POLL = 0.25  # seconds between two readings of the keys
+# What the joiner reads (besides the switch in progress, with its states and the alive keys): not the reports
+READS = frozenset({Area.BAD})
+# The changes it reads again on: a switch begun or ended, a release abandoned (an abort marks it bad in the same
+# transaction), a member come or gone. Not the states in a switch nor its go or commit: the members in it wait on
+# those themselves, and the last one through ends it (a member that died before signing off is found at the next
+# reading, every `Coordinator.truth_every` seconds); nor the reports.
+WAKES = frozenset({Area.SWITCH, Area.BAD, Area.ALIVE})
 
 
 class Joiner:
@@ -41,11 +57,14 @@ class Joiner:
         """Reads the keys for as long as the daemon runs, whatever one reading brings: a value this maintd cannot
         read, or a bug, is logged once (per distinct error) and the next reading is another chance. A member whose
         joiner ended would never join a switch again: every switch the others began would wait for it and be
-        aborted, its release marked bad on every member."""
+        aborted, its release marked bad on every member. It reads them again when etcd's watch says that
+        something it acts on changed, and every `Coordinator.truth_every` seconds anyway: the watch is a hint."""
+        after = 0  # the revision of the last reading
         while True:
-            await asyncio.sleep(JOIN_POLL)
+            await asyncio.to_thread(self.co.changed, after, WAKES)
             try:
-                view = await asyncio.to_thread(self.co.view)
+                view = await asyncio.to_thread(self.co.view, None, (), READS)
+                after = view.revision
                 self._mark_abandoned(view)
                 self._settle(view)
                 self._maybe_join(view)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .cluster import POLL_MOST, Choice, MemberState, Rollout, Standing, Unreadable, View
+from .cluster import IN_SWITCH, Choice, MemberState, Rollout, Standing, Unreadable, View
 from .config import Strategy
 from .etcd import EtcdUnavailable
 from .results import Interrupted, Skipped
@@ -22,27 +22,22 @@ from .results import Interrupted, Skipped
 if TYPE_CHECKING:
     from .switch import ClusterDeploy
 
-Say = Callable[[Standing], None]
-Expect = Callable[[Callable[[View], bool], str], View]
-
-
 class Rolling:
-    def __init__(self, deploy: ClusterDeploy, choice: Choice, rollout: Rollout, say: Say, expect: Expect) -> None:
+    def __init__(self, deploy: ClusterDeploy, choice: Choice, rollout: Rollout) -> None:
         self.deploy = deploy
         self.choice = choice
         self.rollout = rollout
-        self.say = say  # record this member's state (`ClusterDeploy._say`)
-        self.expect = expect  # wait for a reading of the keys, deciding on the way (`ClusterDeploy._await`)
+        self.waits = deploy.waits
         self.me = deploy.cluster.member
         self.batch = rollout.batch_of(self.me) + 1  # counted from 1, as `MAINTD_BATCH` and `maintctl cluster` say
 
     @classmethod
-    def chosen(cls, deploy: ClusterDeploy, view: View, say: Say, expect: Expect) -> tuple[Choice, Rolling | None]:
+    def chosen(cls, deploy: ClusterDeploy, view: View) -> tuple[Choice, Rolling | None]:
         """How go chose to switch (none recorded: together, as an older maintd's switch), and this member's side
         of it if it is rolling."""
         choice = view.choice or Choice(Strategy.TOGETHER, "no strategy recorded: an older maintd's switch")
         rollout = view.rollout
-        return choice, cls(deploy, choice, rollout, say, expect) if rollout else None
+        return choice, cls(deploy, choice, rollout) if rollout else None
 
     def __str__(self) -> str:
         return f"{self.choice}; this member's batch: {self.batch} of {len(self.rollout.batches)}"
@@ -61,18 +56,20 @@ class Rolling:
         try:
             done = run()
         except Skipped:
-            self.say(Standing(MemberState.HOOKS_DONE))
+            self.waits.say(Standing(MemberState.HOOKS_DONE))
             raise
-        self.say(Standing(MemberState.HOOKS_DONE))
+        self.waits.say(Standing(MemberState.HOOKS_DONE))
         return done
 
     def take_turn(self) -> None:
         """Before the swap: wait until this member's batch is on, then say that it switches (so that, on abort,
-        the earlier batches wait for it to go back)."""
+        the earlier batches wait for it to go back). Nothing is written while the batch before stays healthy for
+        `batch_wait`: the wait ends by the clock then, not by the watch."""
         primary = self.deploy.cluster.primary
-        self.expect(lambda view: not self.rollout.turn(view, self.me, primary, time.time()),
-                    f"for batch {self.batch} to be on")
-        self.say(Standing(MemberState.SWITCHED))
+        self.waits.until(lambda view: not self.rollout.turn(view, self.me, primary, time.time()),
+                         f"for batch {self.batch} to be on",
+                         within=lambda view: self.rollout.settled_at(view, self.me) - time.time())
+        self.waits.say(Standing(MemberState.SWITCHED))
 
     def after_later_batches(self) -> None:
         """On abort, before this member goes back: the members of later batches that switched go back first. The
@@ -82,7 +79,7 @@ class Rolling:
         try:
             in_order, why = self._wait_for_later_batches()
         finally:
-            self.deploy.waits.over()
+            self.waits.over()
         (self.deploy.log.info if in_order else self.deploy.log.warning)(f"going back: {why}")
 
     def _wait_for_later_batches(self) -> tuple[bool, str]:
@@ -91,7 +88,8 @@ class Rolling:
         deadline = time.monotonic() + deploy.cluster.switch_timeout
         while True:
             try:
-                behind = self.rollout.behind(deploy.co.view(deploy.phase.switch), self.me)
+                view = deploy.co.view(deploy.phase.switch, besides=frozenset())
+                behind = self.rollout.behind(view, self.me)
             except (EtcdUnavailable, Unreadable) as exc:
                 return False, f"without waiting for the later batches, which etcd cannot tell: {exc}"
             if not behind:
@@ -101,6 +99,7 @@ class Rolling:
                 return False, f"before {', '.join(behind)}: still not back after switch_timeout"
             waited.update(behind)
             try:
-                deploy.waits.pause(POLL_MOST, f"for {', '.join(behind)} (later batches) to go back first")
+                self.waits.changes(view.revision, IN_SWITCH,
+                                   f"for {', '.join(behind)} (later batches) to go back first")
             except Interrupted:
                 return False, f"before {', '.join(behind)}: the daemon stops"

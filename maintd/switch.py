@@ -13,15 +13,12 @@ how a wait ends when the daemon stops, is `waiting.Waiting`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from functools import cached_property
 
 from . import manifest
 from .cluster import (
     HOOKS_RUN,
     IN_MAINTENANCE,
-    POLL_FIRST,
-    POLL_MOST,
     Coordinator,
     Decision,
     MemberState,
@@ -35,7 +32,7 @@ from .context import Context
 from .entry import Entered, enter
 from .etcd import EtcdUnavailable
 from .pipeline import Deploy, OnStep, migrations_differ
-from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord
+from .results import DeployKind, Interrupted, Outcome, Skipped, StepRecord
 from .rolling import Rolling
 from .state import InFlight, MaintenanceOwner
 from .steps import SWITCH, Fault
@@ -58,9 +55,7 @@ class ClusterDeploy(Deploy):
         self.joining = joining  # the id of the switch another member began, which this deploy joins or nothing
         self.entered = Entered()  # how it got into its switch, or why it is in none (entry.py)
         self.rolling: Rolling | None = None  # once go chose a rolling switch
-        self.waits = Waiting(self, coordinator.stopping, self._left)
-        self._seen: tuple[float, Decision | None] = (0.0, None)  # when a wait last read the keys, and the decision
-        self._said: View | None = None  # read with this member's last state: the next wait's first reading
+        self.waits = Waiting(self, coordinator, self._left)
 
     def run(self) -> Outcome:
         """Into the switch before the first entry, so that every entry carries the id recorded in etcd (entry.py);
@@ -105,8 +100,8 @@ class ClusterDeploy(Deploy):
             assert self.entered.refusal is not None  # of the release's own
             raise self.entered.refusal
         migrations = migrations_differ(self.ctx.tree, self.release, self.previous)
-        self._say(Standing(MemberState.PREPARED, digest=self.digest, migrations=migrations))
-        view = self._await(lambda view: view.decision is Decision.GO, "for every member to prepare the release")
+        self.waits.say(Standing(MemberState.PREPARED, digest=self.digest, migrations=migrations))
+        view = self.waits.for_decision((Decision.GO,), "for every member to prepare the release")
         return f"every member prepared release {self.release} ({self.digest[:12]}): go, {self._follow(view)}"
 
     @cached_property
@@ -123,38 +118,44 @@ class ClusterDeploy(Deploy):
             return super().maintenance_on()
         finally:  # skipped or not, the others learn that this member is ready to swap; the primary says whether
             # it has hooks to run, and when it has none, the others need not wait for it to have run none
-            self._say(Standing(MemberState.MAINTENANCE, runs_hooks=self.cluster.member == self.cluster.primary
-                               and bool(self.cfg.hooks.before_swap)))
+            self.waits.say(Standing(MemberState.MAINTENANCE, runs_hooks=self._runs_hooks()))
 
     def hooks_before(self) -> str:
         if self.rolling:
             return self.rolling.hooks_before(super().hooks_before)
         primary = self.cluster.primary
         if self.cluster.member != primary:
-            self._await(lambda view: view.state_of(primary) in HOOKS_RUN
-                        or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
-                            and view.all_in(IN_MAINTENANCE)),
-                        f"for the primary, {primary}, to run the before-swap hooks")
+            self.waits.until(lambda view: view.state_of(primary) in HOOKS_RUN
+                             or (view.state_of(primary) is MemberState.MAINTENANCE and not view.runs_hooks(primary)
+                                 and view.all_in(IN_MAINTENANCE)),
+                             f"for the primary, {primary}, to run the before-swap hooks")
             raise Skipped(f"the before-swap hooks are run by the primary, {primary}")
-        self._await(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
+        self.waits.until(lambda view: view.all_in(IN_MAINTENANCE), "for every member to be in maintenance")
         try:
             return super().hooks_before()
-        finally:
-            self._say(Standing(MemberState.HOOKS_DONE))
+        finally:  # with none to run, the others do not wait for this (see maintenance_on): no round trip for it
+            if self._runs_hooks():
+                self.waits.say(Standing(MemberState.HOOKS_DONE))
 
     def swap(self) -> str:
         # Read the decision again, unless the wait that just ended read it a moment ago: an abort decided while
         # the primary ran its hooks stops every member here.
-        at, decision = self._seen
+        at, decision = self.waits.seen
         if self.rolling:
             self.rolling.take_turn()
         elif decision is not Decision.GO or time.monotonic() - at > FRESH:
-            self._await(lambda view: view.decision in (Decision.GO, Decision.COMMIT), "for the decision")
+            self.waits.for_decision((Decision.GO, Decision.COMMIT), "for the decision")
         return super().swap()
 
     def commit(self) -> str:
-        self._say(Standing(MemberState.HEALTHY, at=time.time()))
-        self._await(lambda view: view.decision is Decision.COMMIT, "for every member to be healthy")
+        # Together, since the last reading every member was in maintenance (the primary's hooks run): healthy is
+        # the next state of each, and this member's may complete the set (see `Coordinator.set_healthy`).
+        won, self.waits.said = self.waits.keep_trying(
+            lambda: self.co.set_healthy(self.phase.switch, self.waits.revision, time.time() if self.rolling else 0),
+            "to record healthy")
+        if won:
+            self.log.info("decided: commit", switch_id=self.phase.switch, decision=str(Decision.COMMIT))
+        self.waits.for_decision((Decision.COMMIT,), "for every member to be healthy")
         self.phase.committed = True
         return "every member swapped and is healthy: committed"
 
@@ -196,52 +197,20 @@ class ClusterDeploy(Deploy):
 
     # --- waiting on the others ------------------------------------------------------------------------------------
 
-    def _await(self, ready: Callable[[View], bool], what: str) -> View:
-        """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
-        step. While etcd does not answer: wait, and say so."""
-        assert self.switch
-        pause, last = POLL_FIRST, None
-        while True:
-            try:
-                view, self._said = self._said or self.co.view(self.switch.id), None
-                self._seen = (time.monotonic(), view.decision)
-                move = view.next_move(self.cluster, time.time())
-                if move and self.co.decide(self.switch.id, move, self.release, time.time()):
-                    self.log.info(f"decided: {move.decision}" + (f" ({move.reason})" if move.reason else ""),
-                                  switch_id=self.switch.id, decision=str(move.decision))
-                    continue
-            except EtcdUnavailable as exc:
-                self.waits.unanswered(what, exc)
-                continue
-            self.waits.answered()
-            if view.decision is Decision.ABORT:
-                raise StepFailed(f"the switch was aborted: {view.reason}")
-            if ready(view):
-                self.waits.over()
-                return view
-            # After go every member is in (or entering) maintenance and every wait is inside the window: read at
-            # the quickest pace. Before it, slow down while nothing changes.
-            seen = (view.decision, dict(view.states), frozenset(view.alive))
-            quiet = seen == last and view.decision is None
-            pause, last = (min(POLL_MOST, pause * 1.5) if quiet else POLL_FIRST), seen
-            self.waits.pause(pause, what)
-
-    def _say(self, standing: Standing) -> None:
-        """Record this member's state; the others' states, read in the same round trip, serve the next wait."""
-        self._said = self.waits.keep_trying(lambda: self.co.set_state(self.phase.switch, standing),
-                                            f"to record {standing.state}")
-
     def _follow(self, view: View) -> str:
         """Switch the way go chose, said in words; in a rolling switch every entry from here on carries the batch."""
-        choice, self.rolling = Rolling.chosen(self, view, self._say, self._await)
+        choice, self.rolling = Rolling.chosen(self, view)
         self.log = self.log.bind(batch=self.rolling.batch) if self.rolling else self.log
         return str(self.rolling or choice)
+
+    def _runs_hooks(self) -> bool:
+        return self.cluster.member == self.cluster.primary and bool(self.cfg.hooks.before_swap)
 
     def _left(self) -> str:
         """What this member leaves behind if it stops now, in words, for the line that says so."""
         maintenance = "not in maintenance" if self.phase.maintenance is MaintenanceOwner.NONE else "in maintenance"
         live = f"current -> releases/{self.ctx.tree.live() or 'none'}" + (" (swapped)" if self.phase.swapped else "")
-        decision = self._seen[1]
+        decision = self.waits.seen[1]
         switch = (f"switch {self.phase.switch} " + (f"last read as {decision}" if decision else "undecided")
                   if self.switch else "in no switch yet")
         return f"{maintenance}, {live}, {switch}"

@@ -5,14 +5,20 @@ member's config names the proxy (`etcd = [proxy.url]`), and the proxy forwards b
 `refuse()` (connections in progress are reset, new ones refused: etcd's host is down) or `silence()` (connections in
 progress and new ones are held open, and nothing is ever answered: a network that drops packets). `forward()` lets
 new connections through again; connections silenced stay silent, as a client whose packets were lost must time out.
+It counts the requests it forwards by path (`count`), and can cut the member's watch streams alone: `silence_watches`
+holds them open and silent (a watch that ends silently), `end_watches` closes them (a stream that ends).
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
+from collections import Counter
 
 from conftest import free_port
+
+REQUEST = re.compile(rb"(?:GET|POST|PUT) (/v3/[\w/]+) HTTP/1\.1\r\n")
 
 
 class Link:
@@ -21,6 +27,7 @@ class Link:
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
         self.client, self.upstream = client, upstream
         self.silent = False
+        self.watch = False  # it carries a watch stream
 
     def close(self) -> None:
         for sock in (self.client, self.upstream):
@@ -40,7 +47,30 @@ class EtcdProxy:
         self.held: list[socket.socket] = []  # accepted while silent: never answered
         self.silent = False
         self.listener: socket.socket | None = None
+        self.requests: Counter[str] = Counter()
         self._listen()
+
+    def count(self, path: str) -> int:
+        """How many requests for `path` (`/v3/kv/txn`, `/v3/watch`) the member sent through the proxy."""
+        with self.lock:
+            return self.requests[path]
+
+    def silence_watches(self) -> int:
+        """The watch streams open now are held open and never deliver again; how many there were."""
+        with self.lock:
+            watches = [link for link in self.links if link.watch]
+            for link in watches:
+                link.silent = True
+        return len(watches)
+
+    def end_watches(self) -> int:
+        """The watch streams open now are closed, as a stream that ends; how many there were."""
+        with self.lock:
+            watches = [link for link in self.links if link.watch]
+            self.links = [link for link in self.links if not link.watch]
+        for link in watches:
+            link.close()
+        return len(watches)
 
     @property
     def url(self) -> str:
@@ -118,16 +148,24 @@ class EtcdProxy:
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(link: Link, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, link: Link, src: socket.socket, dst: socket.socket) -> None:
         while True:
             try:
                 data = src.recv(65536)
                 if not data:
                     break
+                if src is link.client:
+                    self._saw(link, data)
                 if not link.silent:  # silenced: what comes in is dropped, as a lossy network would
                     dst.sendall(data)
             except OSError:
                 break
         if not link.silent:
             link.close()
+
+    def _saw(self, link: Link, data: bytes) -> None:
+        """Count the requests that begin in what the member sent (http.client sends a request's head whole)."""
+        paths = [path.decode() for path in REQUEST.findall(data)]
+        with self.lock:
+            self.requests.update(paths)
+            link.watch = link.watch or "/v3/watch" in paths

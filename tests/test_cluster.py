@@ -4,6 +4,7 @@ the timeline they make is what proves that the members switch as one."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -735,3 +736,80 @@ def test_every_member_reports_its_live_release_from_its_start_and_wherever_curre
         wait_until(lambda expected=expected: reported(cluster) == dict.fromkeys(MEMBERS, expected), 30,
                    f"every member to report {expected}, the recovered one too")
         cluster.assert_on(expected)
+
+
+def prepared(cluster: Cluster, *names: str) -> bool:
+    return all(f"/state/{name}\n" in cluster.keys("s/") for name in names)
+
+
+def test_a_waiting_member_reads_the_keys_when_they_change_and_learns_of_go_through_the_watch(cluster):
+    """Issue 22: a member waiting for go reads the keys again when etcd's watch says that something it waits on
+    changed, not on a timer: its readings, counted at its proxy, stand still while nothing changes (it used to read
+    every member's keys every 4 to 50 ms). lease_ttl is long here, so the reading a member makes anyway (every third
+    of it) would come far too late: the switch goes through on the watch alone, even after the stream ended and was
+    opened again from the last revision it had delivered."""
+    waiting = cluster.members[1]
+    go_live(cluster, lease_ttl=300.0, proxied=(waiting.name,))
+    proxy = cluster.proxies[waiting.name]
+    cluster.upload("r1", to=("m1", "m2"))  # not m3 yet: the switch waits for it in prepare
+    wait_until(lambda: prepared(cluster, "m1", "m2"), 30, "m1 and m2 to prepare r1")
+    wait_until(lambda: "for every member to prepare" in waiting_of(waiting), 30, "m2 to wait for go")
+    quiet = proxy.count("/v3/kv/txn")
+    for _ in range(10):  # the test reads too: time passes, and nothing under the prefix changes
+        assert cluster.etcd.etcdctl("get", "--prefix", cluster.prefix).returncode == 0
+    assert proxy.count("/v3/kv/txn") == quiet, "m2 read the keys again while nothing had changed"
+    assert proxy.end_watches() == 1
+    wait_until(lambda: proxy.count("/v3/watch") == 2, 30, "m2 to open its watch again")
+    cluster.upload("r1", to=("m3",))
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
+
+
+def test_a_member_whose_watch_falls_silent_still_switches_through_its_readings(cluster):
+    """etcd3gw's watch can end silently (../shared/cluster-notes.md): the stream is held open here, and nothing comes
+    through it any more, as on a network that drops a connection's packets. The member learns nothing from it and
+    still switches with the others: the reading it makes anyway, every third of lease_ttl, is the truth."""
+    cut = cluster.members[1]
+    go_live(cluster, proxied=(cut.name,))
+    assert cluster.proxies[cut.name].silence_watches() == 1
+    cluster.upload("r1")
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
+
+
+def kv(cluster: Cluster, key: str, *args: str) -> dict | None:
+    """The key as etcd holds it (now, or `--rev=N`): its value and revisions, None when absent."""
+    done = cluster.etcd.etcdctl("get", f"{cluster.prefix}/{key}", "-w", "json", *args)
+    found = json.loads(done.stdout).get("kvs") or [None]
+    return found[0] and {**found[0], "value": base64.b64decode(found[0]["value"]).decode()}
+
+
+def test_the_member_whose_health_completes_the_set_commits_in_the_same_transaction(cluster):
+    """When etcd's watch says that every other member (but at most two) has recorded its state since this member
+    last read them, its own `healthy` may complete the set: it writes `commit` in the same transaction (etcd
+    comparing the others' keys, as ever), one round trip instead of two inside every member's window. m3 is held in
+    its restart until m1 and m2 are healthy: the decision is written at the very revision of m3's `healthy`. It used
+    to take a transaction of its own, after m3 had read its own write back."""
+    go_live(cluster)
+    late = cluster.members[2]
+    late.app.gate.open()
+    late.app.config.write_text(late.app.config.read_text().replace('command = ["true"]',
+                                                                   f"command = {late.app.gate.hook()}"))
+    late.daemon.reload()
+    late.app.gate.opened.unlink()
+    cluster.upload("r1")
+    late.app.gate.wait_entered()
+    switch = json.loads(kv(cluster, "switch")["value"])["id"]
+    healthy = json.dumps({"state": "healthy"})
+    wait_until(lambda: all((kv(cluster, f"s/{switch}/state/{name}") or {}).get("value") == healthy
+                           for name in ("m1", "m2")), 30, "m1 and m2 to be healthy")
+    late.app.gate.open()
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")
+    decision = kv(cluster, f"s/{switch}/decision")
+    assert decision and decision["value"] == "commit"
+    then = kv(cluster, f"s/{switch}/state/m3", f"--rev={decision['mod_revision']}")
+    assert then and then["value"] == healthy and then["mod_revision"] == decision["mod_revision"], (decision, then)
