@@ -107,19 +107,19 @@ class Demo:
             (self.app.releases / name / ".maintd-ready").touch()
 
     def maintctl(self, *args: str, show: bool = True) -> str:
+        """What `maintctl ARGS` prints, shown as typed when `show`; a command the demo relies on that fails ends
+        the demo, saying why."""
         done = subprocess.run([str(BIN / "maintctl"), "--socket", str(self.app.socket), *args],
                               capture_output=True, text=True, timeout=60)
         if show:
             print(f"   $ maintctl {shlex.join(args)}")
             print("\n".join(f"   {line}" for line in (done.stdout + done.stderr).rstrip().splitlines()))
+        if done.returncode:
+            raise SystemExit(f"maintctl {shlex.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
     def status(self) -> dict:
-        done = subprocess.run([str(BIN / "maintctl"), "--socket", str(self.app.socket), "status", "--json"],
-                              capture_output=True, text=True, timeout=60)
-        if done.returncode:
-            raise SystemExit(f"maintctl status failed ({done.returncode}): {done.stderr.strip()}")
-        return json.loads(done.stdout)
+        return json.loads(self.maintctl("status", "--json", show=False))
 
     def live_and_idle(self, name: str) -> None:
         wait_until(lambda: (s := self.status())["current"] == name and not s["deploying"], 30, f"{name} live")
