@@ -481,17 +481,18 @@ class Rollout:
             return ""
         if unhealthy := [m for m in self.batches[k - 1] if view.state_of(m) is not MemberState.HEALTHY]:
             return f"for batch {k} ({', '.join(unhealthy)}) to be healthy"
-        if now < self.settled_at(view, member):
+        if (settled := self.settled_at(view, member)) is not None and now < settled:
             return f"for batch {k} to stay healthy for batch_wait ({self.wait:g}s)"
         return ""
 
-    def settled_at(self, view: View, member: str) -> float:
-        """When the batch before `member`'s has been healthy for `wait` seconds (time.time); 0 when that is not
-        what `member` waits for (its batch is the first, or the one before is not healthy yet)."""
+    def settled_at(self, view: View, member: str) -> float | None:
+        """When the batch before `member`'s has been healthy for `wait` seconds (time.time); None when that is not
+        what `member` waits for (its batch is the first, or the one before is not healthy yet): then only a key
+        that changes, never the clock, can bring its turn."""
         k = self.batch_of(member)
         before = self.batches[k - 1] if k else ()
         if not before or any(view.state_of(m) is not MemberState.HEALTHY for m in before):
-            return 0.0
+            return None
         return max(view.states[m].at for m in before) + self.wait
 
     def behind(self, view: View, member: str) -> list[str]:
