@@ -320,6 +320,9 @@ class View:
     # P/switch's value when this maintd cannot read it (`SwitchRecord.parse`): no switch a member can join, and it
     # holds the key, so none can begin until it is gone
     unreadable: str = ""
+    # P/switch's value as etcd holds it, readable or not: what removing the switch compares (`Coordinator.end`), never
+    # the record written out again, which a value written by hand in other spacing would not equal
+    switch_value: str = ""
     revision: int = 0  # etcd's revision this reading is of: a change after it is news (changes.py)
 
     @property
@@ -575,6 +578,7 @@ class Coordinator:
             elif key.startswith(k.bad()):
                 view.bad[key.removeprefix(k.bad())] = value
             elif key == k.switch:
+                view.switch_value = value
                 if (record := SwitchRecord.parse(value)) is None:
                     view.unreadable = value
                 else:
@@ -622,7 +626,7 @@ class Coordinator:
         try:
             view = self.set_state(switch_id, Standing(state))
             if view.switch and view.switch.id == switch_id and view.finished():
-                self.end(view.switch)
+                self.end(view.switch_value)
         except (EtcdUnavailable, Unreadable):
             pass
 
@@ -630,11 +634,12 @@ class Coordinator:
         """Create the switch where none is in progress; whether this member's record is the one."""
         return self.etcd.txn([Compare.absent(self.keys.switch)], [put_op(self.keys.switch, record.as_json())])
 
-    def end(self, record: SwitchRecord) -> bool:
-        """Remove a finished switch, if it is still this one, so that the next may begin (or, by hand, one decided
-        but not finished: a member still in it obeys the decision kept under P/s/<id>/)."""
+    def end(self, value: str) -> bool:
+        """Remove a finished switch, if P/switch still holds it (`value`, as a reading found it: `View.switch_value`),
+        so that the next may begin (or, by hand, one decided but not finished: a member still in it obeys the
+        decision kept under P/s/<id>/)."""
         key = self.keys.switch
-        return self.etcd.txn([Compare.equals(key, record.as_json())], [delete_op(key)])
+        return self.etcd.txn([Compare.equals(key, value)], [delete_op(key)])
 
     def decide(self, switch_id: str, move: Move, release: str, now: float) -> bool:
         """Try to write `move.decision`; whether this member's transaction was the one that did."""
