@@ -320,6 +320,9 @@ class View:
     # P/switch's value when this maintd cannot read it (`SwitchRecord.parse`): no switch a member can join, and it
     # holds the key, so none can begin until it is gone
     unreadable: str = ""
+    # P/switch's value as etcd holds it, readable or not: what removing the switch compares (`Coordinator.end`), never
+    # the record written out again, which a value written by hand in other spacing would not equal
+    switch_value: str = ""
     revision: int = 0  # etcd's revision this reading is of: a change after it is news (changes.py)
 
     @property
@@ -481,17 +484,18 @@ class Rollout:
             return ""
         if unhealthy := [m for m in self.batches[k - 1] if view.state_of(m) is not MemberState.HEALTHY]:
             return f"for batch {k} ({', '.join(unhealthy)}) to be healthy"
-        if now < self.settled_at(view, member):
+        if (settled := self.settled_at(view, member)) is not None and now < settled:
             return f"for batch {k} to stay healthy for batch_wait ({self.wait:g}s)"
         return ""
 
-    def settled_at(self, view: View, member: str) -> float:
-        """When the batch before `member`'s has been healthy for `wait` seconds (time.time); 0 when that is not
-        what `member` waits for (its batch is the first, or the one before is not healthy yet)."""
+    def settled_at(self, view: View, member: str) -> float | None:
+        """When the batch before `member`'s has been healthy for `wait` seconds (time.time); None when that is not
+        what `member` waits for (its batch is the first, or the one before is not healthy yet): then only a key
+        that changes, never the clock, can bring its turn."""
         k = self.batch_of(member)
         before = self.batches[k - 1] if k else ()
         if not before or any(view.state_of(m) is not MemberState.HEALTHY for m in before):
-            return 0.0
+            return None
         return max(view.states[m].at for m in before) + self.wait
 
     def behind(self, view: View, member: str) -> list[str]:
@@ -574,6 +578,7 @@ class Coordinator:
             elif key.startswith(k.bad()):
                 view.bad[key.removeprefix(k.bad())] = value
             elif key == k.switch:
+                view.switch_value = value
                 if (record := SwitchRecord.parse(value)) is None:
                     view.unreadable = value
                 else:
@@ -621,7 +626,7 @@ class Coordinator:
         try:
             view = self.set_state(switch_id, Standing(state))
             if view.switch and view.switch.id == switch_id and view.finished():
-                self.end(view.switch)
+                self.end(view.switch_value)
         except (EtcdUnavailable, Unreadable):
             pass
 
@@ -629,11 +634,12 @@ class Coordinator:
         """Create the switch where none is in progress; whether this member's record is the one."""
         return self.etcd.txn([Compare.absent(self.keys.switch)], [put_op(self.keys.switch, record.as_json())])
 
-    def end(self, record: SwitchRecord) -> bool:
-        """Remove a finished switch, if it is still this one, so that the next may begin (or, by hand, one decided
-        but not finished: a member still in it obeys the decision kept under P/s/<id>/)."""
+    def end(self, value: str) -> bool:
+        """Remove a finished switch, if P/switch still holds it (`value`, as a reading found it: `View.switch_value`),
+        so that the next may begin (or, by hand, one decided but not finished: a member still in it obeys the
+        decision kept under P/s/<id>/)."""
         key = self.keys.switch
-        return self.etcd.txn([Compare.equals(key, record.as_json())], [delete_op(key)])
+        return self.etcd.txn([Compare.equals(key, value)], [delete_op(key)])
 
     def decide(self, switch_id: str, move: Move, release: str, now: float) -> bool:
         """Try to write `move.decision`; whether this member's transaction was the one that did."""

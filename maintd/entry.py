@@ -56,6 +56,6 @@ def enter(co: Coordinator, release: str, actor: str, kind: DeployKind, joining: 
             if co.begin(record):
                 return Entered(record, began=True)
         elif entry is Entry.END and view.switch:
-            co.end(view.switch)
+            co.end(view.switch_value)
         elif entry in (Entry.HELD, Entry.REFUSED):
             return Entered(refusal=StepFailed(why), verdict=False, held_by=view.holder if entry is Entry.HELD else "")

@@ -143,7 +143,7 @@ async def cluster(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) 
         if switch is None:
             raise Refused("no switch is in progress")
         if view.decision in (Decision.COMMIT, Decision.ABORT):
-            if not await asyncio.to_thread(co.end, switch):
+            if not await asyncio.to_thread(co.end, view.switch_value):
                 raise Refused(f"switch {switch.id} ended meanwhile; see `maintctl cluster`")
             daemon.log.warning(f"switch {switch.id} of release {switch.release}, decided already ({view.decision}), "
                                f"ended by {peer.name} on {co.me}", switch_id=switch.id, actor=peer.name)

@@ -67,9 +67,14 @@ class Rolling:
         `batch_wait`: the wait ends by the clock then, not by the watch."""
         primary = self.deploy.cluster.primary
         self.waits.until(lambda view: not self.rollout.turn(view, self.me, primary, time.time()),
-                         f"for batch {self.batch} to be on",
-                         within=lambda view: self.rollout.settled_at(view, self.me) - time.time())
+                         f"for batch {self.batch} to be on", within=self._settled_in)
         self.waits.say(Standing(MemberState.SWITCHED))
+
+    def _settled_in(self, view: View) -> float | None:
+        """In how many seconds the batch before this member's has stayed healthy for `batch_wait`; None while
+        the clock cannot bring this member's turn (the wait then lasts until the watch's word)."""
+        settled = self.rollout.settled_at(view, self.me)
+        return None if settled is None else settled - time.time()
 
     def after_later_batches(self) -> None:
         """On abort, before this member goes back: the members of later batches that switched go back first. The

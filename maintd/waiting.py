@@ -46,13 +46,14 @@ class Waiting:
         return self.until(lambda view: view.decision in decisions, what, ON_DECISION)
 
     def until(self, ready: Callable[[View], bool], what: str, wakes: frozenset[Area] = IN_SWITCH,
-              within: Callable[[View], float] | None = None) -> View:
+              within: Callable[[View], float | None] | None = None) -> View:
         """Read the keys until `ready`, trying whatever transaction the rule says on the way; an abort ends the
         step. Go and commit are tried on the reading that came with this member's own state (the member whose
         write completes the set sees it complete there), and on a reading made without the watch's word (nothing
         in `wakes` changed for a while, or etcd did not answer), should that member not have decided: not by every
         member the watch wakes at once, each comparing every member's keys. An abort, by whoever sees why.
-        `within`: in how many seconds a reading may become ready by the clock alone, with no key changing."""
+        `within`: in how many seconds a reading may become ready by the clock alone, with no key changing (None:
+        it cannot)."""
         switch, woken = self.deploy.phase.switch, False  # woken: the next reading is made on the watch's word
         while True:
             try:

@@ -813,3 +813,20 @@ def test_the_member_whose_health_completes_the_set_commits_in_the_same_transacti
     assert decision and decision["value"] == "commit"
     then = kv(cluster, f"s/{switch}/state/m3", f"--rev={decision['mod_revision']}")
     assert then and then["value"] == healthy and then["mod_revision"] == decision["mod_revision"], (decision, then)
+
+
+def test_a_finished_switch_held_in_json_of_another_spacing_is_ended_and_the_next_switch_begins(cluster):
+    """A finished switch still in P/switch is removed by the next switch to begin, by a transaction that compares
+    the key's value with the record. Written by hand (etcdctl, a restored backup) in JSON spaced otherwise than
+    Python writes it, the record reads the same but compares unequal: it was never removed, and every deploy's way
+    into a switch tried again and again, as fast as etcd answered, a wait that not even SIGTERM ended."""
+    go_live(cluster)
+    record = {"id": "20990101T000000Z-abcdef", "release": "r9", "digest": "", "kind": "deploy", "by": "m1",
+              "actor": "upload", "since": 0.0}
+    assert cluster.etcd.etcdctl("put", f"{cluster.prefix}/s/{record['id']}/decision", "abort").returncode == 0
+    assert cluster.etcd.etcdctl("put", f"{cluster.prefix}/switch",
+                                json.dumps(record, separators=(",", ":"))).returncode == 0
+    cluster.upload("r1")
+    outcomes = cluster.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{cluster.events_tail()}"
+    cluster.assert_on("r1")

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from etcd_cluster import ETCD, EtcdCluster
-from test_cluster import Cluster, Member, Poller, crash_and_recover, go_live, quorum_lost
+from test_cluster import Cluster, Member, Poller, crash_and_recover, go_live, quorum_lost, waiting_of
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from conftest import maintctl, maintctl_json
+from conftest import maintctl, maintctl_json, wait_until
 
 FOUR = ("m1", "m2", "m3", "m4")
 pytestmark = [pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` unpacks Debian's "
@@ -154,6 +154,31 @@ def test_batches_go_live_one_after_the_other_from_the_canary_with_no_maintenance
         assert at(steps["m2"]["health"]) + wait <= at(steps[name]["swap"]), name
         assert at(steps[name]["health"]) + wait <= at(steps["m4"]["swap"]), name
     assert all(at(steps["m4"]["health"]) <= at(s["commit"]) <= at(s["hooks_after"]) for s in steps.values())
+
+
+def test_a_member_waiting_for_its_batch_reads_the_keys_only_when_they_change(fleet):
+    """Issue 22: a member waiting for its batch reads the keys again when etcd's watch says that something it waits
+    on changed (or when batch_wait ends by the clock), not again and again. m2 (batch 2) waits while the canary m1
+    is held in its restart: its readings, counted at its proxy, stand still while nothing changes. lease_ttl is long,
+    so the reading a member makes anyway (every third of it) does not come during the test. It used to read the keys
+    as fast as etcd answered: while the batch before was not healthy, the wait was told that the clock would make
+    it ready in a negative number of seconds (`Rollout.settled_at` being 0 then), and a wait of 0 s ends at once."""
+    waiting = named(fleet, "m2")
+    go_live(fleet, lease_ttl=300.0, proxied=(waiting.name,), keys=rolling())
+    canary = hold_restart(fleet, "m1")
+    proxy = fleet.proxies[waiting.name]
+    fleet.upload("r1")
+    canary.app.gate.wait_entered()
+    wait_until(lambda: "for batch 2 to be on" in waiting_of(waiting), 30, "m2 to wait for its batch")
+    quiet = proxy.count("/v3/kv/txn")
+    for _ in range(10):  # the test reads too: time passes, and nothing m2 waits on changes
+        assert fleet.etcd.etcdctl("get", "--prefix", fleet.prefix).returncode == 0
+    # at most one reading: the one on the watch's word that m1 switched, which may still have been on its way
+    assert proxy.count("/v3/kv/txn") - quiet <= 1, f"m2 read the keys {proxy.count('/v3/kv/txn') - quiet} times"
+    canary.app.gate.open()
+    outcomes = fleet.deployed("r1")
+    assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{fleet.events_tail()}"
+    fleet.assert_on("r1")
 
 
 def test_a_canary_that_fails_is_the_only_member_that_ever_changed(fleet):
