@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .cluster import IN_SWITCH, Choice, MemberState, Rollout, Standing, Unreadable, View
+from .cluster import IN_SWITCH, Choice, Decision, MemberState, Rollout, Standing, Unreadable, View
 from .config import Strategy
 from .etcd import EtcdUnavailable
-from .results import Interrupted, Skipped
+from .results import Interrupted, Skipped, StepFailed
 
 if TYPE_CHECKING:
     from .switch import ClusterDeploy
@@ -69,6 +69,10 @@ class Rolling:
         self.waits.until(lambda view: not self.rollout.turn(view, self.me, primary, time.time()),
                          f"for batch {self.batch} to be on", within=self._settled_in)
         self.waits.say(Standing(MemberState.SWITCHED))
+        # The decision as read in the same transaction: an abort written since the wait's last reading stops this
+        # member before its swap, not after (it would swap to the aborted release, restart, and go back again)
+        if (read := self.waits.said) and read.decision is Decision.ABORT:
+            raise StepFailed(f"the switch was aborted: {read.reason}")
 
     def _settled_in(self, view: View) -> float | None:
         """In how many seconds the batch before this member's has stayed healthy for `batch_wait`; None while

@@ -48,7 +48,16 @@ class EtcdProxy:
         self.silent = False
         self.listener: socket.socket | None = None
         self.requests: Counter[str] = Counter()
+        self.pattern = b""  # the next request that carries it is held (`hold`)
+        self.holding = threading.Event()  # one is held now
+        self.let_go = threading.Event()  # ... until this is set
         self._listen()
+
+    def hold(self, pattern: bytes) -> None:
+        """The next request the member sends that carries `pattern` is held at the proxy, as a slow network would
+        hold it, until `let_go` is set: `holding` is set meanwhile. Dropped, not sent, if the member has given up
+        on it (closed its connection) by then: etcd never applies a request its client no longer waits for."""
+        self.pattern = pattern
 
     def count(self, path: str) -> int:
         """How many requests for `path` (`/v3/kv/txn`, `/v3/watch`) the member sent through the proxy."""
@@ -156,6 +165,12 @@ class EtcdProxy:
                     break
                 if src is link.client:
                     self._saw(link, data)
+                    if self.pattern and self.pattern in data:
+                        self.pattern = b""
+                        self.holding.set()
+                        self.let_go.wait(60)
+                        if _closed(src):
+                            break  # the member gave up on it meanwhile
                 if not link.silent:  # silenced: what comes in is dropped, as a lossy network would
                     dst.sendall(data)
             except OSError:
@@ -169,3 +184,11 @@ class EtcdProxy:
         with self.lock:
             self.requests.update(paths)
             link.watch = link.watch or "/v3/watch" in paths
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closed `sock` (what it sent before is read already)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False

@@ -6,6 +6,7 @@ one machine), never from how long anything took."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from conftest import maintctl, maintctl_json, wait_until
+from maintd.cluster import MemberState, Standing
 
 FOUR = ("m1", "m2", "m3", "m4")
 pytestmark = [pytest.mark.skipif(not Path(ETCD).exists(), reason="etcd is missing (`make test` unpacks Debian's "
@@ -179,6 +181,27 @@ def test_a_member_waiting_for_its_batch_reads_the_keys_only_when_they_change(fle
     outcomes = fleet.deployed("r1")
     assert all(o["result"] == "ok" for o in outcomes), f"{outcomes}\n{fleet.events_tail()}"
     fleet.assert_on("r1")
+
+
+def test_an_abort_written_while_a_member_says_it_switches_stops_it_before_its_swap(fleet):
+    """m2 (batch 2) finds its batch on and writes that it switches; an operator's abort lands first (m2's write is
+    held at its proxy meanwhile). m2 reads the decision back in the same transaction as its write, so it never
+    swaps: only the canary served r1. It used to swap to the aborted release, restart, flush, and go back."""
+    go_live(fleet, proxied=("m2",), keys=rolling())
+    proxy = fleet.proxies["m2"]
+    proxy.hold(base64.b64encode(Standing(MemberState.SWITCHED).as_json().encode()))
+    fleet.upload("r1")
+    assert proxy.holding.wait(60), fleet.events_tail()
+    done = maintctl(fleet.members[0].app, "cluster", "abort")
+    proxy.let_go.set()
+    assert done.returncode == 0, done.stderr
+    m1, m2, m3, m4 = fleet.members
+    assert m1.daemon.deployed("r1")["result"] == "rolled_back"
+    assert all(m.daemon.deployed("r1")["result"] == "failed" for m in (m2, m3, m4))
+    taken = steps_of(m2, "r1")
+    assert taken["swap"]["result"] == "failed" and "the switch was aborted" in taken["swap"]["event"], taken
+    assert not {"restart", "flush", "health", "rollback"} & set(taken), list(taken)
+    fleet.assert_on("r0")
 
 
 def test_a_canary_that_fails_is_the_only_member_that_ever_changed(fleet):
