@@ -92,9 +92,9 @@ class Gateway:
         self.https = url.scheme == "https"
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 2379
         self.timeout = timeout
-        self.connection = self.connect()
+        self.connection = self.new_connection()
 
-    def connect(self) -> http.client.HTTPConnection:
+    def new_connection(self) -> http.client.HTTPConnection:
         """A connection, not yet open: http.client opens it at its first request, and again after `close`."""
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return kind(self.host, self.port, timeout=self.timeout)
@@ -128,7 +128,7 @@ class Gateway:
         """The lines of a streaming answer to `body` at `path`, on a connection of its own (the kept one stays free
         for calls): the first within `timeout`, each next one within `idle` seconds, else socket.timeout. Closing
         the generator closes the connection."""
-        connection = self.connect()
+        connection = self.new_connection()
         try:
             connection.connect()
             sock = connection.sock
