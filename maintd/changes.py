@@ -3,9 +3,9 @@ reads the keys again, instead of reading them every few milliseconds whether any
 
 Only a hint, never the truth: what a member acts on is always a reading of the keys (`Coordinator.view`), and every
 wait for a change is bounded (`Changes.wait`), so that a watch that is silent when it should not be (a stream held
-open by a network that drops packets, an etcd3gw-style end nobody notices) costs time, never a wrong step. A
-stream that ends is opened again after the last revision it delivered, so no change in between is missed; one
-opened afresh (the first, or after etcd compacted the history it would resume from) counts as a change of every
+open by a network that drops packets; one that ends unnoticed, as etcd3gw's watch does) costs time, never a wrong
+step. A stream that ends is opened again after the last revision it delivered, so no change in between is missed;
+one opened afresh (the first, or after etcd compacted the history it would resume from) counts as a change of every
 area, since anything may have changed unseen.
 
 What it costs etcd: one watch per member, whatever the size of the fleet; a member reads the keys once per change

@@ -1,34 +1,45 @@
-"""etcd for cluster mode, through etcd3gw (the JSON gateway of etcd's v3 API), wrapped thinly.
+"""etcd for cluster mode, through the JSON gateway of etcd's v3 API, over the standard library's http.client.
 
-What the wrapper adds, because etcd3gw leaves it out (checked in its 2.7.0 source): a client speaks to one endpoint,
-so every call is tried on each configured endpoint in turn, starting with the last that answered; every call has a
-timeout; a requests Session is not shared between threads, so each thread gets its own clients; the watch stream is
-read here, not through etcd3gw's watch, which ends silently (or hangs) on a dropped stream or an error: here its end
-is the end of `watch`, and a stream silent for `idle` seconds ends too. A watch is only ever a hint (see changes.py):
-the keys read are the truth. Anything that fails on every endpoint is `EtcdUnavailable`: the caller decides what
-waiting means.
+Our own client rather than a library's, because none beats the little that is needed: five paths of the gateway
+(/v3/kv/txn for every read and write, /v3/lease/grant, /v3/lease/keepalive, /v3/kv/lease/revoke,
+/v3/maintenance/status) and its watch stream, which was read here already under etcd3gw (its own watch ends
+silently, or hangs, on a dropped stream or an error). And a call through etcd3gw and `requests` cost ~2.2 ms of CPU
+(a member's reading in a switch, measured on a 2-core VM) where it costs ~0.7 ms here: during a switch, every
+member's calls share the cores with etcd and the other members, and that CPU sits on the path of every member's
+maintenance window.
+
+What a call does: it is tried on the endpoint that answered last, then on each other one in turn; it has a timeout;
+it goes over a connection kept alive from call to call, one per thread and endpoint (connections are never shared
+between threads), closed when a call on it fails and opened afresh by the next, and tried once more on a fresh one
+when etcd had closed it meanwhile. A watch has a connection of its own, and its end is the end of `watch`, as is a
+stream silent for `idle` seconds. A watch is only ever a hint (see
+changes.py): the keys read are the truth. Anything that fails on every endpoint is `EtcdUnavailable`: the caller
+decides what waiting means.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:  # imported where a client is made: a lone server never loads requests (~7 MB of RSS)
-    from etcd3gw.client import Etcd3Client
 
 T = TypeVar("T")
 TIMEOUT = 2.0  # seconds for one call to one endpoint
+HEADERS = {"Content-Type": "application/json"}
 
 
 class EtcdUnavailable(Exception):
     """No endpoint answered: quorum lost, or the network to etcd gone."""
+
+
+class Refused(Exception):
+    """An endpoint answered with an error (etcd's own, in the gateway's JSON: no leader, a request too large)."""
 
 
 def _b64(text: str) -> str:
@@ -74,6 +85,80 @@ def delete_op(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": _b64(key)}}
 
 
+class Gateway:
+    """One thread's connection to one endpoint, kept alive from call to call (http.client's connections are not
+    for sharing between threads): JSON POSTed to /v3/..., the JSON answer back."""
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
+        url = urlsplit(endpoint)
+        self.https = url.scheme == "https"
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 2379
+        self.timeout = timeout
+        self.connection = self.new_connection()
+
+    def new_connection(self) -> http.client.HTTPConnection:
+        """A connection, not yet open: http.client opens it at its first request, and again after `close`."""
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return kind(self.host, self.port, timeout=self.timeout)
+
+    def post(self, path: str, body: Any) -> Any:
+        """The answer to `body` at `path`. A connection kept alive that the server has closed meanwhile (etcd
+        restarted) fails as the request is sent or its answer awaited: tried once more on a fresh connection,
+        since the server never saw it. Any other failure is the endpoint's."""
+        payload = json.dumps(body).encode()
+        kept = self.connection.sock is not None
+        try:
+            return self._exchange(path, payload)
+        except (ConnectionResetError, BrokenPipeError):  # http.client's RemoteDisconnected is a ConnectionResetError
+            if not kept:
+                raise
+        return self._exchange(path, payload)
+
+    def _exchange(self, path: str, payload: bytes) -> Any:
+        try:
+            self.connection.request("POST", path, payload, HEADERS)
+            response = self.connection.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise Refused(_refusal(response.status, answer))
+        except BaseException:
+            self.connection.close()  # in an unknown state: the next call opens a fresh one
+            raise
+        return json.loads(answer)
+
+    def stream(self, path: str, body: Any, idle: float) -> Generator[bytes, None, None]:
+        """The lines of a streaming answer to `body` at `path`, on a connection of its own (the kept one stays free
+        for calls): the first within `timeout`, each next one within `idle` seconds, else socket.timeout. Closing
+        the generator closes the connection."""
+        connection = self.new_connection()
+        try:
+            connection.connect()
+            sock = connection.sock
+            connection.request("POST", path, json.dumps(body).encode(), HEADERS)
+            response = connection.getresponse()
+            try:
+                if response.status != 200:
+                    raise Refused(_refusal(response.status, response.read()))
+                yield response.readline()
+                sock.settimeout(idle)
+                while line := response.readline():
+                    yield line
+            finally:
+                response.close()
+        finally:
+            connection.close()
+
+
+def _refusal(status: int, answer: bytes) -> str:
+    """What an error answer says: the gateway's JSON error (`{"error": ..., "code": ...}`), else its start."""
+    try:
+        said = json.loads(answer)
+        message = (said.get("message") or said.get("error")) if isinstance(said, dict) else None
+    except ValueError:
+        message = None
+    return f"HTTP {status}: {message or answer[:200].decode(errors='replace')}"
+
+
 class Etcd:
     def __init__(self, endpoints: tuple[str, ...], timeout: float = TIMEOUT) -> None:
         self.endpoints = endpoints
@@ -81,29 +166,22 @@ class Etcd:
         self._preferred = 0  # the endpoint that answered last
         self._local = threading.local()
 
-    def _client(self, index: int) -> Etcd3Client:
-        from etcd3gw.client import Etcd3Client
+    def _gateway(self, index: int) -> Gateway:
+        gateways: dict[int, Gateway] = self._local.__dict__.setdefault("gateways", {})
+        if index not in gateways:
+            gateways[index] = Gateway(self.endpoints[index], self.timeout)
+        return gateways[index]
 
-        clients: dict[int, Etcd3Client] = self._local.__dict__.setdefault("clients", {})
-        if index not in clients:
-            url = urlsplit(self.endpoints[index])
-            clients[index] = Etcd3Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
-                                         protocol=url.scheme, timeout=self.timeout, api_path="/v3/")
-        return clients[index]
-
-    def _call(self, what: Callable[[Etcd3Client], T]) -> T:
+    def _call(self, what: Callable[[Gateway], T]) -> T:
         """`what` on the endpoint that answered last, then on each other one; EtcdUnavailable if none does."""
-        from etcd3gw.exceptions import Etcd3Exception
-
         problems = []
         count = len(self.endpoints)
         for step in range(count):
             index = (self._preferred + step) % count
             try:
-                result = what(self._client(index))
-            except (Etcd3Exception, OSError, ValueError, KeyError) as exc:
-                problems.append(f"{self.endpoints[index]}: {type(exc).__name__} {getattr(exc, 'detail_text', '')}"
-                                .strip())
+                result = what(self._gateway(index))
+            except (OSError, http.client.HTTPException, Refused, ValueError, KeyError) as exc:
+                problems.append(f"{self.endpoints[index]}: {type(exc).__name__} {exc}".strip())
                 continue
             self._preferred = index
             return result
@@ -122,11 +200,12 @@ class Etcd:
         ranges = [{"request_range": {"key": _b64(key), **({"range_end": _b64(_after(key))}
                                                           if key.endswith("/") else {})}} for key in wanted]
         body = {"compare": [c.body for c in compare], "success": [*success, *ranges], "failure": [*failure, *ranges]}
-        result = self._call(lambda client: client.transaction(body))
+        result = self._call(lambda gateway: gateway.post("/v3/kv/txn", body))
         found = {}
         for response in result.get("responses", []):
             for kv in response.get("response_range", {}).get("kvs", []):
                 found[base64.b64decode(kv["key"]).decode()] = base64.b64decode(kv.get("value", "")).decode()
+        # the gateway writes etcd's int64 numbers (revisions, lease IDs, TTLs) as JSON strings
         return bool(result.get("succeeded", False)), Reading(found, int(result.get("header", {}).get("revision", 0)))
 
     def watch(self, prefix: str, after: int, opened: Callable[[int], None], seen: Callable[[int, str], None],
@@ -140,30 +219,31 @@ class Etcd:
         if after:
             create["start_revision"] = after + 1
 
-        def open_stream(client: Etcd3Client) -> tuple[Any, Any, dict[str, Any]]:
-            response = client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
-                                           timeout=(self.timeout, idle))
-            lines = response.iter_lines()
-            first = json.loads(next(lines, b"") or b"{}").get("result", {})
-            if response.status_code != 200 or not first.get("created"):
-                response.close()
-                raise ValueError(f"no watch: HTTP {response.status_code} {first}")
-            return response, lines, first
+        def open_stream(gateway: Gateway) -> tuple[Generator[bytes, None, None], dict[str, Any]]:
+            lines = gateway.stream("/v3/watch", {"create_request": create}, idle)
+            try:
+                first = json.loads(next(lines, b"") or b"{}").get("result", {})
+                if not first.get("created"):
+                    raise Refused(f"no watch: {first}")
+            except BaseException:
+                lines.close()
+                raise
+            return lines, first
 
-        response, lines, first = self._call(open_stream)
+        lines, first = self._call(open_stream)
         last = after or int(first.get("header", {}).get("revision", 0))
         opened(last)
         try:
-            for result in chain([first], (json.loads(line).get("result", {}) for line in lines if line)):
+            for result in chain([first], (json.loads(line).get("result", {}) for line in lines if line.strip())):
                 if result.get("canceled"):  # etcd ended it: compacted past `after`, or an error of its own
                     return 0 if result.get("compact_revision") else last
                 for event in result.get("events", []):
                     last = int(event["kv"]["mod_revision"])
                     seen(last, base64.b64decode(event["kv"]["key"]).decode())
-        except (OSError, ValueError, KeyError):
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
             pass  # broken, garbled, or silent for `idle` seconds: the caller opens another from `last`
         finally:
-            response.close()
+            lines.close()
         return last
 
     def put(self, key: str, value: str, lease: int = 0) -> None:
@@ -175,19 +255,19 @@ class Etcd:
         return self.txn_reading(compare, success, [])[0]
 
     def grant(self, ttl: float) -> int:
-        return self._call(lambda client: client.lease(ttl=max(1, round(ttl)))).id
+        return int(self._call(lambda gateway: gateway.post("/v3/lease/grant", {"TTL": max(1, round(ttl))}))["ID"])
 
     def keepalive(self, lease: int) -> int:
         """The lease's new TTL; -1 once it has expired (its keys are gone)."""
-        result = self._call(lambda client: client.post(client.get_url("/lease/keepalive"), json={"ID": lease}))
+        result = self._call(lambda gateway: gateway.post("/v3/lease/keepalive", {"ID": lease}))
         return int(result.get("result", {}).get("TTL", -1))
 
     def revoke(self, lease: int) -> None:
-        self._call(lambda client: client.post(client.get_url("/kv/lease/revoke"), json={"ID": lease}))
+        self._call(lambda gateway: gateway.post("/v3/kv/lease/revoke", {"ID": lease}))
 
     def answers(self) -> bool:
         try:
-            self._call(lambda client: client.status())
+            self._call(lambda gateway: gateway.post("/v3/maintenance/status", {}))
         except EtcdUnavailable:
             return False
         return True
