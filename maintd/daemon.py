@@ -25,6 +25,7 @@ from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
 from .context import Context
 from .etcd import Etcd
+from .events import Events
 from .intake import Intake
 from .inventory import Inventory
 from .joiner import Joiner
@@ -60,13 +61,15 @@ class Daemon:
         self.notifier = Notifier()
         self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
         self.store = Store(config.state_dir, self.log.error)
-        self.ctx = Context.build(config, self.store)
+        self.events = Events(config.app)  # what happened, for whoever listens (events.py)
+        self.ctx = Context.build(config, self.store, self.events)
         if self.store.damage:  # state.json lost: carry on with what can be known again, paused
             self.log.error(rebuild(self.store, self.ctx.tree, self.ctx.flags))
         self.tasks = Tasks()
         upload = config.upload
         self.inventory = Inventory(self.ctx.tree, self.store, UploadTracker(upload.quiet_period, upload.require_marker))
-        self.coordinator = Coordinator(config.cluster, Etcd(config.cluster.etcd)) if config.cluster else None
+        self.coordinator = (Coordinator(config.cluster, Etcd(config.cluster.etcd), self.events) if config.cluster
+                            else None)
         self.runner = DeployRunner(self.ctx, self.inventory, self.tasks, self.announce, self.coordinator)
         self.intake = Intake(self.ctx, self.inventory, self.tasks, self.runner.kick)
         self.membership: Membership | None = None
@@ -168,7 +171,7 @@ class Daemon:
             new = load_config(self.config.source or "")
             if fixed := changed_keys(self.config, new, FIXED):
                 raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
-            ctx = Context.build(new, self.store)
+            ctx = Context.build(new, self.store, self.events)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
         else:
