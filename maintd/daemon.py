@@ -25,7 +25,7 @@ from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
 from .context import Context
 from .etcd import Etcd
-from .events import Events
+from .events import Events, Listener
 from .intake import Intake
 from .inventory import Inventory
 from .joiner import Joiner
@@ -37,6 +37,7 @@ from .state import Memory, Store
 from .tasks import Tasks
 from .tree import ReleaseError, name_key, name_problem
 from .upload import UploadTracker
+from .webhooks import Webhooks
 
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
 FIXED = ("app", "root", "state", "control", "cluster")
@@ -62,6 +63,7 @@ class Daemon:
         self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
         self.store = Store(config.state_dir, self.log.error)
         self.events = Events(config.app)  # what happened, for whoever listens (events.py)
+        self.webhooks = Webhooks(config.app)  # [notify]: its threads start in `run`
         self.ctx = Context.build(config, self.store, self.events)
         if self.store.damage:  # state.json lost: carry on with what can be known again, paused
             self.log.error(rebuild(self.store, self.ctx.tree, self.ctx.flags))
@@ -86,6 +88,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)  # from the start: SIGHUP's default is to die
+        self.webhooks.configure(self.config.notify)  # before recovery, which may finish a deploy
+        self.events.listen(*self._listeners())
         self.ctx.tree.make_releases()
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
@@ -136,7 +140,12 @@ class Daemon:
             self.intake.stop()
             if self.membership:
                 await asyncio.to_thread(self.membership.stop)
+        await asyncio.to_thread(self.webhooks.stop)  # after the last deploy's end: its events get their moment
         self.log.info("stopped")
+
+    def _listeners(self) -> tuple[Listener, ...]:
+        """Who hears the events (events.py), as the configuration says: set at start and on every reload."""
+        return self.webhooks.listeners()
 
     async def _rescan_periodically(self) -> None:
         """The safety net under inotify, which can overflow; it outlives a rescan that fails (releases/ unreadable
@@ -178,6 +187,8 @@ class Daemon:
             self.config, self.ctx = new, ctx
             self.runner.ctx = ctx
             self.intake.reconfigure(ctx)
+            self.webhooks.configure(new.notify)
+            self.events.listen(*self._listeners())
             self.log.info(f"configuration reloaded from {new.source}")
             for warning in new.warnings:
                 self.log.warning(warning)
@@ -222,6 +233,7 @@ class Daemon:
             "last_deploy": self.memory.last_deploy,
             "uploading": sorted(self.inventory.tracker.uploads, key=name_key),
             "upload": {"marker": self.config.upload.marker, "require_marker": self.config.upload.require_marker},
+            "webhooks": self.webhooks.status(),
             **({"cluster": {"member": self.coordinator.me, "etcd": self.etcd_trouble or "ok"}}
                if self.coordinator else {}),
         }

@@ -53,8 +53,9 @@ class Event:
 
     @classmethod
     def finished(cls, outcome: Outcome) -> Event:
-        """A deploy's end, with the step that failed and why, if it did."""
-        failed = next((s for s in reversed(outcome.steps) if s.result is StepResult.FAILED), None)
+        """A deploy's end, with the step that failed and why, if it did: the first step that failed, which ended it
+        (the records after it are the way back, `Ending.ABORT` failed too)."""
+        failed = next((s for s in outcome.steps if s.result is StepResult.FAILED), None)
         return cls(Happening.DEPLOY_FINISHED, outcome.release, outcome.deploy_id, outcome.actor,
                    outcome.switch_id or "", str(outcome.result), failed.step if failed else "", outcome.error,
                    outcome=outcome)
