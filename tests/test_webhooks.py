@@ -198,8 +198,11 @@ def test_endpoints_that_hang_or_are_closed_cost_a_deploy_nothing(app: App, start
     assert [(w["url"], w["format"], w["sent"], w["dropped"], w["last_failure"]["event"]) for w in status["webhooks"]] \
         == [(hung, "slack", 0, 2, "deploy_finished"), (refused, "json", 0, 2, "deploy_finished")]
     assert status["current"] == "r1" and status["last_deploy"]["result"] == "ok"  # the contract's fields as they were
+    shown = maintctl(app, "status").stdout
+    assert f"webhook      {hung} (slack): 0 sent, 2 dropped; last failure " in shown
+    assert ": no answer within the timeout" in shown
     assert daemon.stop() == 0
-    said = json.dumps(daemon.events) + json.dumps(status) + maintctl(app, "status").stdout
+    said = json.dumps(daemon.events) + json.dumps(status) + shown
     for secret in ("alice", "pa55word", "slacktoken", "querysecret", "pathsecret", "T0/B0"):
         assert secret not in said
 
@@ -292,3 +295,13 @@ def test_an_aborted_cluster_switch_is_said_once_across_the_members(cluster, rece
     member, said = aborted[0]
     assert (member, said["actor"], said["release"], said["result"]) == ("m2", "m2", "r1", "abort")
     assert said["switch_id"] == ends["m2"]["switch_id"] != "" and "restart" in said["error"]
+
+
+def test_maintd_check_shows_the_webhooks_without_their_secrets(app: App):
+    app.write_config(notify(("https://hooks.example/services/T0/B0/token", "slack"),
+                            ("http://u:p@[::1]:8080/x", "json"), timeout=2.5))
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "notify: webhook 1 https://hooks.example/… (slack), timeout 2.5s\n" in done.stdout
+    assert "notify: webhook 2 http://[::1]:8080/… (json), timeout 2.5s\n" in done.stdout
+    assert "token" not in done.stdout and "u:p" not in done.stdout
