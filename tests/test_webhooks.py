@@ -3,6 +3,7 @@ endpoints that hang or are closed cost a deploy nothing: each event is retried a
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -123,7 +124,8 @@ after_swap = [["sh", "-c", "test \\"$MAINTD_RELEASE\\" != r3"]]
 
 
 def test_each_event_reaches_the_webhooks_with_its_fields(app: App, start_daemon, receiver):
-    app.write_config(HOOKS + notify((receiver.url("/json"), "json"), (receiver.url("/slack"), "slack")))
+    with_password = receiver.url("/json").replace("://", "://hook:s%40cret@")  # user:password@ is Basic auth
+    app.write_config(HOOKS + notify((with_password, "json"), (receiver.url("/slack"), "slack")))
     daemon = start_daemon()
     app.make_release("r1")
     r1 = daemon.deployed("r1")
@@ -168,6 +170,8 @@ def test_each_event_reaches_the_webhooks_with_its_fields(app: App, start_daemon,
     assert lines[6:8] == ["shop: maintenance on by root: db upgrade", "shop: maintenance off by root"]
     assert lines[8].startswith("shop: upload notes.txt refused: ")
     assert all(p["headers"]["Content-Type"] == "application/json" for p in receiver.posts)
+    auth = {p["path"]: p["headers"].get("Authorization") for p in receiver.posts}
+    assert auth == {"/json": "Basic " + base64.b64encode(b"hook:s@cret").decode(), "/slack": None}
 
 
 def dropped_lines(daemon, since: int = 0) -> list[dict[str, Any]]:
