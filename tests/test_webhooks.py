@@ -97,17 +97,15 @@ class Silent:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.stop()
+def receiver(request: pytest.FixtureRequest) -> Receiver:
+    request.addfinalizer((server := Receiver()).stop)
+    return server
 
 
 @pytest.fixture
-def silent() -> Iterator[Silent]:
-    server = Silent()
-    yield server
-    server.stop()
+def silent(request: pytest.FixtureRequest) -> Silent:
+    request.addfinalizer((server := Silent()).stop)
+    return server
 
 
 def notify(*hooks: tuple[str, str], timeout: float = 5.0) -> str:
