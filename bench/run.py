@@ -1,8 +1,9 @@
 """make bench: how fast maintd is, side by side with the plain alternative, on this machine.
 
-Eight measures (medians over repeated runs, with min and max), printed as one table and written to
+Nine measures (medians over repeated runs, with min and max), printed as one table and written to
 bench/results.json; the seventh, switches of a fleet, is bench/fleet.py. Timings live here and only here: the test
-suite asserts behaviour, never speed.
+suite asserts behaviour, never speed. `bench/run.py webhooks` runs the ninth alone (under a minute) and puts its
+numbers into results.json beside the others'.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from fleet import rows as fleet_rows  # noqa: E402
 from conftest import App, Daemon, Memcached, make_source, wait_until  # noqa: E402
 from maintd.config import Upload, load  # noqa: E402
 from maintd.context import Context  # noqa: E402
+from maintd.events import Events  # noqa: E402
 from maintd.maintenance import Notice  # noqa: E402
 from maintd.pipeline import Deploy  # noqa: E402
 from maintd.state import Store  # noqa: E402
 from maintd.tree import Tree  # noqa: E402
+from maintd.webhooks import Webhooks  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "30"))
 UPLOAD_SIZES = [int(n) for n in os.environ.get("BENCH_UPLOAD_FILES", "20000,100000").split(",")]
@@ -73,12 +76,12 @@ echo "$on $off $reply"
 """
 
 
-def timed_deploys(app: App) -> Callable[[str], tuple[float, str]]:
+def timed_deploys(app: App, events: Events | None = None) -> Callable[[str], tuple[float, str]]:
     """A function that deploys a release of `app` in process and returns its maintenance window in ms, from the
     live release's flag written (the last one raised) to its removal (the first one lowered), and what its restart
-    step did."""
+    step did. Its events go to `events`' listeners."""
     config = load(app.config)
-    ctx = Context.build(config, Store(config.state_dir))
+    ctx = Context.build(config, Store(config.state_dir), events)
     marks: dict[str, float] = {}
     raise_in, lower_in = ctx.flags.raise_in, ctx.flags.lower_in
 
@@ -374,6 +377,58 @@ def passenger_window() -> dict:
             "ratio": round(statistics.median(ours) / statistics.median(theirs), 3)}
 
 
+# --- 9. the window with dead webhooks ---------------------------------------------------------------------------
+
+
+def webhook_window() -> dict:
+    """The maintenance window with a webhook whose port is closed, and with one that accepts and never answers,
+    against none (the default config), in turns. Each deploy's events are queued for a thread that retries them;
+    what it would cost a window is that thread's work on the GIL (a refused connection, a timeout, a log line)."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=1024)  # accepts (the kernel does) and never answers
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    urls = {"none": None, "closed_port": f"http://127.0.0.1:{closed_port}/hook",
+            "never_answers": f"http://127.0.0.1:{silent.getsockname()[1]}/hook"}
+    deploys, hooks = {}, []
+    for kind, url in urls.items():
+        app = workdir()
+        app.write_config("" if url is None else f'[notify]\ntimeout = 1.0\nwebhooks = [{{ url = "{url}" }}]\n',
+                         top="keep_releases = 1000")
+        for name in ("a", "b"):
+            app.make_release(name)
+            (app.releases / name / "tmp").mkdir(exist_ok=True)
+        events = Events("shop")
+        webhooks = Webhooks("shop")
+        webhooks.configure(load(app.config).notify)
+        events.listen(*webhooks.listeners())
+        hooks.append(webhooks)
+        deploys[kind] = timed_deploys(app, events)
+    windows: dict[str, list[float]] = {kind: [] for kind in urls}
+    try:
+        for i in range(RUNS + 1):
+            for kind, deploy in deploys.items():
+                ms, _ = deploy("ab"[i % 2])
+                if i:  # the first deploy has no live release to flag
+                    windows[kind].append(ms)
+    finally:
+        for webhooks in hooks:
+            webhooks.stop()
+        silent.close()
+    none = statistics.median(windows["none"])
+    return {**{f"{kind}_ms": summary(ms) for kind, ms in windows.items()},
+            **{f"ratio_{kind}": round(statistics.median(windows[kind]) / none, 3)
+               for kind in ("closed_port", "never_answers")}}
+
+
+def webhook_rows(ww: dict) -> list[tuple[str, str, str]]:
+    return [("9 maintenance window, no webhook (default)", spread(ww["none_ms"]), ""),
+            ("9 maintenance window, webhook on a closed port", spread(ww["closed_port_ms"]), ""),
+            ("9 maintenance window, webhook that never answers", spread(ww["never_answers_ms"]), ""),
+            ("9 ratio closed port / none, never answers / none",
+             f"{ww['ratio_closed_port']}×, {ww['ratio_never_answers']}×", "≤ 1.1×")]
+
+
 def spread(stat: dict) -> str:
     return f"{stat['median']} ms ({stat['min']}-{stat['max']})"
 
@@ -385,7 +440,7 @@ def share(mode: dict, when: str) -> str:
 def table(results: dict) -> str:
     w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
                                                "control_socket", "scaling"))
-    fl, pw = results.get("fleet"), results.get("passenger_window")
+    fl, pw, ww = results.get("fleet"), results.get("passenger_window"), results.get("webhook_window")
     m = c["require_marker_mode"]
     rows = [
         ("1 maintenance window (maintd)", spread(w["maintd_ms"]), "≤ 0.5× script, < 5 ms"),
@@ -417,13 +472,50 @@ def table(results: dict) -> str:
         rows += [("8 window where Passenger serves the app (maintd)", spread(pw["maintd_ms"]), "the restart"),
                  ("8 passenger-config restart-app alone", spread(pw["restart_app_alone_ms"]), ""),
                  ("8 ratio maintd / restart-app alone", f"{pw['ratio']}×", "≈ 1×")]
+    if ww:
+        rows += webhook_rows(ww)
+    return markdown(rows)
+
+
+def markdown(rows: list[tuple[str, str, str]]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'measure'.ljust(width)} | result | target |", f"|{'-' * (width + 2)}|---|---|"]
     lines += [f"| {name.ljust(width)} | {value} | {target} |" for name, value, target in rows]
     return "\n".join(lines)
 
 
-def main() -> None:
+def every_section(results: dict) -> None:
+    print("1/9 maintenance window", flush=True)
+    os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
+    results["maintenance_window"] = maintenance_window()
+    print("2/9 detection latency", flush=True)
+    results["detection"] = detection()
+    print(f"3/9 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
+    source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
+    WORKDIRS.append(source)
+    sources = {files: make_source(source / str(files), files, "big") for files in UPLOAD_SIZES}
+    results["upload_cost"] = {
+        "quiet_period_mode": {str(files): upload_cost(tree, files, require_marker=False)
+                              for files, tree in sources.items()},
+        "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
+    shutil.rmtree(source, ignore_errors=True)
+    print("4/9 footprint", flush=True)
+    results["footprint"] = footprint()
+    print("5/9 control socket", flush=True)
+    results["control_socket"] = control_socket()
+    print("6/9 scaling", flush=True)
+    results["scaling"] = scaling()
+    print(f"7/9 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
+    results["fleet"] = fleet(MEMCACHED.address)
+    print("8/9 the window where Passenger serves the app", flush=True)
+    results["passenger_window"] = passenger_window()
+    print("9/9 the window with dead webhooks", flush=True)
+    results["webhook_window"] = webhook_window()
+
+
+def main(alone: bool = False) -> None:
+    """Every section, or (`alone`: `bench/run.py webhooks`) section 9 only, its numbers put into the last run's
+    results.json with the date they were measured on."""
     global MEMCACHED
     from maintd import log
 
@@ -437,38 +529,20 @@ def main() -> None:
                                  "python": platform.python_version(),
                                  "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
     try:
-        print("1/8 maintenance window", flush=True)
-        os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
-        results["maintenance_window"] = maintenance_window()
-        print("2/8 detection latency", flush=True)
-        results["detection"] = detection()
-        print(f"3/8 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
-        source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
-        WORKDIRS.append(source)
-        sources = {files: make_source(source / str(files), files, "big") for files in UPLOAD_SIZES}
-        results["upload_cost"] = {
-            "quiet_period_mode": {str(files): upload_cost(tree, files, require_marker=False)
-                                  for files, tree in sources.items()},
-            "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
-        shutil.rmtree(source, ignore_errors=True)
-        print("4/8 footprint", flush=True)
-        results["footprint"] = footprint()
-        print("5/8 control socket", flush=True)
-        results["control_socket"] = control_socket()
-        print("6/8 scaling", flush=True)
-        results["scaling"] = scaling()
-        print(f"7/8 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
-        results["fleet"] = fleet(MEMCACHED.address)
-        print("8/8 the window where Passenger serves the app", flush=True)
-        results["passenger_window"] = passenger_window()
+        if alone:
+            print("9 the window with dead webhooks", flush=True)
+            results = {**json.loads((HERE / "results.json").read_text()),
+                       "webhook_window": {**webhook_window(), "date": results["machine"]["date"]}}
+        else:
+            every_section(results)
     finally:
         MEMCACHED.stop()
         for base in WORKDIRS:
             shutil.rmtree(base, ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    print(markdown(webhook_rows(results["webhook_window"])) if alone else table(results))
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    main(alone=sys.argv[1:] == ["webhooks"])

@@ -79,6 +79,8 @@ def check(config: Config) -> int:
               f"keys under {cluster.prefix}; switches {cluster.described}")
         if not Etcd(cluster.etcd, timeout=1.0).answers():
             warnings.append(f"etcd does not answer at {', '.join(cluster.etcd)}: no switch can begin until it does")
+    for number, hook in enumerate(config.notify.webhooks, start=1):
+        print(f"notify: webhook {number} {hook.shown} ({hook.format}), timeout {config.notify.timeout:g}s")
     for line in warnings:
         print(f"maintd: warning: {line}", file=sys.stderr)
     for line in problems:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from .changes import Changes
 from .config import Cluster, Strategy
 from .etcd import Compare, Etcd, EtcdUnavailable, Reading, delete_op, put_op
+from .events import Event, Events, Happening
 from .results import DeployKind
 from .tree import name_problem
 
@@ -513,9 +514,10 @@ class Rollout:
 class Coordinator:
     """This member's side of the keys: reading them, writing its own, and the decision transactions."""
 
-    def __init__(self, cluster: Cluster, etcd: Etcd) -> None:
+    def __init__(self, cluster: Cluster, etcd: Etcd, events: Events | None = None) -> None:
         self.cluster = cluster
         self.etcd = etcd
+        self.events = events or Events()  # told of an abort this member's transaction wrote
         self.keys = Keys(cluster.prefix)
         self.me = cluster.member
         # Set when the daemon stops (`stop`): every wait on etcd or on the other members ends then (see waiting.py).
@@ -672,6 +674,9 @@ class Coordinator:
         won, view = attempt([Compare.absent(decision)], abort)
         if not won and view.decision is Decision.GO:
             won, view = attempt([Compare.equals(decision, Decision.GO)], abort)
+        if won:  # said by the one member whose transaction aborted it, whoever saw why
+            self.events.publish(Event(Happening.SWITCH_ABORTED, release, result=str(Decision.ABORT), error=move.reason,
+                                      actor=self.me, switch_id=switch_id))
         return won, view
 
     def abort(self, release: str, reason: str, switch_id: str = "") -> str:

@@ -133,6 +133,11 @@ def show_status(s: Mapping[str, Any]) -> str:
     ]
     if s.get("uploading"):
         rows.append(("uploading", ", ".join(s["uploading"])))
+    for hook in s.get("webhooks", []):  # scheme://host/… only: the rest of a webhook's URL may be its secret
+        failure = hook["last_failure"]
+        rows.append(("webhook", f"{hook['url']} ({hook['format']}): {hook['sent']} sent, {hook['dropped']} dropped"
+                                + (f", {hook['waiting']} waiting" if hook["waiting"] else "")
+                                + (f"; last failure {failure['at']}: {failure['error']}" if failure else "")))
     return "\n".join(f"{key:<12} {value}" for key, value in rows)
 
 

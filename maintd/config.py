@@ -57,6 +57,13 @@ class Strategy(StrEnum):
     AUTO = "auto"  # together when db/migrate differs from the live release's on any member, else rolling
 
 
+class WebhookFormat(StrEnum):
+    """`notify.webhooks[].format`: the body of a webhook's POST (contract §11)."""
+
+    JSON = "json"  # the event's fields
+    SLACK = "slack"  # {"text": one readable line}: Slack's incoming webhooks, and Mattermost's and Rocket.Chat's
+
+
 class FlushMode(StrEnum):
     """`memcached.flush`: what happens to the cache after a swap."""
 
@@ -124,6 +131,36 @@ class Control:
 @dataclass(frozen=True)
 class State:
     dir: str = ""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: WebhookFormat = WebhookFormat.JSON
+
+    @property
+    def shown(self) -> str:
+        """The URL as logs and `status` may show it (`shown_url`)."""
+        return shown_url(self.url)
+
+
+@dataclass(frozen=True)
+class Notify:
+    webhooks: tuple[Webhook, ...] = ()
+    timeout: float = 5.0  # seconds per POST
+
+
+def shown_url(url: str) -> str:
+    """scheme://host[:port]/… and nothing more: a webhook's secret is in its path (Slack's tokens), its query or its
+    user:password@, so none of them is ever logged or shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an unreadable URL)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{port}/…" if parts.scheme else "(not a URL)"
 
 
 @dataclass(frozen=True)
@@ -196,6 +233,7 @@ class Config:
     hooks: Hooks = field(default_factory=Hooks)
     control: Control = field(default_factory=Control)
     state: State = field(default_factory=State)
+    notify: Notify = field(default_factory=Notify)
     cluster: Cluster | None = None  # no [cluster] table: a single server, and nothing of contract §7 applies
     source: Path | None = None
     warnings: tuple[str, ...] = ()  # "file:line: key ...", each logged at start and printed by `maintd check`
@@ -351,17 +389,53 @@ def _file_name(value: Any) -> str:
 def _http_url(value: Any) -> str:
     """"" (no health check), or an http(s) URL with a host: the health check speaks HTTP and nothing else."""
     url = _string(value)
-    if not url:
-        return url
+    if url and not _usable_url(url):
+        raise ValueError(f"must be an http:// or https:// URL with a host, such as \"http://127.0.0.1/up\", "
+                         f"not {url!r}")
+    return url
+
+
+def _usable_url(url: str) -> bool:
+    """http(s), a host, a port from 1 to 65535 if any, and nothing a request line cannot carry."""
     try:
         parts = urllib.parse.urlsplit(url)
         usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
     except ValueError:  # a port that is not a number from 1 to 65535
-        usable = False
-    if not usable or re.search(r"\s", url):
-        raise ValueError(f"must be an http:// or https:// URL with a host, such as \"http://127.0.0.1/up\", "
-                         f"not {url!r}")
+        return False
+    return usable and url.isascii() and not re.search(r"[\s\x00-\x1f\x7f]", url)
+
+
+def _webhook_url(value: Any) -> str:
+    url = _string(value)
+    if not _usable_url(url):
+        raise ValueError("must be an http:// or https:// URL with a host (ASCII, no spaces), not "
+                         + (shown_url(url) if url else "empty"))
     return url
+
+
+def _webhooks(value: Any) -> tuple[Webhook, ...]:
+    """A list of { url = "https://…", format = "json" | "slack" }. A bad URL is shown as `shown_url` shows it: the
+    error is logged when a reload refuses the file, and the rest of the URL may be a secret."""
+    example = '[{ url = "https://hooks.example/…", format = "slack" }]'
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of tables such as {example}, not {_kind(value)}")
+    hooks: list[Webhook] = []
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            raise ValueError(f"entry {number} must be a table such as {example[1:-1]}, not {_kind(item)}")
+        if unknown := [key for key in item if key not in ("url", "format")]:
+            raise ValueError(f"entry {number}: {unknown[0]} is not a known key (known: url, format)")
+        try:
+            key = "url"
+            url = _webhook_url(item.get(key, ""))
+            key = "format"
+            form = WebhookFormat(_one_of(WebhookFormat)(item.get(key, str(WebhookFormat.JSON))))
+        except ValueError as exc:
+            raise ValueError(f"entry {number}: {key} {exc}") from None
+        if any(hook.url == url for hook in hooks):
+            raise ValueError(f"entry {number}: url {shown_url(url)} is listed twice")
+        hooks.append(Webhook(url, form))
+    return tuple(hooks)
 
 
 def _cache_key(value: Any) -> str:
@@ -489,6 +563,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
                       "env": _environment}),
     "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
     "state": (State, {"dir": _absolute}),
+    "notify": (Notify, {"webhooks": _webhooks, "timeout": _positive}),
 }
 OPTIONAL: dict[str, tuple[type, dict[str, Check]]] = {  # tables whose absence means something
     "cluster": (Cluster, {"members": _names, "member": _app_name, "etcd": _urls, "prefix": _prefix,

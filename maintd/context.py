@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import boot, cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
+from .events import Events
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -32,9 +33,10 @@ class Context:
     flags: Flags
     store: Store
     runas: RunAs  # who runs hooks and restart.command
+    events: Events = field(default_factory=Events)  # the daemon's, the same across reloads
 
     @classmethod
-    def build(cls, config: Config, store: Store) -> Context:
+    def build(cls, config: Config, store: Store, events: Events | None = None) -> Context:
         """Reads the maintenance template: one that cannot be read refuses a start or a reload, naming the key."""
         m = config.maintenance
         try:
@@ -42,7 +44,8 @@ class Context:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"{config.source}: maintenance.template {m.template}: cannot read: {reason}") from None
-        return cls(config, Tree(config.root), Flags(m.file, template, config.root), store, resolve(config))
+        return cls(config, Tree(config.root), Flags(m.file, template, config.root), store, resolve(config),
+                   events or Events())
 
     def written_by_maintd(self) -> tuple[str, ...]:
         """Paths maintd itself puts into a release (and an uploader's manifest therefore cannot list)."""

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, changed_keys
 from .config import load as load_config
 from .context import Context
 from .etcd import Etcd
+from .events import Events, Listener
 from .intake import Intake
 from .inventory import Inventory
 from .joiner import Joiner
@@ -36,6 +37,7 @@ from .state import Memory, Store
 from .tasks import Tasks
 from .tree import ReleaseError, name_key, name_problem
 from .upload import UploadTracker
+from .webhooks import Webhooks
 
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
 FIXED = ("app", "root", "state", "control", "cluster")
@@ -60,13 +62,16 @@ class Daemon:
         self.notifier = Notifier()
         self.lock_fd = acquire_lock(config.state_dir)  # held for the daemon's life: the flock is ownership
         self.store = Store(config.state_dir, self.log.error)
-        self.ctx = Context.build(config, self.store)
+        self.events = Events(config.app)  # what happened, for whoever listens (events.py)
+        self.webhooks = Webhooks(config.app)  # [notify]: its threads start in `run`
+        self.ctx = Context.build(config, self.store, self.events)
         if self.store.damage:  # state.json lost: carry on with what can be known again, paused
             self.log.error(rebuild(self.store, self.ctx.tree, self.ctx.flags))
         self.tasks = Tasks()
         upload = config.upload
         self.inventory = Inventory(self.ctx.tree, self.store, UploadTracker(upload.quiet_period, upload.require_marker))
-        self.coordinator = Coordinator(config.cluster, Etcd(config.cluster.etcd)) if config.cluster else None
+        self.coordinator = (Coordinator(config.cluster, Etcd(config.cluster.etcd), self.events) if config.cluster
+                            else None)
         self.runner = DeployRunner(self.ctx, self.inventory, self.tasks, self.announce, self.coordinator)
         self.intake = Intake(self.ctx, self.inventory, self.tasks, self.runner.kick)
         self.membership: Membership | None = None
@@ -83,6 +88,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)  # from the start: SIGHUP's default is to die
+        self.webhooks.configure(self.config.notify)  # before recovery, which may finish a deploy
+        self.events.listen(*self._listeners())
         self.ctx.tree.make_releases()
         for link in self.ctx.tree.remove_stale_links():
             self.log.warning(f"removed a temporary link left by a crash: {link}")
@@ -133,7 +140,12 @@ class Daemon:
             self.intake.stop()
             if self.membership:
                 await asyncio.to_thread(self.membership.stop)
+        await asyncio.to_thread(self.webhooks.stop)  # after the last deploy's end: its events get their moment
         self.log.info("stopped")
+
+    def _listeners(self) -> tuple[Listener, ...]:
+        """Who hears the events (events.py), as the configuration says: set at start and on every reload."""
+        return self.webhooks.listeners()
 
     async def _rescan_periodically(self) -> None:
         """The safety net under inotify, which can overflow; it outlives a rescan that fails (releases/ unreadable
@@ -168,13 +180,15 @@ class Daemon:
             new = load_config(self.config.source or "")
             if fixed := changed_keys(self.config, new, FIXED):
                 raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
-            ctx = Context.build(new, self.store)
+            ctx = Context.build(new, self.store, self.events)
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
         else:
             self.config, self.ctx = new, ctx
             self.runner.ctx = ctx
             self.intake.reconfigure(ctx)
+            self.webhooks.configure(new.notify)
+            self.events.listen(*self._listeners())
             self.log.info(f"configuration reloaded from {new.source}")
             for warning in new.warnings:
                 self.log.warning(warning)
@@ -219,6 +233,7 @@ class Daemon:
             "last_deploy": self.memory.last_deploy,
             "uploading": sorted(self.inventory.tracker.uploads, key=name_key),
             "upload": {"marker": self.config.upload.marker, "require_marker": self.config.upload.require_marker},
+            "webhooks": self.webhooks.status(),
             **({"cluster": {"member": self.coordinator.me, "etcd": self.etcd_trouble or "ok"}}
                if self.coordinator else {}),
         }

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .cluster import Decision, Move, Unreadable
 from .commands import COMMANDS
 from .etcd import EtcdUnavailable
+from .events import Event, Happening
 from .maintenance import Notice
 from .pipeline import now_iso
 from .results import DeployKind, Outcome, Refused, Skipped, StepRecord
@@ -102,12 +103,14 @@ async def maintenance(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Em
         notice = Notice(args["reason"] or "maintenance", now_iso(), peer.name, args["until"])
         ctx.operator_maintenance_on(notice)
         daemon.log.info(f"maintenance on: {notice.reason}", actor=peer.name, until=notice.until or None)
+        daemon.events.publish(Event(Happening.MAINTENANCE_ON, live, actor=peer.name, error=notice.reason))
         daemon.announce()
         return {"on": True, "reason": notice.reason, "since": notice.since, "by": notice.by,
                 "until": notice.until or None}
     async with daemon.runner.exclusive():
         ctx.operator_maintenance_off()
     daemon.log.info("maintenance off", actor=peer.name)
+    daemon.events.publish(Event(Happening.MAINTENANCE_OFF, ctx.tree.live() or "", actor=peer.name))
     daemon.announce()
     return {"on": False}
 

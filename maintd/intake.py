@@ -15,7 +15,9 @@ from collections.abc import Callable
 from . import log
 from .config import Upload
 from .context import Context
+from .events import Event, Happening
 from .inventory import Inventory
+from .results import UPLOAD_ACTOR
 from .tasks import Tasks
 from .tree import ReleaseError, name_key
 from .upload import STILL_CHANGING, Verdict
@@ -27,9 +29,7 @@ GONE = (errno.ENOENT, errno.ENOTDIR)  # what a walk of a release that was remove
 
 class Intake:
     def __init__(self, ctx: Context, inventory: Inventory, tasks: Tasks, on_complete: Callable[[], None]) -> None:
-        self.ctx = ctx
-        self.inventory = inventory
-        self.tracker = inventory.tracker
+        self.ctx, self.inventory, self.tracker = ctx, inventory, inventory.tracker
         self.tasks = tasks
         self.on_complete = on_complete
         self.log = log.get(app=ctx.config.app)
@@ -159,6 +159,7 @@ class Intake:
     def _refuse(self, name: str, reason: str) -> None:
         if self.inventory.refuse(name, reason):
             self.log.warning(f"release {name} refused: {reason}", release=name, result="refused")
+            self.ctx.events.publish(Event(Happening.UPLOAD_REFUSED, name, "", UPLOAD_ACTOR, error=reason))
 
     def _marked(self, name: str) -> bool:
         return (self.ctx.tree.releases / name / self.ctx.config.upload.marker).exists()

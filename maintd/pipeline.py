@@ -26,6 +26,7 @@ from . import leftovers, log, manifest
 from .config import MaintenanceWhen
 from .confined import PathRefused
 from .context import Context, describe
+from .events import Event, Happening
 from .maintenance import Notice
 from .results import DeployKind, Interrupted, Outcome, Skipped, StepFailed, StepRecord, StepResult
 from .state import InFlight, MaintenanceOwner
@@ -88,8 +89,7 @@ class Deploy:
     def __init__(self, ctx: Context, release: str, actor: str, kind: DeployKind = DeployKind.DEPLOY,
                  on_step: OnStep | None = None, journal: InFlight | None = None) -> None:
         self.ctx, self.cfg, self.release, self.actor = ctx, ctx.config, release, actor
-        self.kind, self.path = DeployKind(kind), ctx.tree.path(release)
-        self.on_step = on_step or (lambda record: None)
+        self.kind, self.path, self.on_step = DeployKind(kind), ctx.tree.path(release), on_step or (lambda record: None)
         self.phase = Phase.resumed(journal, ctx.tree.live() == release) if journal else Phase()
         if journal:
             self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
@@ -107,6 +107,7 @@ class Deploy:
         t0 = time.perf_counter()
         self.log.info(f"{self.kind} of release {self.release} started (live: {self.previous or 'none'})",
                       previous=self.previous)
+        self.ctx.events.publish(Event(Happening.DEPLOY_STARTED, self.release, self.id, self.actor, self.phase.switch))
         try:
             records, error = self.run_steps(self.STEPS)
         except Interrupted as stop:
@@ -114,7 +115,7 @@ class Deploy:
         if self.crash_at == "end":
             _crash()
         outcome = self.outcome(error, records, t0)
-        record_outcome(self.ctx, outcome.as_json(), revision_line(outcome, self.ctx.tree), self.log)
+        record_outcome(self.ctx, outcome, self.log)
         summary = f"{self.kind} of release {self.release} {'went live' if outcome.went_live else outcome.result}"
         (self.log.info if outcome.went_live else self.log.error)(
             summary + (f": {error}" if error else ""), result=outcome.result, duration_ms=outcome.duration_ms)
@@ -301,14 +302,17 @@ class Deploy:
         self.phase.maintenance = MaintenanceOwner.NONE
 
 
-def record_outcome(ctx: Context, entry: dict[str, Any], revision: str, logger: Any) -> None:
-    """A finished deploy, rollback or recovery (`entry`, its history line) into state, history and revisions.log,
-    and its journal closed. What cannot be written is logged: the site is consistent by now, so the deploy stands."""
+def record_outcome(ctx: Context, outcome: Outcome, logger: Any, **extra: Any) -> None:
+    """A finished deploy, rollback or recovery into state, history (its entry: the outcome and `extra`) and
+    revisions.log, its journal closed, and said to whoever listens (events.py). What cannot be written is logged:
+    the site is consistent by now, so the deploy stands."""
+    entry = {**outcome.as_json(), **extra}
     last = {key: entry[key] for key in ("release", "result", "duration_ms", "deploy_id", "kind", "error")}
-    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, entry["result"] == StepResult.OK),
-                ctx.tree.append_revision(revision), ctx.store.journal_done()]
+    problems = [ctx.store.finish({**last, "finished": now_iso()}, entry, outcome.went_live),
+                ctx.tree.append_revision(revision_line(outcome, ctx.tree)), ctx.store.journal_done()]
     for problem in filter(None, problems):
         logger.error(problem)
+    ctx.events.publish(Event.finished(outcome))
 
 
 def revision_line(outcome: Outcome, tree: Tree) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from . import leftovers, log
 from .cluster import Coordinator
 from .context import Context
-from .pipeline import Deploy, record_outcome, revision_line
+from .pipeline import Deploy, record_outcome
 from .results import DeployKind, Interrupted, Outcome, StepResult
 from .state import InFlight
 from .steps import FINISH, Ending, Fault, Step
@@ -92,8 +92,7 @@ def _resume(ctx: Context, inflight: InFlight, coordinator: Coordinator | None,
             deploy.leave()  # through the switch, forward, as its cleanup step would have said
     outcome = deploy.outcome(error, records, t0)
     outcome.result, outcome.error = result, "; ".join(notes)
-    record_outcome(ctx, {**outcome.as_json(), "interrupted_step": inflight.step}, revision_line(outcome, ctx.tree),
-                   deploy.log)
+    record_outcome(ctx, outcome, deploy.log, interrupted_step=inflight.step)
     (deploy.log.warning if result is StepResult.OK else deploy.log.error)(
         f"recovery: {outcome.error}", step=Ending.RECOVERY, result=result, duration_ms=outcome.duration_ms,
         interrupted_step=inflight.step)
