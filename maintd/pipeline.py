@@ -65,6 +65,11 @@ class Phase:
     fault: Fault | None = None  # whose fault the failure that ended the deploy was
     failed: str = ""  # why it failed, once it goes back (journaled: recovery goes back again, never forward)
     notes: list[str] = field(default_factory=list)  # failures after the point of no return
+    strategy: str = ""  # in a cluster: how the switch goes, once go chose it (`config.Strategy`)
+    # The maintenance window this deploy held (`Outcome.window_ms`): when it began raising its own flags
+    # (time.perf_counter), and the milliseconds from then until they were all lowered again
+    raised_at: float | None = None
+    window_ms: float | None = None
 
     @classmethod
     def resumed(cls, journal: InFlight, at_release: bool) -> Phase:
@@ -150,7 +155,8 @@ class Deploy:
         phase = self.phase
         result = StepResult.OK if not error else StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error or "; ".join(phase.notes), records, phase.fault if error else None, phase.switch or None)
+                       error or "; ".join(phase.notes), records, phase.fault if error else None, phase.switch or None,
+                       phase.strategy or None, phase.window_ms)
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash: whether to finish forward, and if not, why. A lone server finishes when `current`
@@ -204,7 +210,7 @@ class Deploy:
             raise Skipped(why_not)
         previous = self.ctx.tree.path(self.previous) if self.previous else None
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
-        self.phase.maintenance = MaintenanceOwner.OURS
+        self.phase.maintenance, self.phase.raised_at = MaintenanceOwner.OURS, time.perf_counter()
         self.ctx.flags.raise_in(self.path, notice)
         if previous and previous.is_dir():
             self.ctx.flags.raise_in(previous, notice)
@@ -300,6 +306,8 @@ class Deploy:
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
         self.phase.maintenance = MaintenanceOwner.NONE
+        if self.phase.raised_at is not None:  # not after a crash: the time it was raised died with the process
+            self.phase.window_ms = _ms(self.phase.raised_at)
 
 
 def record_outcome(ctx: Context, outcome: Outcome, logger: Any, **extra: Any) -> None:
