@@ -15,9 +15,12 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 PATH = "/metrics"
+# The text format generate_latest writes, named as Prometheus 2 knows it (prometheus-client 0.22 and later call it
+# "version=1.0.0", the same bytes for names like ours, which Prometheus before 3.0 does not know by that name).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Endpoint:
@@ -74,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         output = generate_latest(self.registry)
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(output)))
         self.end_headers()
         if body:
