@@ -15,8 +15,6 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 PATH = "/metrics"
 # The text format generate_latest writes, named as Prometheus 2 knows it (prometheus-client 0.22 and later call it
 # "version=1.0.0", the same bytes for names like ours, which Prometheus before 3.0 does not know by that name).
@@ -29,9 +27,9 @@ class Endpoint:
 
     TIMEOUT = 10.0  # seconds a connection may take to send its request or read the answer
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+    def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        handler = type("Handler", (_Handler,), {"registry": registry, "timeout": self.TIMEOUT})
+        handler = type("Handler", (_Handler,), {"render": staticmethod(render), "timeout": self.TIMEOUT})
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         self.server = server_class(address, handler)  # binds now: OSError when it cannot
         self.thread = threading.Thread(target=self._accept, name="maintd-metrics-http", daemon=True)
@@ -62,7 +60,7 @@ class Endpoint:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    registry: CollectorRegistry
+    render: Callable[[], bytes]  # the exposition
     server_version = "maintd"
 
     def do_GET(self) -> None:
@@ -75,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != PATH:
             self._plain(404, f"not found: metrics are at {PATH}\n", body)
             return
-        output = generate_latest(self.registry)
+        output = self.render()
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(output)))

@@ -162,6 +162,7 @@ class Metrics:
     def __init__(self, app: str, strategy: str | None, directory: Path, report: Callable[[str], object]) -> None:
         self.app, self.strategy, self.path = app, strategy, directory / FILE  # strategy: None outside a cluster
         self.lock = threading.Lock()
+        self.version = 0  # one more at every change: what an exposition was rendered from (monitoring.Running)
         self.gauges = Gauges()
         self.on_change: Callable[[bool], object] = lambda counted: None  # counted: the tally changed
         try:
@@ -193,6 +194,7 @@ class Metrics:
         elif event.event is Happening.CACHE_NOT_FLUSHED:
             with self.lock:
                 self._add("maintd_memcached_flush_errors_total", (event.server,))
+                self.version += 1
         else:
             return
         self.on_change(True)
@@ -208,6 +210,7 @@ class Metrics:
                 if step.result is not StepResult.SKIPPED:  # a step that did nothing says nothing of its duration
                     self._observe("maintd_step_duration_seconds", (str(step.step),), step.duration_ms / 1000)
             self.tally.last_deploy[str(outcome.result)] = at
+            self.version += 1
             if outcome.switch_id and self.strategy is not None:  # before go chose, the configured strategy
                 decision = Decision.COMMIT if outcome.went_live else Decision.ABORT
                 self._add("maintd_cluster_switches_total", (outcome.strategy or self.strategy, str(decision)))
@@ -223,6 +226,7 @@ class Metrics:
         """The daemon's state now (from its loop); a change is news for the textfile, the same picture is not."""
         with self.lock:
             changed, self.gauges = gauges != self.gauges, gauges
+            self.version += changed
         if changed:
             self.on_change(False)
 

@@ -71,6 +71,13 @@ class Phase:
     raised_at: float | None = None
     window_ms: float | None = None
 
+    def lowered(self) -> None:
+        """This deploy's flags are all down: its window, if it raised them in this process, is over (one a crash
+        cut off is not measured: when it began died with the process)."""
+        self.maintenance = MaintenanceOwner.NONE
+        if self.raised_at is not None:
+            self.window_ms = _ms(self.raised_at)
+
     @classmethod
     def resumed(cls, journal: InFlight, at_release: bool) -> Phase:
         """Where the deploy a crash cut off was, by its journal and by whether `current` points at its release. A
@@ -96,10 +103,8 @@ class Deploy:
         self.ctx, self.cfg, self.release, self.actor = ctx, ctx.config, release, actor
         self.kind, self.path, self.on_step = DeployKind(kind), ctx.tree.path(release), on_step or (lambda record: None)
         self.phase = Phase.resumed(journal, ctx.tree.live() == release) if journal else Phase()
-        if journal:
-            self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
-        else:
-            self.id, self.previous, self.started = new_deploy_id(), ctx.tree.live(), now_iso()
+        self.id, self.previous, self.started = ((journal.deploy_id, journal.previous, journal.started) if journal
+                                                else (new_deploy_id(), ctx.tree.live(), now_iso()))
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor,
                            **({"switch_id": self.phase.switch} if self.phase.switch else {}))
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step, before the way back
@@ -305,9 +310,7 @@ class Deploy:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
-        self.phase.maintenance = MaintenanceOwner.NONE
-        if self.phase.raised_at is not None:  # not after a crash: the time it was raised died with the process
-            self.phase.window_ms = _ms(self.phase.raised_at)
+        self.phase.lowered()
 
 
 def record_outcome(ctx: Context, outcome: Outcome, logger: Any, **extra: Any) -> None:

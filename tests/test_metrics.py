@@ -137,7 +137,8 @@ def test_counters_survive_a_restart_and_a_damaged_file_starts_them_again(app: Ap
     app.make_release("r3")
     daemon.deployed("r3")
     wait_until(lambda: samples(textfile.read_text()).get(counted) == 1, what="counting from 0 again")
-    assert json.loads((app.state / "metrics.json").read_text())["counters"]  # written whole again
+    wait_until(lambda: (app.state / "metrics.json").read_text().startswith('{"buckets"'), what="written whole again")
+    assert json.loads((app.state / "metrics.json").read_text())["counters"]["maintd_deploys_total"]
     assert sum("metrics.json" in e["event"] for e in daemon.events if e.get("level") == "error") == 1
 
 
