@@ -516,50 +516,49 @@ def main(only: str = "") -> None:
     results: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                                  "python": platform.python_version(),
                                  "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
-    if only == "metrics":
-        try:
-            results = json.loads((HERE / "results.json").read_text())
-            results["metrics"] = metrics()
-        finally:
-            MEMCACHED.stop()
-            for base in WORKDIRS:
-                shutil.rmtree(base, ignore_errors=True)
-        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print("\n".join(f"| {name} | {value} | {target} |" for name, value, target in metrics_rows(results["metrics"])))
-        return
+    if only == "metrics":  # the other sections' last numbers stay beside it
+        results = json.loads((HERE / "results.json").read_text())
     try:
-        print("1/9 maintenance window", flush=True)
-        os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
-        results["maintenance_window"] = maintenance_window()
-        print("2/9 detection latency", flush=True)
-        results["detection"] = detection()
-        print(f"3/9 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
-        source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
-        WORKDIRS.append(source)
-        sources = {files: make_source(source / str(files), files, "big") for files in UPLOAD_SIZES}
-        results["upload_cost"] = {
-            "quiet_period_mode": {str(files): upload_cost(tree, files, require_marker=False)
-                                  for files, tree in sources.items()},
-            "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
-        shutil.rmtree(source, ignore_errors=True)
-        print("4/9 footprint", flush=True)
-        results["footprint"] = footprint()
-        print("5/9 control socket", flush=True)
-        results["control_socket"] = control_socket()
-        print("6/9 scaling", flush=True)
-        results["scaling"] = scaling()
-        print(f"7/9 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
-        results["fleet"] = fleet(MEMCACHED.address)
-        print("8/9 the window where Passenger serves the app", flush=True)
-        results["passenger_window"] = passenger_window()
-        print("9/9 metrics", flush=True)
-        results["metrics"] = metrics()
+        if only == "metrics":
+            results["metrics"] = metrics()
+        else:
+            every_section(results)
     finally:
         MEMCACHED.stop()
         for base in WORKDIRS:
             shutil.rmtree(base, ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+
+
+def every_section(results: dict) -> None:
+    """Sections 1 to 9, in order, into `results`."""
+    print("1/9 maintenance window", flush=True)
+    os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
+    results["maintenance_window"] = maintenance_window()
+    print("2/9 detection latency", flush=True)
+    results["detection"] = detection()
+    print(f"3/9 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
+    source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
+    WORKDIRS.append(source)
+    sources = {files: make_source(source / str(files), files, "big") for files in UPLOAD_SIZES}
+    results["upload_cost"] = {
+        "quiet_period_mode": {str(files): upload_cost(tree, files, require_marker=False)
+                              for files, tree in sources.items()},
+        "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
+    shutil.rmtree(source, ignore_errors=True)
+    print("4/9 footprint", flush=True)
+    results["footprint"] = footprint()
+    print("5/9 control socket", flush=True)
+    results["control_socket"] = control_socket()
+    print("6/9 scaling", flush=True)
+    results["scaling"] = scaling()
+    print(f"7/9 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
+    results["fleet"] = fleet(MEMCACHED.address)
+    print("8/9 the window where Passenger serves the app", flush=True)
+    results["passenger_window"] = passenger_window()
+    print("9/9 metrics", flush=True)
+    results["metrics"] = metrics()
 
 
 if __name__ == "__main__":
