@@ -18,6 +18,9 @@ DESTDIR   ?=
 # starts a system etcd on port 2379 wherever systemd runs, and the tests start their own on free ports. (Defined
 # before the rules that name it: make expands a rule's prerequisites as it reads the rule.)
 ETCD := .deps/etcd/usr/bin/etcd
+# Prometheus and promtool for the metrics tests, the same way and for the same reason: installing `prometheus`
+# enables a system Prometheus on port 9090. The tests start their own on a free port.
+PROMETHEUS := .deps/prometheus/usr/bin/prometheus
 
 deps: $(STAMP)
 
@@ -38,7 +41,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-test: deps lint $(ETCD)
+test: deps lint $(ETCD) $(PROMETHEUS)
 	$(BIN)/python -m pytest -q
 
 $(ETCD):
@@ -47,6 +50,14 @@ $(ETCD):
 		(apt-get update -qq && apt-get download -q etcd-server etcd-client 2>/dev/null))
 	for deb in .deps/download/*.deb; do dpkg-deb -x $$deb .deps/etcd; done
 	rm -rf .deps/download
+	test -x $@
+
+$(PROMETHEUS):
+	rm -rf .deps/download-prometheus && mkdir -p .deps/download-prometheus
+	cd .deps/download-prometheus && (apt-get download -q prometheus 2>/dev/null || \
+		(apt-get update -qq && apt-get download -q prometheus 2>/dev/null))
+	dpkg-deb -x .deps/download-prometheus/prometheus_*.deb .deps/prometheus
+	rm -rf .deps/download-prometheus
 	test -x $@
 
 # ruff (style, bugs, imports) and mypy --strict over the package; configured in pyproject.toml.
@@ -66,7 +77,7 @@ clean:
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
 # (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page, the Capistrano plugin and
-# the Rails cache initializer.
+# the Rails cache initializer, the Prometheus alert rules and the Grafana dashboard.
 UNITDIR   ?= /etc/systemd/system
 install:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
@@ -82,6 +93,8 @@ install:
 		install -D -m 0644 $$snippet $(DESTDIR)/etc/maintd/web/$${snippet#etc/}; done
 	install -D -m 0644 etc/capistrano/maintd.rake $(DESTDIR)$(PREFIX)/share/maintd/capistrano/maintd.rake
 	install -D -m 0644 etc/rails/maintd_cache.rb $(DESTDIR)$(PREFIX)/share/maintd/rails/maintd_cache.rb
+	install -D -m 0644 etc/prometheus/maintd.rules.yml $(DESTDIR)$(PREFIX)/share/maintd/prometheus/maintd.rules.yml
+	install -D -m 0644 etc/grafana/maintd.json $(DESTDIR)$(PREFIX)/share/maintd/grafana/maintd.json
 
 # Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
 bench: deps

@@ -1,13 +1,14 @@
 """make bench: how fast maintd is, side by side with the plain alternative, on this machine.
 
-Nine measures (medians over repeated runs, with min and max), printed as one table and written to
+Ten measures (medians over repeated runs, with min and max), printed as one table and written to
 bench/results.json; the seventh, switches of a fleet, is bench/fleet.py. Timings live here and only here: the test
-suite asserts behaviour, never speed. `bench/run.py webhooks` runs the ninth alone (under a minute) and puts its
-numbers into results.json beside the others'.
+suite asserts behaviour, never speed. `bench/run.py webhooks` and `bench/run.py metrics` run the ninth and the
+tenth alone (a minute or two) and put their numbers into results.json beside the others'.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 from fleet import SIZES, fleet  # noqa: E402
 from fleet import rows as fleet_rows  # noqa: E402
 
-from conftest import App, Daemon, Memcached, make_source, wait_until  # noqa: E402
+from conftest import App, Daemon, Memcached, free_port, make_source, wait_until  # noqa: E402
 from maintd.config import Upload, load  # noqa: E402
 from maintd.context import Context  # noqa: E402
 from maintd.events import Events  # noqa: E402
@@ -236,8 +237,9 @@ def switches(pid: int) -> int:
     return total
 
 
-def footprint(seconds: float = 20.0) -> dict:
+def footprint(seconds: float = 20.0, extra: str = "") -> dict:
     app = workdir()
+    app.write_config(extra)
     app.make_release("r1")
     daemon = Daemon(app).ready()
     daemon.deployed("r1")
@@ -325,6 +327,67 @@ def scaling() -> dict:
     result["cleanup_removed"] = cleanup.message.split(":")[0]
     shutil.rmtree(app.base, ignore_errors=True)
     return result
+
+
+# --- 9. metrics ---------------------------------------------------------------------------------------------------
+
+
+def metrics_on(app: App) -> str:
+    """`[metrics]` with both outputs on: the endpoint on a free port, the textfile in the app's directory."""
+    return f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\ntextfile = "{app.base / "shop.prom"}"\n'
+
+
+def metrics() -> dict:
+    """The window of a real `maintd run` with metrics on (counted, the gauges shown, the textfile rewritten at each
+    change, a scraper asking every 50 ms meanwhile: twenty times Prometheus' usual 1 s) against off, each deploy
+    asked for with `maintctl deploy --wait` as an operator would, the window as the daemon measured it (its
+    `window_ms` in history.jsonl: its flags raised to lowered); the idle RSS with metrics on and off; the time to
+    scrape /metrics once the deploys filled the histograms."""
+    windows, scrape_ms, size = {}, [], 0
+    for mode in ("off", "on"):
+        app = workdir()
+        app.write_config(metrics_on(app) if mode == "on" else "", top="keep_releases = 1000")
+        for name in ("a", "b"):
+            app.make_release(name, marker=False)
+        daemon = Daemon(app).ready()
+        stop = threading.Event()
+        if mode == "on":
+            address = load(app.config).metrics.address
+            scraper = threading.Thread(target=scrape_until, args=(address, stop), daemon=True)
+            scraper.start()
+        for i in range(2 * RUNS + 1):
+            subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "ab"[i % 2], "--wait"],
+                           check=True, capture_output=True)
+        stop.set()
+        windows[mode] = summary([entry["window_ms"] for entry in app.history()[1:]])
+        if mode == "on":
+            scraper.join()
+            scrape_ms = [scrape(address) for _ in range(RUNS)]
+            size = len(fetch(address))
+        daemon.stop()
+    return {"window_off_ms": windows["off"], "window_on_ms": windows["on"],
+            "window_ratio": round(windows["on"]["median"] / windows["off"]["median"], 3),
+            "scrape_ms": summary(scrape_ms), "scrape_bytes": size,
+            "rss_off": footprint(10.0), "rss_on": footprint(10.0, metrics_on(workdir()))}
+
+
+def fetch(address: tuple[str, int]) -> bytes:
+    conn = http.client.HTTPConnection(*address, timeout=5)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read()
+    conn.close()
+    return body
+
+
+def scrape(address: tuple[str, int]) -> float:
+    t = time.perf_counter()
+    fetch(address)
+    return (time.perf_counter() - t) * 1000
+
+
+def scrape_until(address: tuple[str, int], stop: threading.Event) -> None:
+    while not stop.wait(0.05):
+        fetch(address)
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -437,10 +500,24 @@ def share(mode: dict, when: str) -> str:
     return f"{mode[f'maintd_cpu_{when}_s']} s = {mode[f'fraction_{when}']:.1%}"
 
 
+def metrics_rows(mt: dict) -> list[tuple[str, str, str]]:
+    return [("10 maintenance window, metrics off", spread(mt["window_off_ms"]), ""),
+            ("10 maintenance window, metrics on (listen + textfile, scraped every 50 ms)", spread(mt["window_on_ms"]),
+             ""),
+            ("10 ratio on / off", f"{mt['window_ratio']}×", "≤ 1.1×"),
+            ("10 idle RSS, metrics off", f"{mt['rss_off']['rss_mb']} MB", ""),
+            ("10 idle RSS, metrics on", f"{mt['rss_on']['rss_mb']} MB", "< 40 MB"),
+            ("10 idle wake-ups per minute, metrics off / on",
+             f"{mt['rss_off']['wakeups_per_minute']} / {mt['rss_on']['wakeups_per_minute']}", ""),
+            (f"10 scrape of /metrics ({mt['scrape_bytes']:,} bytes, 60 deploys counted)", spread(mt["scrape_ms"]),
+             "< 5 ms")]
+
+
 def table(results: dict) -> str:
     w, d, c, f, s, sc = (results[k] for k in ("maintenance_window", "detection", "upload_cost", "footprint",
                                                "control_socket", "scaling"))
-    fl, pw, ww = results.get("fleet"), results.get("passenger_window"), results.get("webhook_window")
+    fl, pw = results.get("fleet"), results.get("passenger_window")
+    ww, mt = results.get("webhook_window"), results.get("metrics")
     m = c["require_marker_mode"]
     rows = [
         ("1 maintenance window (maintd)", spread(w["maintd_ms"]), "≤ 0.5× script, < 5 ms"),
@@ -474,6 +551,8 @@ def table(results: dict) -> str:
                  ("8 ratio maintd / restart-app alone", f"{pw['ratio']}×", "≈ 1×")]
     if ww:
         rows += webhook_rows(ww)
+    if mt:
+        rows += metrics_rows(mt)
     return markdown(rows)
 
 
@@ -485,12 +564,12 @@ def markdown(rows: list[tuple[str, str, str]]) -> str:
 
 
 def every_section(results: dict) -> None:
-    print("1/9 maintenance window", flush=True)
+    print("1/10 maintenance window", flush=True)
     os.sync()  # start from a disk with nothing pending: the swap's directory fsync would pay for earlier runs
     results["maintenance_window"] = maintenance_window()
-    print("2/9 detection latency", flush=True)
+    print("2/10 detection latency", flush=True)
     results["detection"] = detection()
-    print(f"3/9 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
+    print(f"3/10 upload cost ({', '.join(f'{n:,}' for n in UPLOAD_SIZES)} files)", flush=True)
     source = Path(tempfile.mkdtemp(prefix="maintd-bench-src-"))
     WORKDIRS.append(source)
     sources = {files: make_source(source / str(files), files, "big") for files in UPLOAD_SIZES}
@@ -499,23 +578,29 @@ def every_section(results: dict) -> None:
                               for files, tree in sources.items()},
         "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
     shutil.rmtree(source, ignore_errors=True)
-    print("4/9 footprint", flush=True)
+    print("4/10 footprint", flush=True)
     results["footprint"] = footprint()
-    print("5/9 control socket", flush=True)
+    print("5/10 control socket", flush=True)
     results["control_socket"] = control_socket()
-    print("6/9 scaling", flush=True)
+    print("6/10 scaling", flush=True)
     results["scaling"] = scaling()
-    print(f"7/9 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
+    print(f"7/10 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
     results["fleet"] = fleet(MEMCACHED.address)
-    print("8/9 the window where Passenger serves the app", flush=True)
+    print("8/10 the window where Passenger serves the app", flush=True)
     results["passenger_window"] = passenger_window()
-    print("9/9 the window with dead webhooks", flush=True)
+    print("9/10 the window with dead webhooks", flush=True)
     results["webhook_window"] = webhook_window()
+    print("10/10 metrics", flush=True)
+    results["metrics"] = metrics()
 
 
-def main(alone: bool = False) -> None:
-    """Every section, or (`alone`: `bench/run.py webhooks`) section 9 only, its numbers put into the last run's
-    results.json with the date they were measured on."""
+# The sections that run alone (`bench/run.py webhooks`), their numbers put into the last run's results.json with
+# the date they were measured on: results key, section, its rows of the table
+ALONE = {"webhooks": ("webhook_window", webhook_window, webhook_rows), "metrics": ("metrics", metrics, metrics_rows)}
+
+
+def main(only: str = "") -> None:
+    """Every section, or one of `ALONE` only (`bench/run.py metrics`)."""
     global MEMCACHED
     from maintd import log
 
@@ -529,10 +614,11 @@ def main(alone: bool = False) -> None:
                                  "python": platform.python_version(),
                                  "date": datetime.now().isoformat(timespec="seconds"), "runs": RUNS}}
     try:
-        if alone:
-            print("9 the window with dead webhooks", flush=True)
+        if only:
+            key, section, _ = ALONE[only]
+            print(f"{key} alone", flush=True)
             results = {**json.loads((HERE / "results.json").read_text()),
-                       "webhook_window": {**webhook_window(), "date": results["machine"]["date"]}}
+                       key: {**section(), "date": results["machine"]["date"]}}
         else:
             every_section(results)
     finally:
@@ -540,9 +626,9 @@ def main(alone: bool = False) -> None:
         for base in WORKDIRS:
             shutil.rmtree(base, ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(webhook_rows(results["webhook_window"])) if alone else table(results))
+    print(markdown(ALONE[only][2](results[ALONE[only][0]])) if only else table(results))
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    main(alone=sys.argv[1:] == ["webhooks"])
+    main(*sys.argv[1:2])

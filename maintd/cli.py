@@ -60,6 +60,8 @@ def check(config: Config) -> int:
     elif found := tree.current_problem():
         (problems if found[1] else warnings).append(found[0])
     warnings += faults(config.state_dir)  # `run` carries on past these
+    if (textfile := config.metrics.textfile) and not Path(textfile).parent.is_dir():  # `run` logs each failed write
+        warnings.append(f"metrics.textfile {textfile}: its directory does not exist (is node_exporter installed?)")
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
     runas: RunAs | None = None

@@ -689,6 +689,11 @@ class Coordinator:
             switch_id = view.switch.id
         return switch_id if self.decide(switch_id, Move(Decision.ABORT, reason), release, time.time()) else ""
 
+    def alive(self) -> frozenset[str]:
+        """The members whose alive key exists: those whose lease has not run out."""
+        prefix = self.keys.alive()
+        return frozenset(key.removeprefix(prefix) for key in self.etcd.read([prefix]).found)
+
     def report(self, current: str | None) -> None:
         self.etcd.put(self.keys.report(self.me), Report(current, time.time()).as_json())
 
@@ -707,6 +712,7 @@ class Membership(threading.Thread):
         self.live = live
         self.lease = 0
         self.reported: str | None = ""  # the release P/members/<me> says is live; "" (no release's name): none yet
+        self.alive: frozenset[str] | None = None  # the members whose alive key the last round found (None: unknown)
         self.trouble = ""  # why etcd did not answer, while it does not
         self.stopping = threading.Event()
         self.woken = threading.Event()  # a nudge, or the stop
@@ -720,6 +726,7 @@ class Membership(threading.Thread):
                 if time.monotonic() >= due:
                     due = time.monotonic() + ttl / 3
                     self._keep_alive(ttl)
+                    self.alive = self.coordinator.alive()  # for the metrics: who is up, as often as the lease
                 if (live := self.live()) != self.reported:
                     self.coordinator.report(live)
                     self.reported = live

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import math
 import re
 import socket
@@ -164,6 +165,24 @@ def shown_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """Contract §11: where the metrics are served (`listen`, HOST:PORT) and written (`textfile`); "" is off."""
+
+    listen: str = ""
+    textfile: str = ""
+
+    @property
+    def on(self) -> bool:
+        return bool(self.listen or self.textfile)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """`listen` as a socket address (the brackets of an IPv6 host dropped)."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class BatchSize:
     """`cluster.batch`: members per batch of a rolling switch, as a count or as a percentage of `members`."""
 
@@ -234,6 +253,7 @@ class Config:
     control: Control = field(default_factory=Control)
     state: State = field(default_factory=State)
     notify: Notify = field(default_factory=Notify)
+    metrics: Metrics = field(default_factory=Metrics)
     cluster: Cluster | None = None  # no [cluster] table: a single server, and nothing of contract §7 applies
     source: Path | None = None
     warnings: tuple[str, ...] = ()  # "file:line: key ...", each logged at start and printed by `maintd check`
@@ -513,6 +533,32 @@ def _servers(value: Any) -> tuple[str, ...]:
     return servers
 
 
+def _listen(value: Any) -> str:
+    """"" (off), or HOST:PORT with a literal address to bind: a name would be resolved at every start, to whatever
+    it says that day, and a metrics endpoint bound to the wrong interface is one the whole network can read."""
+    text = _string(value)
+    if not text:
+        return text
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        usable = bool(sep) and port.isdigit() and 0 < int(port) < 65536 and (":" not in host or host[0] == "[")
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ValueError(f'must be "" (off) or ADDRESS:PORT such as "127.0.0.1:9464" or "[::1]:9464", not {text!r}')
+    return text
+
+
+def _textfile(value: Any) -> str:
+    """"" (off), or an absolute path ending in .prom: node_exporter's textfile collector reads no other name."""
+    text = _string(value)
+    if text and (not text.startswith("/") or not text.endswith(".prom") or text.endswith("/.prom")):
+        raise ValueError(f'must be "" (off) or an absolute path of a file ending in .prom (node_exporter reads only '
+                         f"those), not {text!r}")
+    return text
+
+
 def _mode(value: Any) -> str:
     text = _string(value)
     if not re.fullmatch(r"0?[0-7]{3}", text):
@@ -564,6 +610,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
     "control": (Control, {"socket": _absolute, "mode": _mode, "group": _group}),
     "state": (State, {"dir": _absolute}),
     "notify": (Notify, {"webhooks": _webhooks, "timeout": _positive}),
+    "metrics": (Metrics, {"listen": _listen, "textfile": _textfile}),
 }
 OPTIONAL: dict[str, tuple[type, dict[str, Check]]] = {  # tables whose absence means something
     "cluster": (Cluster, {"members": _names, "member": _app_name, "etcd": _urls, "prefix": _prefix,
@@ -717,6 +764,15 @@ def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError])
                                             f"batches leaves no time to commit within switch_timeout "
                                             f"({cluster.switch_timeout:g}s)")
     return cluster
+
+
+def located(config: Config, table: str, key: str) -> str:
+    """"FILE:LINE: table.key" of a value the daemon found it cannot use (a port taken), as `parse` names a key."""
+    try:
+        line = _line_of(config.source.read_text(encoding="utf-8"), table, key) if config.source else None
+    except (OSError, UnicodeDecodeError):
+        line = None
+    return f"{config.source or '<config>'}{f':{line}' if line else ''}: {table}.{key}"
 
 
 def _line_of(text: str, table: str | None, key: str) -> int | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import boot, cache, manifest, proc, restart
 from .config import Config, ConfigError, FlushMode, RestartMethod
-from .events import Events
+from .events import Event, Events, Happening
 from .maintenance import Flags, Notice, default_template
 from .results import Skipped, StepFailed
 from .runas import RunAs, resolve
@@ -192,6 +192,8 @@ class Context:
         for outcome in down:
             logger.warning(f"memcached {outcome.server} not flushed: {outcome.error}", step="flush",
                            server=outcome.server)
+            self.events.publish(Event(Happening.CACHE_NOT_FLUSHED, step="flush", error=outcome.error or "",
+                                      server=outcome.server))
         what = "flushed" if m.flush is FlushMode.ALL else f"bumped {m.namespace_key} on"
         return f"{what} {len(outcomes) - len(down)} of {len(outcomes)} memcached server(s)"
 

@@ -3,7 +3,8 @@
 - `Inventory` (inventory.py): every release and its state;
 - `Intake` (intake.py): file events to complete uploads;
 - `DeployRunner` (runner.py): one deploy at a time, the automatic policy, followers;
-- the control socket (control.py, handlers.py): operators' commands.
+- the control socket (control.py, handlers.py): operators' commands;
+- `Monitoring` (monitoring.py): the metrics, counted from `events` and shown the daemon's state by `announce`.
 
 All of them run on one asyncio loop; only walks of a release and deploys run in worker threads, and their results
 come back to the loop. So there is exactly one writer of the daemon's picture of `releases/`.
@@ -29,6 +30,7 @@ from .events import Events, Listener
 from .intake import Intake
 from .inventory import Inventory
 from .joiner import Joiner
+from .monitoring import Monitoring
 from .notify import Notifier, watchdog_interval
 from .rebuild import rebuild
 from .recovery import recover
@@ -64,6 +66,7 @@ class Daemon:
         self.store = Store(config.state_dir, self.log.error)
         self.events = Events(config.app)  # what happened, for whoever listens (events.py)
         self.webhooks = Webhooks(config.app)  # [notify]: its threads start in `run`
+        self.monitoring = Monitoring(config, self.log)
         self.ctx = Context.build(config, self.store, self.events)
         if self.store.damage:  # state.json lost: carry on with what can be known again, paused
             self.log.error(rebuild(self.store, self.ctx.tree, self.ctx.flags))
@@ -78,6 +81,7 @@ class Daemon:
         self.etcd_trouble = ""  # why etcd cannot be reached, while it cannot
         self.stopping = asyncio.Event()
         self.serving = False  # READY=1 was sent
+        self.events.listen(*self._listeners())
 
     @property
     def memory(self) -> Memory:
@@ -113,11 +117,12 @@ class Daemon:
             self.log.error(found[0])
         started = [await server(self) for server in servers or []]
         self.intake.start()
+        self.monitoring.show(self)
         self.log.info(f"maintd watching {self.ctx.tree.releases}", live=self.ctx.tree.live(),
                       paused=self.memory.paused)
         self.serving = True
         self.notifier.ready(self.status_line())
-        chores = [self.tasks.spawn(self._rescan_periodically())]
+        chores = [self.tasks.spawn(self._rescan_periodically()), self.tasks.spawn(self.monitoring.keep_showing(self))]
         if switch_cut_off:  # may wait for etcd as long as it takes: after READY, shown in `status`
             self.tasks.spawn(self.runner.recover())
         else:
@@ -140,12 +145,13 @@ class Daemon:
             self.intake.stop()
             if self.membership:
                 await asyncio.to_thread(self.membership.stop)
+            self.monitoring.close()
         await asyncio.to_thread(self.webhooks.stop)  # after the last deploy's end: its events get their moment
         self.log.info("stopped")
 
     def _listeners(self) -> tuple[Listener, ...]:
         """Who hears the events (events.py), as the configuration says: set at start and on every reload."""
-        return self.webhooks.listeners()
+        return (*self.monitoring.listeners(), *self.webhooks.listeners())
 
     async def _rescan_periodically(self) -> None:
         """The safety net under inotify, which can overflow; it outlives a rescan that fails (releases/ unreadable
@@ -181,6 +187,7 @@ class Daemon:
             if fixed := changed_keys(self.config, new, FIXED):
                 raise ConfigError(f"{', '.join(fixed)} cannot change without a restart")
             ctx = Context.build(new, self.store, self.events)
+            self.monitoring.configure(new)  # the last that may refuse: nothing else has changed yet
         except ConfigError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc}")
         else:
@@ -213,6 +220,7 @@ class Daemon:
         """What the daemon says about itself may have changed (a step, a deploy's end): systemd's status line, and
         in a cluster the live release the others read."""
         self.notifier.status(self.status_line())
+        self.monitoring.show(self)
         if self.membership:
             self.membership.nudge()
 

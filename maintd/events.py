@@ -28,6 +28,13 @@ class Happening(StrEnum):
     MAINTENANCE_OFF = "maintenance_off"
     UPLOAD_REFUSED = "upload_refused"
     SWITCH_ABORTED = "switch_aborted"  # by this member's transaction: one event per aborted switch in the cluster
+    # A memcached server a flush could not reach (`server`): for the metrics' error counter. Not one of contract
+    # §11's webhook events: a server that is down is a logged warning (contract §2), said once per deploy already.
+    CACHE_NOT_FLUSHED = "cache_not_flushed"
+
+
+# Contract §11's webhook events: every happening but what only the metrics count
+NOTIFIED = frozenset(Happening) - {Happening.CACHE_NOT_FLUSHED}
 
 
 @dataclass(frozen=True)
@@ -42,14 +49,15 @@ class Event:
     result: str = ""
     step: str = ""
     error: str = ""
+    server: str = ""  # CACHE_NOT_FLUSHED: the memcached server, HOST:PORT (not a webhook field)
     app: str = ""  # stamped by `Events.publish`
     timestamp: float = field(default_factory=time.time)
     outcome: Outcome | None = field(default=None, compare=False)  # DEPLOY_FINISHED: the whole outcome
 
     def fields(self) -> dict[str, Any]:
-        """The webhook body's fields (contract §11), without the outcome."""
+        """The webhook body's fields (contract §11), without the outcome and the server."""
         return {key: str(value) if isinstance(value, Happening) else value
-                for key, value in asdict(self).items() if key != "outcome"}
+                for key, value in asdict(self).items() if key not in ("outcome", "server")}
 
     @classmethod
     def finished(cls, outcome: Outcome) -> Event:

@@ -65,6 +65,18 @@ class Phase:
     fault: Fault | None = None  # whose fault the failure that ended the deploy was
     failed: str = ""  # why it failed, once it goes back (journaled: recovery goes back again, never forward)
     notes: list[str] = field(default_factory=list)  # failures after the point of no return
+    strategy: str = ""  # in a cluster: how the switch goes, once go chose it (`config.Strategy`)
+    # The maintenance window this deploy held (`Outcome.window_ms`): when it began raising its own flags
+    # (time.perf_counter), and the milliseconds from then until they were all lowered again
+    raised_at: float | None = None
+    window_ms: float | None = None
+
+    def lowered(self) -> None:
+        """This deploy's flags are all down: its window, if it raised them in this process, is over (one a crash
+        cut off is not measured: when it began died with the process)."""
+        self.maintenance = MaintenanceOwner.NONE
+        if self.raised_at is not None:
+            self.window_ms = _ms(self.raised_at)
 
     @classmethod
     def resumed(cls, journal: InFlight, at_release: bool) -> Phase:
@@ -91,10 +103,8 @@ class Deploy:
         self.ctx, self.cfg, self.release, self.actor = ctx, ctx.config, release, actor
         self.kind, self.path, self.on_step = DeployKind(kind), ctx.tree.path(release), on_step or (lambda record: None)
         self.phase = Phase.resumed(journal, ctx.tree.live() == release) if journal else Phase()
-        if journal:
-            self.id, self.previous, self.started = journal.deploy_id, journal.previous, journal.started
-        else:
-            self.id, self.previous, self.started = new_deploy_id(), ctx.tree.live(), now_iso()
+        self.id, self.previous, self.started = ((journal.deploy_id, journal.previous, journal.started) if journal
+                                                else (new_deploy_id(), ctx.tree.live(), now_iso()))
         self.log = log.get(app=self.cfg.app, deploy_id=self.id, release=release, actor=actor,
                            **({"switch_id": self.phase.switch} if self.phase.switch else {}))
         # A debugging aid for rehearsing recovery: SIGKILL ourselves just before this step, before the way back
@@ -150,7 +160,8 @@ class Deploy:
         phase = self.phase
         result = StepResult.OK if not error else StepResult.ROLLED_BACK if phase.swapped else StepResult.FAILED
         return Outcome(self.id, self.kind, self.release, self.previous, self.actor, result, self.started, _ms(t0),
-                       error or "; ".join(phase.notes), records, phase.fault if error else None, phase.switch or None)
+                       error or "; ".join(phase.notes), records, phase.fault if error else None, phase.switch or None,
+                       phase.strategy or None, phase.window_ms)
 
     def way_forward(self) -> tuple[bool, str]:
         """After a crash: whether to finish forward, and if not, why. A lone server finishes when `current`
@@ -204,7 +215,7 @@ class Deploy:
             raise Skipped(why_not)
         previous = self.ctx.tree.path(self.previous) if self.previous else None
         notice = Notice(f"deploying release {self.release}", now_iso(), self.actor)
-        self.phase.maintenance = MaintenanceOwner.OURS
+        self.phase.maintenance, self.phase.raised_at = MaintenanceOwner.OURS, time.perf_counter()
         self.ctx.flags.raise_in(self.path, notice)
         if previous and previous.is_dir():
             self.ctx.flags.raise_in(previous, notice)
@@ -299,7 +310,7 @@ class Deploy:
         self.ctx.flags.lower_in(self.path)
         if self.previous:
             self.ctx.flags.lower_in(self.ctx.tree.path(self.previous))
-        self.phase.maintenance = MaintenanceOwner.NONE
+        self.phase.lowered()
 
 
 def record_outcome(ctx: Context, outcome: Outcome, logger: Any, **extra: Any) -> None:

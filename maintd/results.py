@@ -76,6 +76,11 @@ class Outcome:
     steps: list[StepRecord] = field(default_factory=list)
     fault: Fault | None = None  # whose fault a failure was: only the release's marks it bad
     switch_id: str | None = None  # in a cluster: the switch it was part of, as recorded in etcd
+    strategy: str | None = None  # and how that switch went ("together", "rolling"), once go chose it
+    # Milliseconds from the moment the deploy began raising its own maintenance flags to the moment the last of them
+    # was lowered (by `maintenance_off`, or by the way back): the window visitors saw the 503 page. None when it
+    # raised none (maintenance.when, a rolling switch, an operator's maintenance carried across) or left them up.
+    window_ms: float | None = None
 
     @property
     def went_live(self) -> bool:

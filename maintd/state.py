@@ -179,7 +179,7 @@ def _typed(value: Any, where: str, kinds: tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _read(path: Path, what: str, build: Callable[[Any], T]) -> T | None:
+def read_json(path: Path, what: str, build: Callable[[Any], T]) -> T | None:
     """The JSON file at `path` built into `what` by `build`; None when there is no such file; Damaged else."""
     try:
         raw = path.read_bytes()
@@ -203,13 +203,13 @@ def _read(path: Path, what: str, build: Callable[[Any], T]) -> T | None:
 
 def read_memory(path: Path) -> Memory:
     """`state.json`: the Memory it holds, a fresh one when there is none yet, or Damaged naming the fault."""
-    memory = _read(path, "maintd's state", Memory.from_json)
+    memory = read_json(path, "maintd's state", Memory.from_json)
     return memory if memory is not None else Memory()
 
 
 def read_in_flight(path: Path) -> InFlight | None:
     """The deploy journal: the deploy in flight, None when there is none, or Damaged naming the fault."""
-    return _read(path, "a deploy journal", InFlight.from_json)
+    return read_json(path, "a deploy journal", InFlight.from_json)
 
 
 FileState = tuple[int, int, int, int]  # device, inode, size, mtime (ns): which file, as it was when read

@@ -200,6 +200,7 @@ class ClusterDeploy(Deploy):
     def _follow(self, view: View) -> str:
         """Switch the way go chose, said in words; in a rolling switch every entry from here on carries the batch."""
         choice, self.rolling = Rolling.chosen(self, view)
+        self.phase.strategy = str(choice.strategy)
         self.log = self.log.bind(batch=self.rolling.batch) if self.rolling else self.log
         return str(self.rolling or choice)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import log
 from .config import Notify, Webhook, WebhookFormat
-from .events import Event, Happening, Listener
+from .events import NOTIFIED, Event, Happening, Listener
 
 QUEUE_SIZE = 100  # events waiting per endpoint; past it the newest are dropped (said once per burst)
 BACKOFF = (1.0, 2.0, 4.0)  # seconds before each of the 3 retries of a failed POST: rides out a blip of some 7 s
@@ -157,6 +157,8 @@ class Webhooks:
         return (self,) if self.endpoints else ()
 
     def __call__(self, event: Event) -> None:
+        if event.event not in NOTIFIED:
+            return
         for endpoint in self.endpoints.values():
             endpoint.offer(event)
 

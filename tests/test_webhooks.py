@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from test_cluster import Cluster, assert_abandoned, go_live
 
 from conftest import BIN, App, free_port, maintctl, maintctl_json, wait_until
-from maintd.config import Webhook
+from maintd.config import Notify, Webhook
 from maintd.events import Event, Happening
-from maintd.webhooks import BACKOFF, QUEUE_SIZE, Endpoint
+from maintd.webhooks import BACKOFF, QUEUE_SIZE, Endpoint, Webhooks
 
 ATTEMPTS = 1 + len(BACKOFF)
 
@@ -220,6 +220,17 @@ def test_a_full_queue_drops_new_events_with_one_line_per_burst(silent):
     assert said == [f"webhook 1 (http://127.0.0.1:{silent.port}/…): {QUEUE_SIZE} events wait already; dropping new "
                     "ones until it takes them (the first: maintenance_on)"]
     assert endpoint.dropped == 50 and endpoint.pending == QUEUE_SIZE
+
+
+def test_what_only_the_metrics_count_is_never_sent(silent):
+    """A flush that missed a memcached server is counted by the metrics, and is not one of contract §11's webhook
+    events: nothing is queued for it."""
+    hooks = Webhooks("shop")
+    hooks.configure(Notify((Webhook(f"http://127.0.0.1:{silent.port}/secret"),)))
+    hooks(Event(Happening.CACHE_NOT_FLUSHED, "r1", server="127.0.0.1:9", app="shop"))
+    hooks(Event(Happening.MAINTENANCE_ON, "r1", app="shop"))
+    assert [e.pending for e in hooks.endpoints.values()] == [1]
+    hooks.stop()
 
 
 def line_of(text: str, start: str) -> int:
