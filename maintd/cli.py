@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .commands import COMMANDS, show_json, step_line
+from .version import VersionAction
 
 if TYPE_CHECKING:
     from .config import Config
@@ -25,13 +26,7 @@ ANSWER_TIMEOUT = 30.0  # seconds maintctl waits for a command that does not wait
 
 
 def maintd_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maintd", description="Deploys uploaded releases, atomically.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run the daemon in the foreground"), ("check", "check config and tree, then exit")):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("--config", required=True, help="the app's TOML file")
-        command.add_argument("--log-format", choices=("journal", "json", "console"))
-    args = parser.parse_args(argv)
+    args = maintd_parser().parse_args(argv)
     from . import config as config_module
 
     try:
@@ -42,6 +37,23 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(config)
     return run(config, args.log_format)
+
+
+MAINTD_COMMANDS = (("run", "run the daemon in the foreground"), ("check", "check config and tree, then exit"))
+
+
+def maintd_parser() -> argparse.ArgumentParser:
+    """maintd's command line (also what its man page and completion are generated from, see docs.py)."""
+    parser = argparse.ArgumentParser(prog="maintd", description="Deploys uploaded releases, atomically.")
+    parser.add_argument("--version", action=VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in MAINTD_COMMANDS:
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--config", required=True, help="the app's TOML file")
+        command.add_argument("--log-format", choices=("journal", "json", "console"),
+                             help="journald's fields, JSON lines or console lines (default: journal when stderr is "
+                                  "the journal, console on a terminal, else json)")
+    return parser
 
 
 def check(config: Config) -> int:
@@ -134,6 +146,7 @@ class Unreachable(Exception):
 def maintctl_parser() -> argparse.ArgumentParser:
     """The command line, built from the table of commands."""
     parser = argparse.ArgumentParser(prog="maintctl", description="Talk to a running maintd.")
+    parser.add_argument("--version", action=VersionAction)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", help="the app's TOML file (its control.socket is used)")
     where.add_argument("--socket", help="the control socket's path")
