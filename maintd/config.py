@@ -619,6 +619,12 @@ OPTIONAL: dict[str, tuple[type, dict[str, Check]]] = {  # tables whose absence m
                           "canary": _string, "batch_wait": _not_negative}),
 }
 TOP_LEVEL: dict[str, Check] = {"app": _app_name, "root": _absolute, "keep_releases": _count}
+# Defaults named after the app ({app}), filled in when a file is read; the man page shows them as they stand here.
+DERIVED: dict[str, dict[str, str]] = {
+    "memcached": {"namespace_key": "{app}:cache-version"},
+    "control": {"socket": "/run/maintd/{app}.sock"},
+    "state": {"dir": "/var/lib/maintd/{app}"},
+}
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -683,14 +689,10 @@ def parse(text: str, path: Path | None = None) -> Config:
             raise ConfigError(f"{where}: {key} is required")
 
     app = top["app"]
-    defaults = {
-        "memcached": {"namespace_key": f"{app}:cache-version"},
-        "control": {"socket": f"/run/maintd/{app}.sock"},
-        "state": {"dir": f"/var/lib/maintd/{app}"},
-    }
     built = {}
     for name, (section_type, _checks) in SECTIONS.items():
-        built[name] = section_type(**{**defaults.get(name, {}), **sections.get(name, {})})
+        derived = {key: value.format(app=app) for key, value in DERIVED.get(name, {}).items()}
+        built[name] = section_type(**{**derived, **sections.get(name, {})})
     _conflicts(built, sections, fail)
     warnings = _tolerated(built, said)
     cluster = _cluster(sections["cluster"], app, fail) if "cluster" in sections else None
