@@ -12,7 +12,7 @@ DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
-.PHONY: test lint demo demo-cluster bench deps install clean
+.PHONY: test lint demo demo-cluster bench deps install clean files docs deb wheels stage
 
 # etcd for the cluster tests, unpacked from Debian's own packages rather than installed: installing etcd-server
 # starts a system etcd on port 2379 wherever systemd runs, and the tests start their own on free ports. (Defined
@@ -73,7 +73,7 @@ demo-cluster: deps $(ETCD)
 	$(BIN)/python scripts/demo_cluster.py
 
 clean:
-	rm -rf $(VENV) .deps build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	rm -rf $(VENV) .deps build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
 # (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page, the Capistrano plugin and
@@ -82,6 +82,17 @@ UNITDIR   ?= /etc/systemd/system
 install:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
 	$(DESTDIR)$(PREFIX)/lib/maintd/bin/pip install -q .
+	$(MAKE) --no-print-directory docs DOCS_PYTHON=$(DESTDIR)$(PREFIX)/lib/maintd/bin/python
+	$(MAKE) --no-print-directory files
+
+# Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
+bench: deps
+	$(BIN)/python bench/run.py
+
+# Everything beside the venv, for `install` and the package alike: the commands linked into $(PREFIX)/bin, the units
+# pointing at them, the example config, the web snippets, the maintenance page, the Capistrano plugin, the Rails
+# cache initializer, the alert rules, the dashboard, the man pages and maintctl's completion (from `make docs`).
+files:
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/maintd $(DESTDIR)$(PREFIX)/share/maintd
 	ln -sf ../lib/maintd/bin/maintd $(DESTDIR)$(PREFIX)/bin/maintd
 	ln -sf ../lib/maintd/bin/maintctl $(DESTDIR)$(PREFIX)/bin/maintctl
@@ -95,7 +106,59 @@ install:
 	install -D -m 0644 etc/rails/maintd_cache.rb $(DESTDIR)$(PREFIX)/share/maintd/rails/maintd_cache.rb
 	install -D -m 0644 etc/prometheus/maintd.rules.yml $(DESTDIR)$(PREFIX)/share/maintd/prometheus/maintd.rules.yml
 	install -D -m 0644 etc/grafana/maintd.json $(DESTDIR)$(PREFIX)/share/maintd/grafana/maintd.json
+	install -D -m 0644 build/docs/maintd.8 $(DESTDIR)$(PREFIX)/share/man/man8/maintd.8
+	install -D -m 0644 build/docs/maintctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/maintctl.1
+	install -D -m 0644 build/docs/maintd.toml.5 $(DESTDIR)$(PREFIX)/share/man/man5/maintd.toml.5
+	install -D -m 0644 build/docs/maintctl $(DESTDIR)$(PREFIX)/share/bash-completion/completions/maintctl
 
-# Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
-bench: deps
-	$(BIN)/python bench/run.py
+# The man pages and maintctl's completion, generated from the command table, the config schema and doc/*.md
+# (maintd/docs.py). DOCS_PYTHON: a python with maintd installed (the version is read from its metadata); the
+# source tree's maintd and doc/ are the ones used.
+DOCS_PYTHON ?= $(BIN)/python
+docs:
+	rm -rf build/docs
+	PYTHONPATH=$(CURDIR) $(DOCS_PYTHON) -m maintd.docs build/docs
+
+# --- the Debian package (README, "The Debian package") -------------------------------------------------------------
+# `make deb` builds dist/maintd_<version>_<arch>.deb from a copy of this tree (dpkg-buildpackage writes beside the
+# source directory, so the copy sits in build/deb), installing the build tools it needs first.
+VERSION    = $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+DEB_BUILD := debhelper lintian dpkg-dev python3-venv python3-dev libsystemd-dev pkg-config gcc git
+LIBDIR    := /usr/lib/maintd
+WHEELS    := build/wheels
+
+deb:
+	$(call apt_missing,$(DEB_BUILD),--no-install-recommends)
+	rm -rf build/deb && mkdir -p build/deb/maintd-$(VERSION) dist
+	git ls-files -z --cached --others --exclude-standard | \
+		tar --null -T - --ignore-failed-read -c | tar -x -C build/deb/maintd-$(VERSION)
+	printf 'maintd (%s) unstable; urgency=medium\n\n  * Built from the maintd source tree (git %s).\n\n -- %s  %s\n' \
+		'$(VERSION)' "$$(git rev-parse --short HEAD 2>/dev/null || echo none)" \
+		'maintd developers <maintd@example.org>' "$$(date -R)" > build/deb/maintd-$(VERSION)/debian/changelog
+	cd build/deb/maintd-$(VERSION) && dpkg-buildpackage -b -us -uc
+	rm -f dist/maintd_$(VERSION)_*.deb && mv build/deb/maintd_$(VERSION)_*.deb dist/
+	lintian --fail-on error --info dist/maintd_$(VERSION)_*.deb
+	@ls -l dist/maintd_$(VERSION)_*.deb
+
+# The wheels of maintd and every dependency it pins, fetched and built once per package build (systemd-python
+# builds from source: libsystemd-dev, pkg-config, gcc, python3-dev). The only network access of the package's life.
+wheels:
+	rm -rf build/wheel-venv build/lib $(WHEELS)
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/pip wheel -q -w $(WHEELS) .
+
+# The package's tree in $(DESTDIR), what debian/rules calls: a venv under $(LIBDIR) made with Debian's python3 from
+# the wheels alone, relocatable (the scripts' shebangs say $(LIBDIR)/bin/python3), without byte code (compiled by
+# postinst on the server, as dh_python3 does), pip, activate scripts or other commands; then the files beside it.
+# Fails if a build path is left anywhere.
+stage: wheels
+	test -n "$(DESTDIR)"
+	rm -rf $(DESTDIR)$(LIBDIR) && $(PYTHON) -m venv $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --no-index --find-links $(WHEELS) --no-compile maintd
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip uninstall -q -y pip setuptools
+	find $(DESTDIR)$(LIBDIR)/bin -mindepth 1 ! -name 'python*' ! -name maintd ! -name maintctl -delete
+	sed -i '1s|^#!.*|#!$(LIBDIR)/bin/python3|' $(DESTDIR)$(LIBDIR)/bin/maintd $(DESTDIR)$(LIBDIR)/bin/maintctl
+	sed -i '/^command = /d' $(DESTDIR)$(LIBDIR)/pyvenv.cfg
+	$(MAKE) --no-print-directory docs DOCS_PYTHON=$(DESTDIR)$(LIBDIR)/bin/python
+	$(MAKE) --no-print-directory files PREFIX=/usr UNITDIR=/lib/systemd/system
+	! grep -rl '$(DESTDIR)' $(DESTDIR)
