@@ -120,7 +120,7 @@ def show_status(s: Mapping[str, Any]) -> str:
     else:
         maintenance = "off" + (f" (operator maintenance set by {m['by']}, flag missing)" if m["by"] else "")
     rows = [
-        ("app", s["app"]),
+        ("app", s["app"] + (f" (maintd {s['version']})" if s.get("version") else "")),
         ("current", s["current"] or "none (no live release)"),
         ("previous", s.get("previous") or "-"),
         ("maintenance", maintenance),

@@ -39,6 +39,7 @@ from .state import Memory, Store
 from .tasks import Tasks
 from .tree import ReleaseError, name_key, name_problem
 from .upload import UploadTracker
+from .version import version
 from .webhooks import Webhooks
 
 # What a reload cannot change: the daemon's identity, its socket, its place in a cluster.
@@ -58,6 +59,7 @@ class Closable(Protocol):
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.version = version()  # the code this process runs: after a package upgrade, status tells old from new
         self.log = log.get(app=config.app)
         for warning in config.warnings:
             self.log.warning(warning)
@@ -229,6 +231,7 @@ class Daemon:
         live = self.ctx.tree.live()
         return {
             "app": self.config.app,
+            "version": self.version,
             "current": live,
             "previous": self.memory.previous,
             "maintenance": {"on": self.ctx.flags.is_up(self.ctx.tree.releases / live) if live else False,

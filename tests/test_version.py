@@ -19,3 +19,13 @@ def project_version() -> str:
 def test_version_is_pyprojects(command):
     done = subprocess.run([str(BIN / command), "--version"], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (0, f"maintd {project_version()}\n", "")
+
+
+def test_status_says_which_version_the_daemon_runs(app, start_daemon):
+    """After a package upgrade the daemon restarts on the new code; status is how an operator (and the package
+    test) tells which code answers."""
+    from conftest import maintctl, maintctl_json
+
+    start_daemon()
+    assert maintctl_json(app, "status")["version"] == project_version()
+    assert f"shop (maintd {project_version()})" in maintctl(app, "status").stdout
