@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
              systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger \
-             nodejs git default-jre-headless capistrano
+             nodejs git default-jre-headless capistrano debootstrap man-db bash-completion
 # Rails 6.1 for the Rails tests, without recommends: `rails`'s pull node-jest-worker, which fails to install where
 # Node.js does not come from Debian; these three give the same Rails.
 DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli

@@ -272,7 +272,9 @@ def test_make_install_lays_out_everything(tmp_path):
     assert done.returncode == 0, done.stderr
     for path in ("opt/maintd/bin/maintd", "opt/maintd/bin/maintctl", "etc/systemd/system/maintd@.service",
                  "etc/systemd/system/maintd@.socket", "etc/maintd/example.toml",
-                 "opt/maintd/share/maintd/maintenance.html", "opt/maintd/share/maintd/capistrano/maintd.rake"):
+                 "opt/maintd/share/maintd/maintenance.html", "opt/maintd/share/maintd/capistrano/maintd.rake",
+                 "opt/maintd/share/man/man8/maintd.8", "opt/maintd/share/man/man1/maintctl.1",
+                 "opt/maintd/share/man/man5/maintd.toml.5", "opt/maintd/share/bash-completion/completions/maintctl"):
         assert (dest / path).exists(), path
     assert "ExecStart=/opt/maintd/bin/maintd run" in (dest / "etc/systemd/system/maintd@.service").read_text()
     assert subprocess.run([str(dest / "opt/maintd/bin/maintctl"), "--help"], capture_output=True).returncode == 0
