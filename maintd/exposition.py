@@ -2,7 +2,8 @@
 textfile, the counters kept in state.dir), each in threads of its own.
 
 Neither is ever in a deploy's way: a deploy only counts in memory (metrics.py) and wakes a writer. A scraper that
-reads slowly holds its own connection's thread (and that thread for `Endpoint.TIMEOUT` at most); a textfile
+reads slowly holds its own connection's thread (and that thread for `Endpoint.TIMEOUT` at most), and scrapers
+together hold `Endpoint.CONNECTIONS` threads and descriptors at most, never those a deploy needs; a textfile
 directory that hangs (a dead NFS server) holds its writer thread, and the changes meanwhile are written together
 once it comes back, as one file.
 """
@@ -23,15 +24,24 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class Endpoint:
     """`metrics.listen`: GET (and HEAD) of /metrics in Prometheus' text format; any other method 405, any other path
-    404. Accepts in a thread of its own (blocked in accept(2), so idle it never wakes), one thread per connection."""
+    404. Accepts in a thread of its own (blocked in accept(2), so idle it never wakes), one thread per connection
+    (and a timer to cut it off), CONNECTIONS at most."""
 
-    TIMEOUT = 10.0  # seconds a connection may take to send its request or read the answer
+    # Seconds a connection may take, all told, to send its request and read the answer. http.server's own timeout
+    # is per read, which a client that sends a byte now and then (slowloris) restarts for ever: past this the
+    # connection is shut down whatever it is doing.
+    TIMEOUT = 10.0
+    # Connections answered at once; one more is closed as soon as it is accepted. Prometheus scrapes a target one
+    # scrape at a time, so a few servers and a person with curl fit; without a bound, every connection a client
+    # opens is a thread and a descriptor of the daemon's, until a deploy finds none left for its own files.
+    CONNECTIONS = 8
 
     def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         handler = type("Handler", (_Handler,), {"render": staticmethod(render), "timeout": self.TIMEOUT})
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         self.server = server_class(address, handler)  # binds now: OSError when it cannot
+        self.slots = threading.BoundedSemaphore(self.CONNECTIONS)
         self.thread = threading.Thread(target=self._accept, name="maintd-metrics-http", daemon=True)
         self.thread.start()
 
@@ -47,7 +57,21 @@ class Endpoint:
                 conn, peer = sock.accept()
             except OSError:  # shut down (`close`)
                 return
-            self.server.process_request(conn, peer)
+            if self.slots.acquire(blocking=False):
+                threading.Thread(target=self._serve, args=(conn, peer), name="maintd-metrics-scrape",
+                                 daemon=True).start()
+            else:
+                conn.close()  # CONNECTIONS are being answered already
+
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
+        """One connection, answered (and closed) by http.server, and cut off at TIMEOUT if it is not done by then."""
+        cut = threading.Timer(self.TIMEOUT, _shut, (conn,))
+        cut.start()
+        try:
+            self.server.process_request_thread(conn, peer)
+        finally:
+            cut.cancel()
+            self.slots.release()
 
     def close(self) -> None:
         """Stop listening at once (the port is free when this returns); a scrape being answered finishes."""
@@ -57,6 +81,14 @@ class Endpoint:
             pass
         self.thread.join()
         self.server.server_close()
+
+
+def _shut(conn: socket.socket) -> None:
+    """Ends a connection's reads and writes (the thread blocked in them returns), whatever state it is in."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed meanwhile: answered after all
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
