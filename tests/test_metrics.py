@@ -143,6 +143,22 @@ def test_counters_survive_a_restart_and_a_damaged_file_starts_them_again(app: Ap
     assert sum("metrics.json" in e["event"] for e in daemon.events if e.get("level") == "error") == 1
 
 
+@pytest.mark.parametrize("kept", [
+    '{"buckets": [], "last_deploy": {}, "histograms": {}, "counters": {"maintd_deploys_total": '
+    '[[["deploy", "ok"], 1' + "0" * 400 + ']]}}',
+    '{"buckets": [], "last_deploy": {}, "histograms": {}, "counters": {"maintd_deploys_total": '
+    '[[["deploy", "ok"], 1e400]]}}',
+])
+def test_a_count_too_large_for_a_float_starts_the_counters_again(app: App, start_daemon, kept: str):
+    """A hand-edited metrics.json whose count is a number JSON takes and a float cannot hold: said once like any
+    damaged file, and the daemon starts (it is a metric, not a reason to stop deploying)."""
+    metrics_config(app, textfile="/nonexistent/shop.prom")
+    app.state.mkdir(parents=True, exist_ok=True)
+    (app.state / "metrics.json").write_text(kept)
+    daemon = start_daemon()
+    daemon.wait_for(level="error", event=lambda e: "metrics.json does not hold" in e and "start again from 0" in e)
+
+
 def test_the_endpoint_answers_get_and_head_of_metrics_only(app: App, start_daemon):
     port = free_port()
     metrics_config(app, f"127.0.0.1:{port}")
