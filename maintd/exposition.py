@@ -35,6 +35,9 @@ class Endpoint:
     # scrape at a time, so a few servers and a person with curl fit; without a bound, every connection a client
     # opens is a thread and a descriptor of the daemon's, until a deploy finds none left for its own files.
     CONNECTIONS = 8
+    # Seconds before accept(2) is tried again after it failed for want of something (descriptors, memory): the
+    # endpoint outlives a moment when the daemon ran out, rather than ending its thread for good.
+    ACCEPT_RETRY = 0.1
 
     def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -42,6 +45,7 @@ class Endpoint:
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         self.server = server_class(address, handler)  # binds now: OSError when it cannot
         self.slots = threading.BoundedSemaphore(self.CONNECTIONS)
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._accept, name="maintd-metrics-http", daemon=True)
         self.thread.start()
 
@@ -55,8 +59,10 @@ class Endpoint:
         while True:
             try:
                 conn, peer = sock.accept()
-            except OSError:  # shut down (`close`)
-                return
+            except OSError:  # shut down (`close`), or out of descriptors for a moment (EMFILE, ENFILE, ENOBUFS)
+                if self.closing.wait(self.ACCEPT_RETRY):
+                    return
+                continue
             if self.slots.acquire(blocking=False):
                 threading.Thread(target=self._serve, args=(conn, peer), name="maintd-metrics-scrape",
                                  daemon=True).start()
@@ -75,6 +81,7 @@ class Endpoint:
 
     def close(self) -> None:
         """Stop listening at once (the port is free when this returns); a scrape being answered finishes."""
+        self.closing.set()
         try:
             self.server.socket.shutdown(socket.SHUT_RDWR)  # wakes the accept(2)
         except OSError:
