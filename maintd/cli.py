@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 ANSWER_TIMEOUT = 30.0  # seconds maintctl waits for a command that does not wait for a deploy
+CONFIG_DIR = Path("/etc/maintd")  # where the apps' files are: `maintctl` alone talks to the only one there
+EXAMPLES = "example*.toml"  # files in CONFIG_DIR that configure no app
 
 
 # --- maintd -------------------------------------------------------------------------------------------------------
@@ -133,9 +135,13 @@ class Unreachable(Exception):
 
 def maintctl_parser() -> argparse.ArgumentParser:
     """The command line, built from the table of commands."""
-    parser = argparse.ArgumentParser(prog="maintctl", description="Talk to a running maintd.")
+    parser = argparse.ArgumentParser(
+        prog="maintctl", description="Talk to a running maintd.",
+        epilog=f"Without --config or --socket, the app is the only one configured in {CONFIG_DIR}: its single "
+               f"*.toml file, {EXAMPLES} (the shipped examples) not counted.")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--config", help="the app's TOML file (its control.socket is used)")
+    where.add_argument("--config", help=f"the app's TOML file (its control.socket is used); default: the only "
+                                        f"app's file in {CONFIG_DIR}")
     where.add_argument("--socket", help="the control socket's path")
     parser.add_argument("--timeout", type=float, default=ANSWER_TIMEOUT, metavar="SECONDS",
                         help=f"how long to wait for an answer (default {ANSWER_TIMEOUT:g}; deploys are waited for)")
@@ -188,15 +194,10 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    """--socket, else the socket named by --config (or the only file in /etc/maintd), read with tomllib alone."""
+    """--socket, else the socket named by --config (or the only app's file in CONFIG_DIR), read with tomllib alone."""
     if args.socket:
         return str(args.socket)
-    config = args.config
-    if not config:
-        candidates = sorted(Path("/etc/maintd").glob("*.toml"))
-        if len(candidates) != 1:
-            raise ValueError("say which app: --config /etc/maintd/APP.toml or --socket PATH")
-        config = candidates[0]
+    config = args.config or the_only_app(CONFIG_DIR)
     import tomllib
 
     try:
@@ -206,6 +207,17 @@ def socket_path(args: argparse.Namespace) -> str:
     control = data.get("control")
     control = control if isinstance(control, dict) else {}
     return str(control.get("socket") or f"/run/maintd/{data.get('app', '')}.sock")
+
+
+def the_only_app(directory: Path) -> Path:
+    """The one app's file in `directory`. `make install` and the package put example.toml there beside the apps'
+    files, and an operator may keep a copy of it (example-old.toml): those configure no app, so they do not count."""
+    apps = sorted(path for path in directory.glob("*.toml") if not path.match(EXAMPLES))
+    if len(apps) == 1:
+        return apps[0]
+    found = f"several apps in {directory} ({', '.join(path.name for path in apps)})" if apps else \
+        f"no app's file in {directory} ({EXAMPLES} not counted)"
+    raise ValueError(f"{found}: say which app: --config {directory}/APP.toml or --socket PATH")
 
 
 def call(path: str, request: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None] | None = None,
