@@ -16,11 +16,14 @@ from .commands import COMMANDS, show_json, step_line
 
 if TYPE_CHECKING:
     from .config import Config
+    from .runas import RunAs
+    from .tree import Tree
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 ANSWER_TIMEOUT = 30.0  # seconds maintctl waits for a command that does not wait for a deploy
 CONFIG_DIR = Path("/etc/maintd")  # where the apps' files are: `maintctl` alone talks to the only one there
 EXAMPLES = "example*.toml"  # files in CONFIG_DIR that configure no app
+RELEASES_SHOWN = 5  # releases `maintd check` names, the newest
 
 
 # --- maintd -------------------------------------------------------------------------------------------------------
@@ -49,8 +52,8 @@ def maintd_main(argv: Sequence[str] | None = None) -> int:
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from . import boot
-    from .config import ConfigError, RestartMethod
-    from .runas import RunAs, resolve
+    from .config import ConfigError
+    from .runas import resolve
     from .state import faults
     from .tree import Tree
 
@@ -72,8 +75,13 @@ def check(config: Config) -> int:
     except ConfigError as exc:
         problems.append(str(exc))
     else:
-        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
-            print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
+        print(who_runs(config, runas))
+    if config.root.is_dir():
+        print(releases_line(tree))
+        warnings += [f"shared.{kind} {rel}: missing from {tree.shared}/, so every deploy fails at link_shared; "
+                     "create it there"
+                     for kind, paths in (("dirs", config.shared.dirs), ("files", config.shared.files))
+                     for rel in tree.missing_shared(paths)]
     for line in boot.described(config, runas):
         print(line)
     if cluster := config.cluster:
@@ -92,6 +100,30 @@ def check(config: Config) -> int:
     if not problems:
         print(f"{config.source}: ok (app {config.app}, live release {tree.live() or 'none'})")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def who_runs(config: Config, runas: RunAs) -> str:
+    """Who hooks and restart.command run as, and why that user: said even when none is configured yet, since the
+    first hook an operator adds runs as this user (or is refused, where root owns releases/ and nobody said so)."""
+    from .config import RestartMethod
+
+    why = "hooks.user" if config.hooks.user else f"the owner of {config.root / 'releases'}"
+    if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
+        return f"hooks and restart.command run as {runas.name} (uid {runas.uid}, {why})"
+    if runas.uid == 0 and not config.hooks.user:
+        return (f"hooks and restart.command: none configured; root owns {config.root / 'releases'}, so adding one "
+                "needs hooks.user")
+    return f"hooks and restart.command: none configured; they would run as {runas.name} (uid {runas.uid}, {why})"
+
+
+def releases_line(tree: Tree) -> str:
+    """The releases in releases/ (the newest few by name, as maintd orders them) and the live one."""
+    from .tree import name_key
+
+    names = sorted((name for name in tree.entries() if not tree.entry_problem(name)), key=name_key)
+    shown = ", ".join(names[-RELEASES_SHOWN:]) if names else "none yet"
+    more = f"{len(names)} releases, the newest: " if len(names) > RELEASES_SHOWN else ""
+    return f"releases in {tree.releases}: {more}{shown}; live: {tree.live() or 'none'}"
 
 
 def run(config: Config, log_format: str | None) -> int:
