@@ -263,19 +263,53 @@ def test_units_say_what_the_contract_says():
     assert "ListenStream=/run/maintd/%i.sock" in socket_unit and "SocketMode=0666" in socket_unit
 
 
-def test_make_install_lays_out_everything(tmp_path):
+def test_make_install_stages_a_tree_that_works_once_moved_to_its_prefix(tmp_path):
+    """`make install DESTDIR=... PREFIX=...` stages what a package holds: no file may name the staging directory
+    (a shebang `#!/tmp/stage/...` runs nowhere else), so the commands must work once the tree is where PREFIX says."""
     if not shutil.which("make"):
         pytest.skip("no make")
-    dest = tmp_path / "root"
-    done = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/opt/maintd"],
+    dest, prefix = tmp_path / "stage", Path(f"/opt/maintd-relocated-{os.getpid()}")  # one per test run
+    done = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", f"PREFIX={prefix}"],
                           cwd=UNITS.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for path in ("opt/maintd/bin/maintd", "opt/maintd/bin/maintctl", "etc/systemd/system/maintd@.service",
-                 "etc/systemd/system/maintd@.socket", "etc/maintd/example.toml",
-                 "opt/maintd/share/maintd/maintenance.html", "opt/maintd/share/maintd/capistrano/maintd.rake"):
+    staged = dest / prefix.relative_to("/")
+    for path in ("bin/maintd", "bin/maintctl", "share/maintd/maintenance.html", "share/maintd/capistrano/maintd.rake",
+                 "share/doc/maintd/README.md"):
+        assert (staged / path).exists(), path
+    for path in ("etc/systemd/system/maintd@.socket", "etc/maintd/example.toml"):
         assert (dest / path).exists(), path
-    assert "ExecStart=/opt/maintd/bin/maintd run" in (dest / "etc/systemd/system/maintd@.service").read_text()
-    assert subprocess.run([str(dest / "opt/maintd/bin/maintctl"), "--help"], capture_output=True).returncode == 0
+    service = (dest / "etc/systemd/system/maintd@.service").read_text()
+    assert f"ExecStart={prefix}/bin/maintd run" in service
+    assert (f"Documentation=man:maintd(8) man:maintd.toml(5) file://{prefix}/share/doc/maintd/README.md"
+            in service.splitlines())
+    naming_stage = subprocess.run(["grep", "-rl", "-F", str(dest), str(dest)], capture_output=True, text=True).stdout
+    assert naming_stage == "", naming_stage
+    shutil.move(staged, prefix)  # what installing the package does
+    try:
+        assert subprocess.run([str(prefix / "bin/maintctl"), "--help"], capture_output=True).returncode == 0
+        (tmp_path / "srv").mkdir()
+        (tmp_path / "app.toml").write_text(f'app = "shop"\nroot = "{tmp_path / "srv"}"\n'
+                                           f'[state]\ndir = "{tmp_path / "state"}"\n')
+        check = subprocess.run([str(prefix / "bin/maintd"), "check", "--config", str(tmp_path / "app.toml")],
+                               capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert check.returncode == 0 and "ok (app shop" in check.stdout, check.stderr
+    finally:
+        shutil.rmtree(prefix)
+
+
+def test_make_install_installs_what_it_needs_as_make_deps_does():
+    """A fresh Debian 12 has neither a venv nor what systemd-python is built from: `make install` installs them (or
+    names them where there is no apt), and the server's rsync and sshd for the README's uploads."""
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    planned = subprocess.run(["make", "-n", "install"], cwd=UNITS.parent, capture_output=True, text=True).stdout
+    checked = set(re.findall(r"for p in ([^;]+); do dpkg -s", planned))
+    wanted = {"python3", "python3-venv", "pkg-config", "libsystemd-dev", "gcc", "python3-dev", "rsync",
+              "openssh-server"}
+    assert wanted <= {name for names in checked for name in names.split()}, planned
+    staged = subprocess.run(["make", "-n", "install", "DESTDIR=/tmp/stage"], cwd=UNITS.parent, capture_output=True,
+                            text=True).stdout
+    assert "openssh-server" not in staged and "libsystemd-dev" in staged  # a package declares what it runs with
 
 
 # --- under a real systemd ---------------------------------------------------------------------------------------
