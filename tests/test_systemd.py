@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, Daemon, wait_until
+from conftest import BIN, README, Daemon, readme_block, wait_until
 from maintd.notify import watchdog_interval
 
 UNITS = Path(__file__).parent.parent / "systemd"
@@ -332,10 +332,12 @@ def nspawn_install():
     shutil.rmtree(NSPAWN_PREFIX, ignore_errors=True)
 
 
-def boot(tmp_path: Path, bin_dir: Path, script: str, config: str) -> tuple[Path, dict[str, str], str]:
-    """Boots systemd as PID 1 in a container over the host's /usr, with the shipped units, `config` as
-    /etc/maintd/demo.toml, and tests/nspawn/`script` run as a unit that powers the container off when it is done.
-    Returns the results directory, the steps the script recorded, and context for assertion messages."""
+def boot(tmp_path: Path, bin_dir: Path, script: str, config: str,
+         dropin: str = "") -> tuple[Path, dict[str, str], str]:
+    """Boots systemd as PID 1 in a container over the host's /usr, with the shipped units (and `dropin` as a drop-in
+    of maintd@demo.service), `config` as /etc/maintd/demo.toml, and tests/nspawn/`script` run as a unit that powers
+    the container off when it is done. Returns the results directory, the steps the script recorded, and context
+    for assertion messages."""
     units, conf, results = tmp_path / "units", tmp_path / "etc-maintd", tmp_path / "results"
     for d in (units, conf, results):
         d.mkdir()
@@ -350,6 +352,9 @@ def boot(tmp_path: Path, bin_dir: Path, script: str, config: str) -> tuple[Path,
              f"--bind={results}:/results"]
     binds += [f"--bind-ro={units / name}:/etc/systemd/system/{name}"
               for name in ("maintd@.service", "maintd@.socket", "maintd-check.service")]
+    if dropin:
+        (units / "dropin.conf").write_text(dropin)
+        binds.append(f"--bind-ro={units / 'dropin.conf'}:/etc/systemd/system/maintd@demo.service.d/dropin.conf")
     try:
         booted = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", "/", "--volatile=yes",
                                  *binds, "-b", "systemd.firstboot=no", "systemd.unit=multi-user.target",
@@ -407,8 +412,13 @@ MAINTCTL = "@BIN@/maintctl"
 def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
     """A release uploaded by `deploy`, its hooks run by the shipped unit: as deploy, with the app's tooling
     working, and no route out of deploy's rights."""
-    results, steps, context = boot(tmp_path, nspawn_install, "hooks.sh", HOOKS_CONFIG)
+    dropin = readme_block("ini", "# systemctl edit maintd@shop\n")  # for a tree outside /srv, /var/www, /home
+    results, steps, context = boot(tmp_path, nspawn_install, "hooks.sh", HOOKS_CONFIG, dropin)
     assert steps.get("done") == "yes", context
+    # One truth about /home: what the README says the unit sets is what systemd applies, and with the README's
+    # drop-in for a tree elsewhere, hooks still write a tree under /home/deploy as well as that tree
+    said = set(re.findall(r"ProtectHome=([a-z-]+)", README.read_text()))
+    assert said == {steps["protect_home"]} == {"no"}, (said, context)
     assert steps["current"] == "releases/r1" and steps["maintenance_after"] == "off", context
     for run in ("before", "restart"):
         seen = dict(line.split("=", 1) for line in _read(results / f"hook-{run}").splitlines() if "=" in line)
@@ -420,6 +430,7 @@ def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
         assert seen["node"] == "ok" and seen["java"] == "0" and seen["yjit"] == "true", context_run
         assert seen["ruby_from"] == "ruby from /home/deploy" and seen["git"] == "Deploy Bot", context_run
         assert (seen["cp_a"], seen["cp_a_owner"], seen["install_o"], seen["tmp_cache"]) == ("0", "deploy", "0", "0")
+        assert (seen["write_home_tree"], seen["write_dropin_tree"]) == ("0", "0"), context_run
         # no route out of deploy's rights
         for attempt in ("write_etc", "write_root", "write_other_app", "systemd_run", "su", "signal_pid1",
                         "maintctl_maintenance_on"):

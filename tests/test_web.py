@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ETC, App, Daemon, free_port, maintctl, port_open, wait_until
+from conftest import BIN, ETC, App, Daemon, free_port, maintctl, port_open, readme_block, wait_until
 from maintd.maintenance import expected_end
 from maintd.restart import HEALTH_HEADER
 from maintd.tree import Tree
@@ -605,14 +605,7 @@ def test_switching_maintenance_under_a_request_loop_never_errs_nor_shows_tmp(web
     assert {s for _, _, (s, _, _) in seen} == {200, 503}
 
 
-README = Path(__file__).parent.parent / "README.md"
 DEBIAN_DEFAULT_SITE = Path("/etc/nginx/sites-available/default")
-
-
-def readme_block(language: str, first_line: str) -> str:
-    """The README's fenced `language` block that starts with `first_line`, word for word."""
-    blocks = README.read_text().split(f"```{language}\n")[1:]
-    return next(block.split("```")[0] for block in blocks if block.startswith(first_line))
 
 
 def test_the_readmes_nginx_site_wins_over_debians_default_site(web_app, tmp_path):
