@@ -23,7 +23,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Endpoint:
-    """`metrics.listen`: GET (and HEAD) of /metrics in Prometheus' text format; any other method 405, any other path
+    """`metrics.listen`: GET of /metrics in Prometheus' text format; any other method 405, any other path
     404. Accepts in a thread of its own (blocked in accept(2), so idle it never wakes), one thread per connection
     (and a timer to cut it off), CONNECTIONS at most."""
 
@@ -103,38 +103,32 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "maintd"
 
     def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def _answer(self, body: bool) -> None:
         if self.path.split("?", 1)[0] != PATH:
-            self._plain(404, f"not found: metrics are at {PATH}\n", body)
+            self._plain(404, f"not found: metrics are at {PATH}\n")
             return
         output = self.render()
         self.send_response(200)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(output)))
         self.end_headers()
-        if body:
-            self.wfile.write(output)
+        self.wfile.write(output)
 
     def _refused(self) -> None:
-        self._plain(405, "method not allowed: GET or HEAD\n", True, ("Allow", "GET, HEAD"))
+        self._plain(405, "method not allowed: GET only\n", ("Allow", "GET"))
 
-    def _plain(self, status: int, text: str, body: bool, *headers: tuple[str, str]) -> None:
+    def _plain(self, status: int, text: str, *headers: tuple[str, str]) -> None:
         data = text.encode()
         self.send_response(status)
         for name, value in (("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data))),
                             *headers):
             self.send_header(name, value)
         self.end_headers()
-        if body:
+        if self.command != "HEAD":  # an answer to HEAD has no body, whatever its status
             self.wfile.write(data)
 
     def __getattr__(self, name: str) -> Any:
-        """Every other method (POST, PUT, DELETE, any word at all): 405 rather than http.server's 501."""
+        """Every other method (HEAD, POST, PUT, DELETE, any word at all): 405 rather than http.server's 501.
+        Contract §11 says GET only: Prometheus and node_exporter's scrapers send nothing else."""
         if name.startswith("do_"):
             return self._refused
         raise AttributeError(name)
