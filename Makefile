@@ -9,6 +9,13 @@ DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-co
 # Rails 6.1 for the Rails tests, without recommends: `rails`'s pull node-jest-worker, which fails to install where
 # Node.js does not come from Debian; these three give the same Rails.
 DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli
+# What `make install` needs, in Debian's names: a venv of Debian's python3, and what systemd-python (the journal and
+# sd_notify) is built from (a C compiler, pkg-config, libsystemd's and Python's headers). `make` itself comes first,
+# by hand: `apt-get install make`.
+DEB_BUILD := python3 python3-venv pkg-config libsystemd-dev gcc python3-dev
+# What a server needs for the README's uploads (rsync over ssh into <root>/releases/); not for a staged install
+# (DESTDIR=...), which is for a package that declares its own dependencies.
+DEB_SERVER := rsync openssh-server
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
@@ -24,9 +31,12 @@ PROMETHEUS := .deps/prometheus/usr/bin/prometheus
 
 deps: $(STAMP)
 
-# $(call apt_missing,PACKAGES,APT-OPTIONS): install those of PACKAGES that are not installed yet.
+# $(call apt_missing,PACKAGES,APT-OPTIONS): install those of PACKAGES that are not installed yet; where there is no
+# apt (another system), name them and carry on: the commands that need them then fail with their own message.
 define apt_missing
-	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@if ! command -v apt-get >/dev/null || ! command -v dpkg >/dev/null; then \
+		echo "not Debian: this needs what Debian calls $(strip $(1)); install their equivalents"; exit 0; fi; \
+	missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; \
@@ -77,12 +87,21 @@ clean:
 
 # A real install: a venv of its own under $(PREFIX)/lib/maintd, the commands linked into $(PREFIX)/bin, the units
 # (pointing at $(PREFIX)/bin), the example config, the web snippets, the maintenance page, the Capistrano plugin and
-# the Rails cache initializer, the Prometheus alert rules and the Grafana dashboard.
+# the Rails cache initializer, the Prometheus alert rules and the Grafana dashboard, the README (the units'
+# Documentation=). With DESTDIR, the files are staged for a package: every path written into them (the scripts'
+# shebangs, the venv's own files, the compiled modules' source names) is $(PREFIX)'s, never $(DESTDIR)'s, so the
+# tree works once moved to $(PREFIX).
 UNITDIR   ?= /etc/systemd/system
+VENVDIR   := $(PREFIX)/lib/maintd
 install:
-	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)/lib/maintd
-	$(DESTDIR)$(PREFIX)/lib/maintd/bin/pip install -q .
-	$(MAKE) --no-print-directory docs DOCS_PYTHON=$(DESTDIR)$(PREFIX)/lib/maintd/bin/python
+	$(call apt_missing,$(DEB_BUILD),)
+	$(if $(DESTDIR),,$(call apt_missing,$(DEB_SERVER),))
+	$(PYTHON) -m venv $(DESTDIR)$(VENVDIR)
+	$(DESTDIR)$(VENVDIR)/bin/pip install -q --no-compile .
+	$(if $(DESTDIR),grep -rlI -F '$(DESTDIR)$(VENVDIR)' $(DESTDIR)$(VENVDIR) | \
+		xargs -r sed -i 's#$(DESTDIR)$(VENVDIR)#$(VENVDIR)#g')
+	$(DESTDIR)$(VENVDIR)/bin/python -m compileall -q $(if $(DESTDIR),-f -s $(DESTDIR) -p /) $(DESTDIR)$(VENVDIR)/lib
+	$(MAKE) --no-print-directory docs DOCS_PYTHON=$(DESTDIR)$(VENVDIR)/bin/python
 	$(MAKE) --no-print-directory files
 
 # Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
@@ -91,13 +110,15 @@ bench: deps
 
 # Everything beside the venv, for `install` and the package alike: the commands linked into $(PREFIX)/bin, the units
 # pointing at them, the example config, the web snippets, the maintenance page, the Capistrano plugin, the Rails
-# cache initializer, the alert rules, the dashboard, the man pages and maintctl's completion (from `make docs`).
+# cache initializer, the alert rules, the dashboard, the README, the man pages and maintctl's completion (from
+# `make docs`).
 files:
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/maintd $(DESTDIR)$(PREFIX)/share/maintd
 	ln -sf ../lib/maintd/bin/maintd $(DESTDIR)$(PREFIX)/bin/maintd
 	ln -sf ../lib/maintd/bin/maintctl $(DESTDIR)$(PREFIX)/bin/maintctl
 	for unit in systemd/maintd@.service systemd/maintd@.socket; do \
-		sed 's#/usr/local/bin/#$(PREFIX)/bin/#g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
+		sed 's#/usr/local/#$(PREFIX)/#g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/maintd/README.md
 	install -m 0644 etc/maintd/example.toml $(DESTDIR)/etc/maintd/example.toml
 	install -m 0644 maintd/maintenance.html $(DESTDIR)$(PREFIX)/share/maintd/maintenance.html
 	for snippet in etc/nginx/*.conf etc/apache2/*.conf; do \

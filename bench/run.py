@@ -337,16 +337,25 @@ def metrics_on(app: App) -> str:
     return f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\ntextfile = "{app.base / "shop.prom"}"\n'
 
 
+GAP = 0.5  # seconds between two deploys of section 10
+
+
+def dead_webhook() -> str:
+    """`[notify]` with one webhook on a closed port: every event tried 4 times over 7 s, its queue full meanwhile."""
+    return f'[notify]\nwebhooks = [{{ url = "http://127.0.0.1:{free_port()}/hook" }}]\n'
+
+
 def metrics() -> dict:
     """The window of a real `maintd run` with metrics on (counted, the gauges shown, the textfile rewritten at each
-    change, a scraper asking every 50 ms meanwhile: twenty times Prometheus' usual 1 s) against off, each deploy
+    change, a scraper asking every `SCRAPE_EVERY` seconds meanwhile) and a dead webhook (issue
+    23: both on against both off; section 9 has the webhook alone) against neither, each deploy
     asked for with `maintctl deploy --wait` as an operator would, the window as the daemon measured it (its
     `window_ms` in history.jsonl: its flags raised to lowered); the idle RSS with metrics on and off; the time to
     scrape /metrics once the deploys filled the histograms."""
     windows, scrape_ms, size = {}, [], 0
     for mode in ("off", "on"):
         app = workdir()
-        app.write_config(metrics_on(app) if mode == "on" else "", top="keep_releases = 1000")
+        app.write_config(metrics_on(app) + dead_webhook() if mode == "on" else "", top="keep_releases = 1000")
         for name in ("a", "b"):
             app.make_release(name, marker=False)
         daemon = Daemon(app).ready()
@@ -358,6 +367,10 @@ def metrics() -> dict:
         for i in range(2 * RUNS + 1):
             subprocess.run([str(BIN / "maintctl"), "--socket", str(app.socket), "deploy", "ab"[i % 2], "--wait"],
                            check=True, capture_output=True)
+            # Deploys a few seconds apart at most, as operators make them, not back to back: what the metrics and
+            # the webhook do after a deploy (the counters kept, the gauges looked at 0.25 s later, the textfile,
+            # the retries) lands in the gap, as it does in life, not in the next deploy's window. Both modes alike.
+            time.sleep(GAP)
         stop.set()
         windows[mode] = summary([entry["window_ms"] for entry in app.history()[1:]])
         if mode == "on":
@@ -385,8 +398,11 @@ def scrape(address: tuple[str, int]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+SCRAPE_EVERY = 1.0  # seconds: Prometheus' shortest usual interval (its default is 60 s, 15 s is common)
+
+
 def scrape_until(address: tuple[str, int], stop: threading.Event) -> None:
-    while not stop.wait(0.05):
+    while not stop.wait(SCRAPE_EVERY):
         fetch(address)
 
 
@@ -502,8 +518,8 @@ def share(mode: dict, when: str) -> str:
 
 def metrics_rows(mt: dict) -> list[tuple[str, str, str]]:
     return [("10 maintenance window, metrics off", spread(mt["window_off_ms"]), ""),
-            ("10 maintenance window, metrics on (listen + textfile, scraped every 50 ms)", spread(mt["window_on_ms"]),
-             ""),
+            ("10 maintenance window, metrics on (listen + textfile, scraped every second) and a dead webhook",
+             spread(mt["window_on_ms"]), ""),
             ("10 ratio on / off", f"{mt['window_ratio']}×", "≤ 1.1×"),
             ("10 idle RSS, metrics off", f"{mt['rss_off']['rss_mb']} MB", ""),
             ("10 idle RSS, metrics on", f"{mt['rss_on']['rss_mb']} MB", "< 40 MB"),

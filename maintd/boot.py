@@ -187,9 +187,8 @@ def look(root: Path, runas: RunAs, release: str = "", window: float = 0.0) -> Lo
         answered = (str(answer["address"]), int(answer["status"])) if answer else None
         return Look(listeners, answered, {str(k): str(v) for k, v in report.get("unanswered", {}).items()})
     except (ValueError, KeyError, TypeError, IndexError):
-        said = ran.describe() if not ran.ok else "it said nothing readable"
-        raise LookFailed(f"cannot look for the app's sockets as {runas.name} ({SYSTEM_PYTHON}: {said}): "
-                         f"{ran.output[-300:].strip()}") from None
+        said = ran.describe() if not ran.ok else f"it said nothing readable: {ran.tail()}"  # describe() quotes it
+        raise LookFailed(f"cannot look for the app's sockets as {runas.name} ({SYSTEM_PYTHON}: {said})") from None
 
 
 def answering(root: Path, release: str, timeout: float, runas: RunAs) -> str:

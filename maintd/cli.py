@@ -17,9 +17,14 @@ from .version import VersionAction
 
 if TYPE_CHECKING:
     from .config import Config
+    from .runas import RunAs
+    from .tree import Tree
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 ANSWER_TIMEOUT = 30.0  # seconds maintctl waits for a command that does not wait for a deploy
+CONFIG_DIR = Path("/etc/maintd")  # where the apps' files are: `maintctl` alone talks to the only one there
+EXAMPLES = "example*.toml"  # files in CONFIG_DIR that configure no app
+RELEASES_SHOWN = 5  # releases `maintd check` names, the newest
 
 
 # --- maintd -------------------------------------------------------------------------------------------------------
@@ -59,8 +64,8 @@ def maintd_parser() -> argparse.ArgumentParser:
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from . import boot
-    from .config import ConfigError, RestartMethod
-    from .runas import RunAs, resolve
+    from .config import ConfigError
+    from .runas import resolve
     from .state import faults
     from .tree import Tree
 
@@ -82,8 +87,13 @@ def check(config: Config) -> int:
     except ConfigError as exc:
         problems.append(str(exc))
     else:
-        if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
-            print(f"hooks and restart.command run as {runas.name} (uid {runas.uid})")
+        print(who_runs(config, runas))
+    if config.root.is_dir():
+        print(releases_line(tree))
+        warnings += [f"shared.{kind} {rel}: missing from {tree.shared}/, so every deploy fails at link_shared; "
+                     "create it there"
+                     for kind, paths in (("dirs", config.shared.dirs), ("files", config.shared.files))
+                     for rel in tree.missing_shared(paths)]
     for line in boot.described(config, runas):
         print(line)
     if cluster := config.cluster:
@@ -102,6 +112,30 @@ def check(config: Config) -> int:
     if not problems:
         print(f"{config.source}: ok (app {config.app}, live release {tree.live() or 'none'})")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def who_runs(config: Config, runas: RunAs) -> str:
+    """Who hooks and restart.command run as, and why that user: said even when none is configured yet, since the
+    first hook an operator adds runs as this user (or is refused, where root owns releases/ and nobody said so)."""
+    from .config import RestartMethod
+
+    why = "hooks.user" if config.hooks.user else f"the owner of {config.root / 'releases'}"
+    if config.hooks.before_swap or config.hooks.after_swap or config.restart.method is RestartMethod.COMMAND:
+        return f"hooks and restart.command run as {runas.name} (uid {runas.uid}, {why})"
+    if runas.uid == 0 and not config.hooks.user:
+        return (f"hooks and restart.command: none configured; root owns {config.root / 'releases'}, so adding one "
+                "needs hooks.user")
+    return f"hooks and restart.command: none configured; they would run as {runas.name} (uid {runas.uid}, {why})"
+
+
+def releases_line(tree: Tree) -> str:
+    """The releases in releases/ (the newest few by name, as maintd orders them) and the live one."""
+    from .tree import name_key
+
+    names = sorted((name for name in tree.entries() if not tree.entry_problem(name)), key=name_key)
+    shown = ", ".join(names[-RELEASES_SHOWN:]) if names else "none yet"
+    more = f"{len(names)} releases, the newest: " if len(names) > RELEASES_SHOWN else ""
+    return f"releases in {tree.releases}: {more}{shown}; live: {tree.live() or 'none'}"
 
 
 def run(config: Config, log_format: str | None) -> int:
@@ -145,10 +179,14 @@ class Unreachable(Exception):
 
 def maintctl_parser() -> argparse.ArgumentParser:
     """The command line, built from the table of commands."""
-    parser = argparse.ArgumentParser(prog="maintctl", description="Talk to a running maintd.")
+    parser = argparse.ArgumentParser(
+        prog="maintctl", description="Talk to a running maintd.",
+        epilog=f"Without --config or --socket, the app is the only one configured in {CONFIG_DIR}: its single "
+               f"*.toml file, {EXAMPLES} (the shipped examples) not counted.")
     parser.add_argument("--version", action=VersionAction)
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--config", help="the app's TOML file (its control.socket is used)")
+    where.add_argument("--config", help=f"the app's TOML file (its control.socket is used); default: the only "
+                                        f"app's file in {CONFIG_DIR}")
     where.add_argument("--socket", help="the control socket's path")
     parser.add_argument("--timeout", type=float, default=ANSWER_TIMEOUT, metavar="SECONDS",
                         help=f"how long to wait for an answer (default {ANSWER_TIMEOUT:g}; deploys are waited for)")
@@ -201,15 +239,10 @@ def maintctl_main(argv: Sequence[str] | None = None) -> int:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    """--socket, else the socket named by --config (or the only file in /etc/maintd), read with tomllib alone."""
+    """--socket, else the socket named by --config (or the only app's file in CONFIG_DIR), read with tomllib alone."""
     if args.socket:
         return str(args.socket)
-    config = args.config
-    if not config:
-        candidates = sorted(Path("/etc/maintd").glob("*.toml"))
-        if len(candidates) != 1:
-            raise ValueError("say which app: --config /etc/maintd/APP.toml or --socket PATH")
-        config = candidates[0]
+    config = args.config or the_only_app(CONFIG_DIR)
     import tomllib
 
     try:
@@ -219,6 +252,17 @@ def socket_path(args: argparse.Namespace) -> str:
     control = data.get("control")
     control = control if isinstance(control, dict) else {}
     return str(control.get("socket") or f"/run/maintd/{data.get('app', '')}.sock")
+
+
+def the_only_app(directory: Path) -> Path:
+    """The one app's file in `directory`. `make install` and the package put example.toml there beside the apps'
+    files, and an operator may keep a copy of it (example-old.toml): those configure no app, so they do not count."""
+    apps = sorted(path for path in directory.glob("*.toml") if not path.match(EXAMPLES))
+    if len(apps) == 1:
+        return apps[0]
+    found = f"several apps in {directory} ({', '.join(path.name for path in apps)})" if apps else \
+        f"no app's file in {directory} ({EXAMPLES} not counted)"
+    raise ValueError(f"{found}: say which app: --config {directory}/APP.toml or --socket PATH")
 
 
 def call(path: str, request: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None] | None = None,

@@ -416,11 +416,12 @@ def _http_url(value: Any) -> str:
 
 
 def _usable_url(url: str) -> bool:
-    """http(s), a host, a port from 1 to 65535 if any, and nothing a request line cannot carry."""
+    """http(s), a host the lookup takes, a port from 1 to 65535 if any, and nothing a request line cannot carry."""
     try:
         parts = urllib.parse.urlsplit(url)
         usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number from 1 to 65535
+        (parts.hostname or "").encode("idna")  # what socket's lookup does first: an empty label, or one over 63
+    except ValueError:  # a port that is not a number from 1 to 65535; a host IDNA refuses (UnicodeError)
         return False
     return usable and url.isascii() and not re.search(r"[\s\x00-\x1f\x7f]", url)
 

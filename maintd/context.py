@@ -86,7 +86,7 @@ class Context:
         shared = self.config.shared
         if not shared.files and not shared.dirs:
             raise Skipped("no shared files or dirs configured")
-        if missing := [rel for rel in (*shared.dirs, *shared.files) if not os.path.exists(self.tree.shared / rel)]:
+        if missing := self.tree.missing_shared((*shared.dirs, *shared.files)):
             raise StepFailed(f"shared path(s) missing from {self.tree.shared}: {', '.join(missing)}; create them and "
                              "deploy this release again", fault=Fault.SERVER)
         linked = self.tree.link_shared(release, shared.files, shared.dirs)

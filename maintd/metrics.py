@@ -18,6 +18,8 @@ cluster every strategy and decision): an `increase()` cannot see a series that f
 from __future__ import annotations
 
 import json
+import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -139,9 +141,14 @@ def _labels(name: str, labels: Any, known: dict[str, Labels]) -> Labels:
 
 
 def _count(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"a count must be a number, 0 or more, not {value!r}")
-    return float(value)
+    """A count as kept: a finite number, 0 or more (JSON also takes 1e400 and a 400-digit integer, which are not)."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer past any float
+        number = math.inf
+    if not 0 <= number < math.inf:
+        raise ValueError(f"a count must be a number from 0 to {sys.float_info.max:g}, not {str(value)[:40]}")
+    return number
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class Running:
 class Monitoring:
     def __init__(self, config: Config, logger: Any) -> None:
         self.log = logger
+        self.unobserved = ""  # why the gauges' last look failed, while it fails
         self.running: Running | None = None
         self.pending: asyncio.TimerHandle | None = None  # the look `show` asked for
         self.configure(config)
@@ -155,9 +156,21 @@ class Monitoring:
             self.pending = asyncio.get_running_loop().call_later(SETTLE, self._look, daemon)
 
     def _look(self, daemon: Daemon) -> None:
+        """The gauges' picture, taken now; one that cannot be taken (releases/ unreadable for a moment: out of
+        descriptors) leaves the last picture up, said once per reason, and the next look is another chance."""
         self.pending = None
-        if self.running:
-            self.running.metrics.show(observe(daemon))
+        if not self.running:
+            return
+        try:
+            picture = observe(daemon)
+        except Exception as exc:  # a loop callback's error would only reach asyncio's traceback on stderr
+            said = f"{type(exc).__name__}: {exc}"
+            if said != self.unobserved:
+                self.log.error(f"the metrics' gauges could not be brought up to date: {said}")
+            self.unobserved = said
+            return
+        self.unobserved = ""
+        self.running.metrics.show(picture)
 
     async def keep_showing(self, daemon: Daemon) -> None:
         while True:

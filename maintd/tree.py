@@ -174,10 +174,10 @@ class Tree:
         uploader's, so every directory on the way is walked confined (see confined.py) and what is made is theirs.
         """
         linked = []
+        if missing := self.missing_shared((*dirs, *files)):
+            raise ReleaseError(f"shared path {missing[0]!r} is missing from {self.shared}")
         with self.open(name) as release:
             for rel in (*dirs, *files):
-                if not (self.shared / rel).exists():
-                    raise ReleaseError(f"shared path {rel!r} is missing from {self.shared}")
                 head, entry = os.path.split(os.path.normpath(rel))
                 with release.dir(head, create=True) as parent:
                     source = Path("shared", rel)
@@ -191,6 +191,10 @@ class Tree:
                     parent.symlink(entry, wanted)
                 linked.append(rel)
         return linked
+
+    def missing_shared(self, paths: tuple[str, ...]) -> list[str]:
+        """Those of `paths` that `shared/` lacks (a dangling link there too): each fails `link_shared`."""
+        return [rel for rel in paths if not (self.shared / rel).exists()]
 
     # --- what is in a release -------------------------------------------------------------------------------------
 

@@ -102,7 +102,8 @@ class Endpoint:
             attempts += 1
             try:
                 post(self.hook.url, body, min(self.timeout, left))
-            except (OSError, http.client.HTTPException, NotDelivered) as exc:
+            # ValueError: what the lookup raises for a host name IDNA refuses (UnicodeError), rather than an OSError
+            except (OSError, http.client.HTTPException, NotDelivered, ValueError) as exc:
                 why = _why(exc)
                 continue
             self._done(sent=True)
@@ -224,6 +225,8 @@ def _why(exc: Exception) -> str:
         return f"TLS: {exc.reason or 'failed'}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, UnicodeError):
+        return "not a host name a lookup takes"
     return type(exc).__name__  # http.client's: RemoteDisconnected, BadStatusLine, ...
 
 

@@ -22,6 +22,7 @@ import pytest
 
 BIN = Path(sys.executable).parent
 ETC = Path(__file__).parent.parent / "etc"  # the shipped web snippets, unit and Capistrano plugin
+README = Path(__file__).parent.parent / "README.md"
 Event = dict[str, Any]
 # Where passenger-config looks for running Passengers: an empty directory of the tests' own, so a Passenger that this
 # machine happens to run (or left stale) never answers for the tests' apps. The Passenger tests point it at theirs.
@@ -515,3 +516,13 @@ def _paths_under(roots: tuple[Path, ...]) -> set[Path]:
             found.add(root)
             found.update(root.rglob("*"))
     return found
+
+
+def readme_block(language: str, first_line: str) -> str:
+    """The README's fenced `language` block whose first line is `first_line`, as an operator copies it (a block in
+    a list item is indented: the indentation is not part of it)."""
+    import textwrap
+
+    blocks = README.read_text().split(f"```{language}\n")[1:]
+    return next(text for text in (textwrap.dedent(block.split("```")[0]) for block in blocks)
+                if text.startswith(first_line))

@@ -62,10 +62,42 @@ def test_a_rolling_switch_goes_from_the_canary_in_members_order_batch_by_batch(k
     assert cluster and cluster.strategy is Strategy.ROLLING and cluster.batches == batches
 
 
-def test_full_example_parses():
-    example = Path(__file__).parent.parent / "etc" / "maintd" / "example.toml"
-    config = load(example)
-    assert config.app and config.root.is_absolute()
+EXAMPLE = Path(__file__).parent.parent / "etc" / "maintd" / "example.toml"
+COMMENTED_OUT = r"(?m)^#(\[[a-z]+\]|[a-z_]+ = )"  # `#[table]` or `#key = value`: a setting, not prose
+
+
+def test_the_example_sets_only_what_is_required():
+    """Copied as the README says, it is a starting point: every example value commented out, so a first upload is
+    neither refused for an example's `upload.required` nor failed at `link_shared` on example paths."""
+    import tomllib
+
+    assert tomllib.loads(EXAMPLE.read_text()) == {"app": "shop", "root": "/srv/shop"}
+    assert load(EXAMPLE).warnings == ()
+
+
+def test_the_examples_commented_settings_parse_once_uncommented():
+    import re
+
+    config = parse(re.sub(COMMENTED_OUT, r"\1", EXAMPLE.read_text()))
+    assert config.upload.required == ("config.ru",) and config.shared.dirs == ("log", "public/uploads")
+    assert config.hooks.before_swap == (("bin/rails", "db:migrate"),) and config.cluster
+
+
+def test_a_copy_of_the_example_deploys_its_first_upload(app, start_daemon):
+    """The operator's first day: the example copied, `root` pointed at the tree, a release without config.ru (not a
+    Rack app) and an empty shared/: it goes live. Only where this test's daemon may write is added."""
+    app.config.write_text(EXAMPLE.read_text().replace('root = "/srv/shop"', f'root = "{app.root}"') +
+                          f'[control]\nsocket = "{app.socket}"\n[state]\ndir = "{app.state}"\n'
+                          f'[memcached]\nservers = ["{app.memcached}"]\n')
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    daemon = start_daemon()
+    release = app.releases / "r1"
+    (release / "public").mkdir(parents=True)
+    (release / "public" / "index.html").write_text("<h1>r1</h1>\n")
+    (release / ".maintd-ready").touch()
+    assert daemon.deployed("r1")["result"] == "ok", daemon.events[-5:]
+    assert app.live() == "r1"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -250,7 +282,6 @@ def test_maintd_check_says_how_a_cluster_switches(app):
 def test_the_examples_cluster_table_parses_once_uncommented():
     import re
 
-    example = (Path(__file__).parent.parent / "etc" / "maintd" / "example.toml").read_text()
-    cluster = parse(re.sub(r"(?m)^#(\[cluster\]|[a-z_]+ = )", r"\1", example)).cluster
+    cluster = parse(re.sub(COMMENTED_OUT, r"\1", EXAMPLE.read_text())).cluster
     assert cluster and cluster.members == ("app1", "app2", "app3") and cluster.member == "app1"
     assert (cluster.strategy, cluster.canary, cluster.batch_wait) == (Strategy.TOGETHER, "", 0.0)

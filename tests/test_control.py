@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -579,3 +580,40 @@ def test_releases_says_an_unmarked_upload_waiting_for_quiet_could_be_a_cut_one(a
                20, "r2 to be seen")
     [row] = [r for r in maintctl_json(app, "releases") if r["name"] == "r2"]
     assert "a cut scp, or rsync with --partial, --inplace or --temp-dir, would look as complete" in row["reason"]
+
+
+def maintctl_with_etc_maintd(tmp_path, files: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """maintctl with neither --config nor --socket, where the real /etc/maintd holds `files`: in a mount namespace
+    of its own, an overlay over /etc gives it that directory without touching the machine's."""
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1)")
+    upper, work = tmp_path / "etc-upper", tmp_path / "etc-work"
+    (upper / "maintd").mkdir(parents=True)
+    work.mkdir()
+    for name, text in files.items():
+        (upper / "maintd" / name).write_text(text)
+    overlay = f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc && exec \"$@\""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", overlay, "sh",
+                           str(BIN / "maintctl"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_maintctl_alone_finds_the_only_app_beside_the_shipped_example(app, start_daemon, tmp_path):
+    """`make install` and the package put /etc/maintd/example.toml beside the app's file: it configures no app, so
+    `maintctl status` still finds the one app there (as the deploy user runs it, without options)."""
+    start_daemon()
+    example = (Path(__file__).parent.parent / "etc" / "maintd" / "example.toml").read_text()
+    done = maintctl_with_etc_maintd(tmp_path, {"example.toml": example, "example-old.toml": example,
+                                               "shop.toml": app.config.read_text()}, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["app"] == "shop"
+
+
+def test_maintctl_alone_with_several_apps_names_them(app, tmp_path):
+    config = app.config.read_text()
+    done = maintctl_with_etc_maintd(tmp_path, {"example.toml": "", "shop.toml": config, "blog.toml": config},
+                                    "status")
+    assert done.returncode == 2
+    assert "several apps in /etc/maintd (blog.toml, shop.toml): say which app: --config" in done.stderr
+    done = maintctl_with_etc_maintd(tmp_path / "none", {"example.toml": ""}, "status")
+    assert done.returncode == 2
+    assert "no app's file in /etc/maintd (example*.toml not counted)" in done.stderr

@@ -124,3 +124,78 @@ def test_hooks_user_that_does_not_exist_is_named(app, user):
     check = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True,
                            text=True)
     assert check.returncode == 1 and f"hooks.user names no user on this machine: '{user}'" in check.stderr
+
+
+FAILING = """#!/bin/sh
+# A migration that fails as they do: a page of output, the reason at the end, on stderr, with a terminal colour code.
+seq 1 50
+echo "== 20261123 AddIndexToOrders: migrating" >&2
+echo "rake aborted!" >&2
+printf '\\033[31mPG::UndefinedTable: relation "orders" does not exist\\033[0m\\n' >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("config, step", [
+    ('[hooks]\nbefore_swap = [["bin/probe"]]\n', "hooks_before"),
+    ('[restart]\nmethod = "command"\ncommand = ["bin/probe"]\n', "restart"),
+])
+def test_a_failing_command_says_why_in_the_message_an_operator_reads(deploy_app, deploy_user, start_daemon, config,
+                                                                     step):
+    """`journalctl -u maintd@shop` shows MESSAGE only: "exited with status 1" alone sends the operator hunting for
+    `-o verbose`. The message quotes the last lines, bounded and with control characters escaped; the whole output
+    stays in its own field (MAINTD_OUTPUT)."""
+    app = deploy_app
+    app.write_config(config, hooks_user=None)
+    daemon = start_daemon(on=app)
+    upload(app, deploy_user, "r1", FAILING)
+    daemon.deployed("r1")
+    failed = next(e for e in daemon.events if e.get("step") == step and e.get("result") == "failed")
+    said = failed["event"].partition("bin/probe exited with status 1: ")[2]
+    assert said == ('== 20261123 AddIndexToOrders: migrating | rake aborted! | '
+                    '\\x1b[31mPG::UndefinedTable: relation "orders" does not exist\\x1b[0m'), failed["event"]
+    assert failed["output"].startswith("1\n2\n") and "\x1b[31mPG::" in failed["output"]  # kept whole, as it was
+
+
+def test_the_quoted_output_is_bounded():
+    from maintd.proc import TAIL_CHARS, Ran
+
+    said = Ran(("bin/noisy",), 2, "first\n" + "x" * 5000 + "\rlast\n").describe()
+    assert said.startswith("bin/noisy exited with status 2: …x") and said.endswith("x | last")
+    assert len(said) == len("bin/noisy exited with status 2: ") + TAIL_CHARS
+
+
+def maintd_check(app: App) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+
+
+def test_maintd_check_says_what_a_deploy_would_trip_on(deploy_app, deploy_user):
+    """Who hooks run as (even before there are any), the releases there and the live one, and each shared path a
+    deploy would fail to link: warnings (exit 0), for the tree may still be made ready; the config is fine."""
+    app = deploy_app
+    app.write_config('[shared]\nfiles = ["config/database.yml"]\ndirs = ["log", "public/uploads"]\n', hooks_user=None)
+    (app.shared / "log").mkdir()
+    for name in ("20261120090000", "20261123090000"):
+        upload(app, deploy_user, name)
+    (app.releases / ".incoming-20261124090000").mkdir()  # an upload under way is no release
+    (app.root / "current").symlink_to("releases/20261120090000")
+    done = maintd_check(app)
+    assert done.returncode == 0, done.stderr
+    user = f"{deploy_user.pw_name} (uid {deploy_user.pw_uid}, the owner of {app.releases})"
+    assert f"hooks and restart.command: none configured; they would run as {user}\n" in done.stdout
+    assert (f"releases in {app.releases}: 20261120090000, 20261123090000; live: 20261120090000\n"
+            in done.stdout), done.stdout
+    assert done.stderr.splitlines() == [
+        f"maintd: warning: shared.{rel}: missing from {app.shared}/, so every deploy fails at link_shared; "
+        "create it there" for rel in ("dirs public/uploads", "files config/database.yml")]
+    app.write_config('[hooks]\nbefore_swap = [["bin/migrate"]]\n', hooks_user=None)
+    assert f"hooks and restart.command run as {user}\n" in maintd_check(app).stdout
+
+
+def test_maintd_check_on_a_root_owned_tree_without_hooks_says_what_adding_one_needs(app):
+    app.write_config(hooks_user=None)
+    done = maintd_check(app)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (f"hooks and restart.command: none configured; root owns {app.releases}, so adding one needs hooks.user"
+            in done.stdout)
+    assert f"releases in {app.releases}: none yet; live: none" in done.stdout

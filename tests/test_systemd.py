@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, Daemon, wait_until
+from conftest import BIN, README, Daemon, readme_block, wait_until
 from maintd.notify import watchdog_interval
 
 UNITS = Path(__file__).parent.parent / "systemd"
@@ -263,21 +263,54 @@ def test_units_say_what_the_contract_says():
     assert "ListenStream=/run/maintd/%i.sock" in socket_unit and "SocketMode=0666" in socket_unit
 
 
-def test_make_install_lays_out_everything(tmp_path):
+def test_make_install_stages_a_tree_that_works_once_moved_to_its_prefix(tmp_path):
+    """`make install DESTDIR=... PREFIX=...` stages what a package holds: no file may name the staging directory
+    (a shebang `#!/tmp/stage/...` runs nowhere else), so the commands must work once the tree is where PREFIX says."""
     if not shutil.which("make"):
         pytest.skip("no make")
-    dest = tmp_path / "root"
-    done = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/opt/maintd"],
+    dest, prefix = tmp_path / "stage", Path(f"/opt/maintd-relocated-{os.getpid()}")  # one per test run
+    done = subprocess.run(["make", "-s", "install", f"DESTDIR={dest}", f"PREFIX={prefix}"],
                           cwd=UNITS.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for path in ("opt/maintd/bin/maintd", "opt/maintd/bin/maintctl", "etc/systemd/system/maintd@.service",
-                 "etc/systemd/system/maintd@.socket", "etc/maintd/example.toml",
-                 "opt/maintd/share/maintd/maintenance.html", "opt/maintd/share/maintd/capistrano/maintd.rake",
-                 "opt/maintd/share/man/man8/maintd.8", "opt/maintd/share/man/man1/maintctl.1",
-                 "opt/maintd/share/man/man5/maintd.toml.5", "opt/maintd/share/bash-completion/completions/maintctl"):
+    staged = dest / prefix.relative_to("/")
+    for path in ("bin/maintd", "bin/maintctl", "share/maintd/maintenance.html", "share/maintd/capistrano/maintd.rake",
+                 "share/doc/maintd/README.md", "share/man/man8/maintd.8", "share/man/man1/maintctl.1",
+                 "share/man/man5/maintd.toml.5", "share/bash-completion/completions/maintctl"):
+        assert (staged / path).exists(), path
+    for path in ("etc/systemd/system/maintd@.socket", "etc/maintd/example.toml"):
         assert (dest / path).exists(), path
-    assert "ExecStart=/opt/maintd/bin/maintd run" in (dest / "etc/systemd/system/maintd@.service").read_text()
-    assert subprocess.run([str(dest / "opt/maintd/bin/maintctl"), "--help"], capture_output=True).returncode == 0
+    service = (dest / "etc/systemd/system/maintd@.service").read_text()
+    assert f"ExecStart={prefix}/bin/maintd run" in service
+    assert (f"Documentation=man:maintd(8) man:maintd.toml(5) man:maintctl(1) file://{prefix}/share/doc/maintd/README.md"
+            in service.splitlines())
+    naming_stage = subprocess.run(["grep", "-rl", "-F", str(dest), str(dest)], capture_output=True, text=True).stdout
+    assert naming_stage == "", naming_stage
+    shutil.move(staged, prefix)  # what installing the package does
+    try:
+        assert subprocess.run([str(prefix / "bin/maintctl"), "--help"], capture_output=True).returncode == 0
+        (tmp_path / "srv").mkdir()
+        (tmp_path / "app.toml").write_text(f'app = "shop"\nroot = "{tmp_path / "srv"}"\n'
+                                           f'[state]\ndir = "{tmp_path / "state"}"\n')
+        check = subprocess.run([str(prefix / "bin/maintd"), "check", "--config", str(tmp_path / "app.toml")],
+                               capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert check.returncode == 0 and "ok (app shop" in check.stdout, check.stderr
+    finally:
+        shutil.rmtree(prefix)
+
+
+def test_make_install_installs_what_it_needs_as_make_deps_does():
+    """A fresh Debian 12 has neither a venv nor what systemd-python is built from: `make install` installs them (or
+    names them where there is no apt), and the server's rsync and sshd for the README's uploads."""
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    planned = subprocess.run(["make", "-n", "install"], cwd=UNITS.parent, capture_output=True, text=True).stdout
+    checked = set(re.findall(r"for p in ([^;]+); do dpkg -s", planned))
+    wanted = {"python3", "python3-venv", "pkg-config", "libsystemd-dev", "gcc", "python3-dev", "rsync",
+              "openssh-server"}
+    assert wanted <= {name for names in checked for name in names.split()}, planned
+    staged = subprocess.run(["make", "-n", "install", "DESTDIR=/tmp/stage"], cwd=UNITS.parent, capture_output=True,
+                            text=True).stdout
+    assert "openssh-server" not in staged and "libsystemd-dev" in staged  # a package declares what it runs with
 
 
 # --- under a real systemd ---------------------------------------------------------------------------------------
@@ -300,10 +333,12 @@ def nspawn_install():
     shutil.rmtree(NSPAWN_PREFIX, ignore_errors=True)
 
 
-def boot(tmp_path: Path, bin_dir: Path, script: str, config: str) -> tuple[Path, dict[str, str], str]:
-    """Boots systemd as PID 1 in a container over the host's /usr, with the shipped units, `config` as
-    /etc/maintd/demo.toml, and tests/nspawn/`script` run as a unit that powers the container off when it is done.
-    Returns the results directory, the steps the script recorded, and context for assertion messages."""
+def boot(tmp_path: Path, bin_dir: Path, script: str, config: str,
+         dropin: str = "") -> tuple[Path, dict[str, str], str]:
+    """Boots systemd as PID 1 in a container over the host's /usr, with the shipped units (and `dropin` as a drop-in
+    of maintd@demo.service), `config` as /etc/maintd/demo.toml, and tests/nspawn/`script` run as a unit that powers
+    the container off when it is done. Returns the results directory, the steps the script recorded, and context
+    for assertion messages."""
     units, conf, results = tmp_path / "units", tmp_path / "etc-maintd", tmp_path / "results"
     for d in (units, conf, results):
         d.mkdir()
@@ -318,6 +353,9 @@ def boot(tmp_path: Path, bin_dir: Path, script: str, config: str) -> tuple[Path,
              f"--bind={results}:/results"]
     binds += [f"--bind-ro={units / name}:/etc/systemd/system/{name}"
               for name in ("maintd@.service", "maintd@.socket", "maintd-check.service")]
+    if dropin:
+        (units / "dropin.conf").write_text(dropin)
+        binds.append(f"--bind-ro={units / 'dropin.conf'}:/etc/systemd/system/maintd@demo.service.d/dropin.conf")
     try:
         booted = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", "/", "--volatile=yes",
                                  *binds, "-b", "systemd.firstboot=no", "systemd.unit=multi-user.target",
@@ -375,8 +413,13 @@ MAINTCTL = "@BIN@/maintctl"
 def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
     """A release uploaded by `deploy`, its hooks run by the shipped unit: as deploy, with the app's tooling
     working, and no route out of deploy's rights."""
-    results, steps, context = boot(tmp_path, nspawn_install, "hooks.sh", HOOKS_CONFIG)
+    dropin = readme_block("ini", "# systemctl edit maintd@shop\n")  # for a tree outside /srv, /var/www, /home
+    results, steps, context = boot(tmp_path, nspawn_install, "hooks.sh", HOOKS_CONFIG, dropin)
     assert steps.get("done") == "yes", context
+    # One truth about /home: what the README says the unit sets is what systemd applies, and with the README's
+    # drop-in for a tree elsewhere, hooks still write a tree under /home/deploy as well as that tree
+    said = set(re.findall(r"ProtectHome=([a-z-]+)", README.read_text()))
+    assert said == {steps["protect_home"]} == {"no"}, (said, context)
     assert steps["current"] == "releases/r1" and steps["maintenance_after"] == "off", context
     for run in ("before", "restart"):
         seen = dict(line.split("=", 1) for line in _read(results / f"hook-{run}").splitlines() if "=" in line)
@@ -388,6 +431,7 @@ def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
         assert seen["node"] == "ok" and seen["java"] == "0" and seen["yjit"] == "true", context_run
         assert seen["ruby_from"] == "ruby from /home/deploy" and seen["git"] == "Deploy Bot", context_run
         assert (seen["cp_a"], seen["cp_a_owner"], seen["install_o"], seen["tmp_cache"]) == ("0", "deploy", "0", "0")
+        assert (seen["write_home_tree"], seen["write_dropin_tree"]) == ("0", "0"), context_run
         # no route out of deploy's rights
         for attempt in ("write_etc", "write_root", "write_other_app", "systemd_run", "su", "signal_pid1",
                         "maintctl_maintenance_on"):

@@ -5,6 +5,7 @@ error; the health check (from 127.0.0.1) reaches the app through maintenance."""
 import http.client
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ETC, App, Daemon, free_port, maintctl, port_open, wait_until
+from conftest import BIN, ETC, App, Daemon, free_port, maintctl, port_open, readme_block, wait_until
 from maintd.maintenance import expected_end
 from maintd.restart import HEALTH_HEADER
 from maintd.tree import Tree
@@ -602,3 +603,36 @@ def test_switching_maintenance_under_a_request_loop_never_errs_nor_shows_tmp(web
             expected = "body { color: #333 }\n" if path == "/app.css" else "release A\n"
             assert body == ("" if method == "HEAD" else expected), (method, path, body[:200])
     assert {s for _, _, (s, _, _) in seen} == {200, 503}
+
+
+DEBIAN_DEFAULT_SITE = Path("/etc/nginx/sites-available/default")
+
+
+def test_the_readmes_nginx_site_wins_over_debians_default_site(web_app, tmp_path):
+    """Debian's nginx answers port 80 with its own default site (`Welcome to nginx!`): the README's server block,
+    beside it as the README says to install it, is the one that serves the site's name."""
+    if not shutil.which("nginx") or not DEBIAN_DEFAULT_SITE.exists():
+        pytest.skip("Debian's nginx is missing (`make test` installs nginx-light)")
+    go_live_by_hand(web_app, "A")
+    (web_app.current / "public" / "index.html").write_text("the shop, release A\n")
+    port = free_port()
+    sites = tmp_path / "sites-enabled"
+    sites.mkdir()
+    on_port = re.compile(r"listen\s+(\[::\]:)?80\b")
+    (sites / "default").write_text("\n".join(  # Debian's own, on this test's port (IPv4 only)
+        on_port.sub(f"listen 127.0.0.1:{port}", line) for line in DEBIAN_DEFAULT_SITE.read_text().splitlines()
+        if "[::]:80" not in line))
+    (sites / "shop").write_text(on_port.sub(f"listen 127.0.0.1:{port}", readme_block("nginx", "server {"))
+                                .replace("/etc/maintd/web/", f"{ETC}/").replace("/srv/shop", str(web_app.root)))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"daemon on;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+                    f"http {{\n    access_log off;\n    include {sites}/*;\n}}\n")
+    subprocess.run(["nginx", "-c", str(conf)], check=True)
+    try:
+        wait_until(lambda: port_open(port), 10, "nginx")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/index.html", headers={"Host": "shop.example.org"})
+        answer = conn.getresponse()
+        assert (answer.status, answer.read().decode()) == (200, "the shop, release A\n")
+    finally:
+        os.kill(int((tmp_path / "nginx.pid").read_text().strip()), signal.SIGTERM)

@@ -222,6 +222,22 @@ def test_a_full_queue_drops_new_events_with_one_line_per_burst(silent):
     assert endpoint.dropped == 50 and endpoint.pending == QUEUE_SIZE
 
 
+def test_a_post_that_fails_in_an_unforeseen_way_is_dropped_with_one_line_and_the_endpoint_goes_on():
+    """A host name with an empty label: the real lookup refuses it before any packet, with a UnicodeError (IDNA),
+    which is neither an OSError nor an HTTPException. The event is still tried, dropped and said once, and the
+    endpoint's thread lives on for the next event."""
+    with capture_logs() as logs:
+        endpoint = Endpoint(Webhook("http://hooks..example/T0/secret"), 1, 1.0, "shop")
+        endpoint.offer(Event(Happening.MAINTENANCE_ON, "r1", app="shop"))
+        wait_until(lambda: endpoint.dropped == 1, 60, "the event dropped")
+        alive = endpoint.thread.is_alive()
+        endpoint.close(0.0)
+    said = [e["event"] for e in logs if "dropped after" in e["event"]]
+    assert said == [f"webhook 1 (http://hooks..example/…): maintenance_on event dropped after {ATTEMPTS} attempts: "
+                    "not a host name a lookup takes"]
+    assert alive and endpoint.pending == 0
+
+
 def test_what_only_the_metrics_count_is_never_sent(silent):
     """A flush that missed a memcached server is counted by the metrics, and is not one of contract §11's webhook
     events: nothing is queued for it."""
@@ -244,6 +260,8 @@ def line_of(text: str, start: str) -> int:
      "notify.webhooks", "entry 2: format must be one of 'json', 'slack', not 'teams'"),
     ('[{ url = "https://hooks.example/a", token = "x" }]', "notify.webhooks",
      "entry 1: token is not a known key (known: url, format)"),
+    ('[{ url = "https://hooks..example/T0/secret" }]', "notify.webhooks",
+     "entry 1: url must be an http:// or https:// URL with a host (ASCII, no spaces), not https://hooks..example/…"),
 ])
 def test_maintd_check_names_the_key_and_line_of_a_bad_webhook(app: App, entries, key, problem):
     app.write_config(f"\n[notify]\ntimeout = 2.0\nwebhooks = {entries}\n")

@@ -10,6 +10,8 @@ as_deploy() { setpriv --reuid=deploy --regid=deploy --init-groups "$@"; }
 # The people: deploy uploads and owns the app; other owns another app on the same machine.
 printf 'u deploy - "deploy" /home/deploy /bin/bash\nu other - "other" /home/other /bin/bash\n' | systemd-sysusers -
 mkdir -p /home/deploy/.rbenv/shims /home/other /srv/demo/releases /srv/demo/shared /srv/other
+# Trees an app may live in besides /srv: one in deploy's home, one elsewhere made writable by the README's drop-in.
+mkdir -p /home/deploy/apps/shop /opt/apps/shop && chown deploy: /opt/apps/shop
 # A Ruby installed in the user's home, as rbenv does it: a shim that says so, then runs the system's Ruby.
 printf '#!/bin/sh\necho "ruby from /home/deploy" >&2\nexec /usr/bin/ruby "$@"\n' > /home/deploy/.rbenv/shims/ruby
 chmod 755 /home/deploy/.rbenv/shims/ruby
@@ -22,6 +24,7 @@ cp /usr/bin/id /srv/setuid-root-id && chmod 4755 /srv/setuid-root-id
 
 systemctl start maintd@demo.socket maintd@demo.service; step start $?
 step active_after_start "$(systemctl is-active maintd@demo.service)"
+step protect_home "$(systemctl show maintd@demo.service -p ProtectHome --value)"
 
 staging=/srv/demo/releases/.incoming-r1
 as_deploy mkdir -p "$staging/bin"

@@ -16,6 +16,8 @@ check cp_a cp -a bin/probe /tmp/probe-copy
 echo "cp_a_owner=$(stat -c %U /tmp/probe-copy)"
 check install_o install -o deploy -m 0644 REVISION /tmp/revision-copy
 check tmp_cache sh -c 'mkdir -p tmp/cache && touch tmp/cache/compiled'
+check write_home_tree touch "/home/deploy/apps/shop/written-by-hook-$1"
+check write_dropin_tree touch "/opt/apps/shop/written-by-hook-$1"
 check write_etc sh -c 'echo x > /etc/written-by-hook'
 check write_root sh -c 'echo x > /root/written-by-hook'
 check write_other_app sh -c 'echo x > /srv/other/written-by-hook'
