@@ -144,12 +144,12 @@ docs:
 # `make deb` builds dist/maintd_<version>_<arch>.deb from a copy of this tree (dpkg-buildpackage writes beside the
 # source directory, so the copy sits in build/deb), installing the build tools it needs first.
 VERSION    = $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-DEB_BUILD := debhelper lintian dpkg-dev python3-venv python3-dev libsystemd-dev pkg-config gcc git
+DEB_PACKAGING := debhelper lintian dpkg-dev python3-venv python3-dev libsystemd-dev pkg-config gcc git
 LIBDIR    := /usr/lib/maintd
 WHEELS    := build/wheels
 
 deb:
-	$(call apt_missing,$(DEB_BUILD),--no-install-recommends)
+	$(call apt_missing,$(DEB_PACKAGING),--no-install-recommends)
 	rm -rf build/deb && mkdir -p build/deb/maintd-$(VERSION) dist
 	git ls-files -z --cached --others --exclude-standard | \
 		tar --null -T - --ignore-failed-read -c | tar -x -C build/deb/maintd-$(VERSION)
