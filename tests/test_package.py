@@ -139,7 +139,8 @@ def test_install_lays_out_everything_and_starts_nothing(booted):
     assert int(read(results / "man_keep_releases")) == 1, context
     assert steps["completion"] == "complete -F _maintctl maintctl", context
     assert steps["units_running"] == "0" and steps["units_enabled"] == "0", context
-    assert steps["doc"].replace('"', "") == "man:maintd(8) man:maintd.toml(5) man:maintctl(1)", context
+    assert steps["doc"].replace('"', "") == ("man:maintd(8) man:maintd.toml(5) man:maintctl(1) "
+                                             "file:///usr/share/doc/maintd/README.md"), context
 
 
 def test_an_upload_goes_live_under_the_packaged_units(booted):

@@ -19,7 +19,8 @@ exists /usr/bin/maintd /usr/bin/maintctl /lib/systemd/system/maintd@.service /li
        /etc/maintd/example.toml /etc/maintd/web/nginx/maintd.conf /etc/maintd/web/apache2/maintd.conf \
        /usr/share/maintd/maintenance.html /usr/share/maintd/capistrano/maintd.rake \
        /usr/share/maintd/rails/maintd_cache.rb /usr/share/maintd/prometheus/maintd.rules.yml \
-       /usr/share/maintd/grafana/maintd.json /usr/share/bash-completion/completions/maintctl
+       /usr/share/maintd/grafana/maintd.json /usr/share/bash-completion/completions/maintctl \
+       /usr/share/doc/maintd/README.md
 step conffiles "$(dpkg-query -W -f='${Conffiles}' maintd | awk '{print $1}' | tr '\n' ' ')"
 for page in maintd.8 maintctl.1 maintd.toml.5; do
   step "man:$page" "$(man -w "${page%.*}" "${page##*.}" 2>/dev/null)"
