@@ -594,20 +594,15 @@ def every_section(results: dict) -> None:
                               for files, tree in sources.items()},
         "require_marker_mode": upload_cost(sources[UPLOAD_SIZES[-1]], UPLOAD_SIZES[-1], require_marker=True)}
     shutil.rmtree(source, ignore_errors=True)
-    print("4/10 footprint", flush=True)
-    results["footprint"] = footprint()
-    print("5/10 control socket", flush=True)
-    results["control_socket"] = control_socket()
-    print("6/10 scaling", flush=True)
-    results["scaling"] = scaling()
-    print(f"7/10 switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", flush=True)
-    results["fleet"] = fleet(MEMCACHED.address)
-    print("8/10 the window where Passenger serves the app", flush=True)
-    results["passenger_window"] = passenger_window()
-    print("9/10 the window with dead webhooks", flush=True)
-    results["webhook_window"] = webhook_window()
-    print("10/10 metrics", flush=True)
-    results["metrics"] = metrics()
+    later = [("footprint", "footprint", footprint), ("control socket", "control_socket", control_socket),
+             ("scaling", "scaling", scaling),
+             (f"switches of a fleet ({', '.join(map(str, SIZES))} members, 3 etcd)", "fleet",
+              lambda: fleet(MEMCACHED.address)),
+             ("the window where Passenger serves the app", "passenger_window", passenger_window),
+             ("the window with dead webhooks", "webhook_window", webhook_window), ("metrics", "metrics", metrics)]
+    for number, (what, key, section) in enumerate(later, start=4):
+        print(f"{number}/10 {what}", flush=True)
+        results[key] = section()
 
 
 # The sections that run alone (`bench/run.py webhooks`), their numbers put into the last run's results.json with

@@ -136,7 +136,9 @@ def test_a_flood_of_connections_by_another_user_starves_nothing(public_app, star
     assert daemon.deployed("r2", since=mark)["result"] == "ok"
     assert app.live() == "r2" and flood.proc.poll() is None
     during = flood.reports[-1]
-    assert during["held"] <= PER_USER + BACKLOG + 1 and during["refused"] > 1000  # its share and the backlog
+    # its share, the backlog (the kernel queues BACKLOG + 1), and the one connection the daemon may have accepted
+    # and not yet reset when the flood counted (seen once: 1058 held)
+    assert during["held"] <= PER_USER + BACKLOG + 2 and during["refused"] > 1000
     flood.stop()
     refused = daemon.wait_for(since=mark, event=lambda e: e.startswith("refused "))
     assert refused["uid"] == NOBODY.pw_uid and refused["refused"] > 1000
