@@ -173,6 +173,7 @@ def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted)
 
 def test_remove_keeps_config_state_and_trees_purge_removes_config_and_state_only(booted):
     results, steps, context = booted
+    assert steps["running_before_remove"] == "1", context
     assert steps["remove"] == "0" and steps["running_after_remove"] == "0", read(results / "remove.log") + context
     assert steps["after_remove:/usr/bin/maintd"] == "no", context
     for kept in ("/etc/maintd/shop.toml", "/etc/maintd/example.toml", "/var/lib/maintd/shop", "/srv/shop/releases/r2"):

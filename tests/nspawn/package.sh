@@ -9,6 +9,8 @@ exists() { for path; do if [ -e "$path" ]; then step "exists:$path" yes; else st
 as_deploy() { su deploy -s /bin/bash -c "$1"; }
 status() { maintctl --config /etc/maintd/shop.toml status --json 2>/dev/null; }
 field() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)" 2>/dev/null; }
+# how many `maintd run` daemons are alive (the root is minimal: no procps); the pattern does not match itself
+daemons() { for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done | grep -c '[/]maintd run'; }
 until_true() { for _ in $(seq 600); do eval "$1" && return 0; sleep 0.1; done; return 1; }  # 60 s at most
 
 # --- install: files in place, nothing running ---------------------------------------------------------------------
@@ -80,8 +82,9 @@ ls /var/lib/maintd/shop > "$out/state_after"
 step version_after "$(maintd --version)"
 
 # --- remove keeps the configuration, the state and the trees; purge removes the first two -------------------------
+step running_before_remove "$(daemons)"
 apt-get remove -y -q maintd > "$out/remove.log" 2>&1; step remove $?
-step running_after_remove "$(pgrep -f 'maintd run' | wc -l)"
+step running_after_remove "$(daemons)"
 for path in /usr/bin/maintd /etc/maintd/shop.toml /etc/maintd/example.toml /var/lib/maintd/shop /srv/shop/releases/r2; do
   [ -e "$path" ] && step "after_remove:$path" yes || step "after_remove:$path" no
 done
