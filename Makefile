@@ -169,7 +169,7 @@ deb:
 		'maintd developers <maintd@example.org>' "$$(date -R)" > build/deb/maintd-$(VERSION)/debian/changelog
 	cd build/deb/maintd-$(VERSION) && dpkg-buildpackage -b -us -uc
 	rm -f dist/maintd_$(VERSION)_*.deb && mv build/deb/maintd_$(VERSION)_*.deb dist/
-	lintian --fail-on error --info dist/maintd_$(VERSION)_*.deb
+	lintian --fail-on error,warning --info dist/maintd_$(VERSION)_*.deb
 	@ls -l dist/maintd_$(VERSION)_*.deb
 
 # The wheels of maintd and every dependency it pins, fetched and built once per package build (systemd-python

@@ -1,4 +1,5 @@
-"""Talking to systemd: sd_notify (READY, STATUS, WATCHDOG, RELOADING, STOPPING) and socket activation.
+"""Talking to systemd: sd_notify (READY, STATUS, WATCHDOG, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC) and socket
+activation.
 
 Outside systemd (no NOTIFY_SOCKET) every call is a no-op; `daemon.notify` would return False there, and it raises
 OSError when NOTIFY_SOCKET names a socket that is gone, which must not take the daemon down.
@@ -47,6 +48,10 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """The state's timeout (TimeoutStopSec while stopping) runs at least `seconds` from now."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
 
 def watchdog_interval() -> float | None:

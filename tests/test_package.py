@@ -145,10 +145,12 @@ def test_install_lays_out_everything_and_starts_nothing(booted):
 
 def test_an_upload_goes_live_under_the_packaged_units(booted):
     results, steps, context = booted
+    assert steps["edited"] == "2", context  # the example's [hooks] and before_swap, uncommented
     assert steps["check"] == "0" and steps["enable"] == "0", read(results / "check.txt") + context
     assert steps["live_r1"] == "0", context
     status = read(results / "status_r1.txt")
     assert steps["status_as_deploy"] == "0" and "current      r1" in status, status + context
+    assert f"app          shop (maintd {VERSION})" in status, status + context
 
 
 def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted):
@@ -157,6 +159,8 @@ def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted)
     # while the daemon stops, the deploy holds it, apt waits and the old files are still the installed ones
     assert steps["apt_waits"] == "0" and steps["version_during_stop"] == f"maintd {VERSION}", context
     assert steps["during_stop"] == "deactivating releases/r1", context
+    # twice the (shortened) TimeoutStopSec later the deploy still holds the stop: maintd extends it while it runs
+    assert steps["held_past_timeout"] == "deactivating", context
     assert steps["upgrade"] == "0", read(results / "upgrade.log") + context
     status = json.loads(read(results / "status_after.json"))
     assert status["version"] == NEWER and status["current"] == "r2", context

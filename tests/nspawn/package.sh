@@ -14,7 +14,7 @@ daemons() { for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; ec
 until_true() { for _ in $(seq 600); do eval "$1" && return 0; sleep 0.1; done; return 1; }  # 60 s at most
 
 # --- install: files in place, nothing running ---------------------------------------------------------------------
-apt-get install -y -q /debs/old/maintd_*.deb > "$out/install.log" 2>&1; step install $?
+apt install -y /debs/old/maintd_*.deb > "$out/install.log" 2>&1; step install $?  # the README's line
 step version "$(maintd --version)"
 step maintctl_version "$(maintctl --version)"
 exists /usr/bin/maintd /usr/bin/maintctl /lib/systemd/system/maintd@.service /lib/systemd/system/maintd@.socket \
@@ -34,19 +34,14 @@ step units_enabled "$(find /etc/systemd/system -name 'maintd@*' | wc -l)"
 step doc "$(systemctl show -p Documentation --value maintd@shop.service)"
 
 # --- an app for deploy: an upload goes live -----------------------------------------------------------------------
-useradd -m -s /bin/bash deploy
+# the README's install section, line by line; the test's $EDITOR uncomments the example's [hooks] and sets a hook
+useradd --create-home --shell /bin/bash deploy
 install -d -o deploy -g deploy /srv/shop /srv/shop/releases /srv/shop/shared
-cat > /etc/maintd/shop.toml <<'TOML'
-app = "shop"
-root = "/srv/shop"
-[upload]
-require_marker = true
-[memcached]
-flush = "none"
-[hooks]
+cp /etc/maintd/example.toml /etc/maintd/shop.toml
 # a release that holds a file `hold` waits in this hook until shared/go exists: a deploy in progress, on demand
-before_swap = [["sh", "-c", "if [ -e hold ]; then while [ ! -e ../../shared/go ]; do sleep 0.1; done; fi"]]
-TOML
+hook='before_swap = [["sh", "-c", "if [ -e hold ]; then while [ ! -e ../../shared/go ]; do sleep 0.1; done; fi"]]'
+sed -i -e 's/^#\[hooks\]/[hooks]/' -e "s|^#before_swap = .*|$hook|" /etc/maintd/shop.toml
+step edited "$(grep -c -e '^\[hooks\]' -e '^before_swap = ' /etc/maintd/shop.toml)"
 maintd check --config /etc/maintd/shop.toml > "$out/check.txt" 2>&1; step check $?
 systemctl enable --now maintd@shop.socket maintd@shop.service > "$out/enable.log" 2>&1; step enable $?
 upload() {  # as the deploy user: staged under a dot name, renamed, marker last
@@ -61,16 +56,22 @@ old_pid=$(systemctl show -p MainPID --value maintd@shop.service)
 ls /var/lib/maintd/shop > "$out/state_before"  # idle: every file here must outlive the upgrade
 
 # --- upgrade while a deploy waits in its hook ---------------------------------------------------------------------
+# the deploy will hold the upgrade's stop past the unit's TimeoutStopSec, shortened to 3 s for the test: maintd must
+# extend it for as long as the deploy runs, or systemd kills it mid-deploy
+dropin=/etc/systemd/system/maintd@shop.service.d
+mkdir -p $dropin && printf '[Service]\nTimeoutStopSec=3s\n' > $dropin/short-stop.conf && systemctl daemon-reload
 upload r2 "&& touch /srv/shop/releases/.incoming-r2/hold"
 until_true '[ "$(status | field "(d[\"deploying\"] or {}).get(\"step\")")" = hooks_before ]'; step r2_held $?
 [ -e /var/lib/maintd/shop/deploy.json ] && step journal_during_hold yes  # the deploy journal of r2, in progress
-apt-get install -y -q /debs/new/maintd_*.deb > "$out/upgrade.log" 2>&1 &
+apt install -y /debs/new/maintd_*.deb > "$out/upgrade.log" 2>&1 &
 apt_pid=$!
 until_true '[ "$(systemctl show -p ActiveState --value maintd@shop.service)" = deactivating ]'; step stopping $?
 # prerm's stop is waiting for the held deploy: apt is still at it, and the old files are still the ones installed
 kill -0 $apt_pid 2>/dev/null; step apt_waits $?
 step during_stop "$(systemctl show -p ActiveState --value maintd@shop.service) $(readlink /srv/shop/current)"
 step version_during_stop "$(maintd --version)"
+sleep 6  # the fault is time itself: twice the shortened TimeoutStopSec
+step held_past_timeout "$(systemctl show -p ActiveState --value maintd@shop.service)"
 as_deploy "touch /srv/shop/shared/go"
 wait $apt_pid; step upgrade $?
 until_true '[ -n "$(status)" ]'; step back $?
@@ -80,6 +81,7 @@ step active_after "$(systemctl is-active maintd@shop.service) $(systemctl is-act
 maintctl --config /etc/maintd/shop.toml history --json > "$out/history.json" 2>&1
 ls /var/lib/maintd/shop > "$out/state_after"
 step version_after "$(maintd --version)"
+rm -r $dropin && systemctl daemon-reload
 
 # --- remove keeps the configuration, the state and the trees; purge removes the first two -------------------------
 step running_before_remove "$(daemons)"
