@@ -155,11 +155,15 @@ docs:
 # --- the Debian package (README, "The Debian package") -------------------------------------------------------------
 # `make deb` builds dist/maintd_<version>_<arch>.deb from a copy of this tree (dpkg-buildpackage writes beside the
 # source directory, so the copy sits in build/deb), installing the build tools it needs first.
-VERSION    = $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+# pyproject's version, read without Python: make expands a recipe before its first line runs, so on a machine without
+# python3 yet `make deb` would otherwise name its build before apt_missing had installed it.
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 LIBDIR    := /usr/lib/maintd
 WHEELS    := build/wheels
 
 deb:
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
+		{ echo "make deb packages the files git knows of: run it in a git clone of maintd"; exit 1; }
 	$(call apt_missing,$(DEB_PACKAGING),--no-install-recommends)
 	rm -rf build/deb && mkdir -p build/deb/maintd-$(VERSION) dist
 	git ls-files -z --cached --others --exclude-standard | \

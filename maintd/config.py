@@ -625,7 +625,11 @@ DERIVED: dict[str, dict[str, str]] = {
     "memcached": {"namespace_key": "{app}:cache-version"},
     "control": {"socket": "/run/maintd/{app}.sock"},
     "state": {"dir": "/var/lib/maintd/{app}"},
+    "cluster": {"prefix": "/maintd/{app}"},
 }
+# Keys whose default is worked out where maintd runs: the owner of <root>/releases, the first of members. No value
+# written in a file stands for it, so the man page shows none.
+WORKED_OUT: dict[str, set[str]] = {"hooks": {"user"}, "cluster": {"primary"}}
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -760,7 +764,7 @@ def _cluster(values: dict[str, Any], app: str, fail: Callable[..., ConfigError])
         if name and name not in members:
             raise fail("cluster", key, f"{name!r} is not one of members ({', '.join(members)})")
     cluster = Cluster(**{**values, "member": member, "primary": primary,
-                         "prefix": values.get("prefix") or f"/maintd/{app}"})
+                         "prefix": values.get("prefix") or DERIVED["cluster"]["prefix"].format(app=app)})
     gaps = len(cluster.batches) - 1
     if cluster.strategy is not Strategy.TOGETHER and cluster.batch_wait * gaps >= cluster.switch_timeout:
         raise fail("cluster", "batch_wait", f"{cluster.batch_wait:g}s after each of the first {gaps} of {gaps + 1} "

@@ -142,10 +142,13 @@ class Daemon:
         self.log.info("stopping" + (" after the deploy in progress" if self.runner.current else ""))
         for chore in chores:
             chore.cancel()
-        holding = self.tasks.spawn(self._hold_stop_timeout()) if self.runner.current else None
-        async with self.runner.exclusive():  # a deploy in progress finishes (or rolls back) before we exit
-            if holding:
-                holding.cancel()
+        # Whatever holds the runner or queues for it first (a deploy, a recovery waiting on etcd, an operator's
+        # restart with a deploy behind it) finishes before we exit, and holds off the unit's TimeoutStopSec
+        # meanwhile: each hook is bounded by hooks.timeout, but a deploy may run several, and a fixed TimeoutStopSec
+        # long enough for all of them would let a hung maintd hold up an upgrade as long.
+        holding = self.tasks.spawn(self.notifier.hold_timeout(STOP_EXTENSION))
+        async with self.runner.exclusive():
+            holding.cancel()
             for server in started:
                 server.close()
             self.intake.stop()
@@ -184,14 +187,6 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
         self.log.error("the file watcher thread is dead; withholding watchdog pings so systemd restarts maintd")
-
-    async def _hold_stop_timeout(self) -> None:
-        """While a deploy in progress holds the stop, keep the unit's TimeoutStopSec from cutting it off: each hook is
-        bounded by hooks.timeout, but a deploy may run several, and a fixed TimeoutStopSec long enough for all of
-        them would also let a hung maintd hang an upgrade that long. A loop that hangs stops asking, and is killed."""
-        while True:
-            self.notifier.extend_timeout(STOP_EXTENSION)
-            await asyncio.sleep(STOP_EXTENSION / 3)
 
     def reload(self) -> None:
         """SIGHUP: read the config again and apply all of it, or refuse it whole with one line naming the key."""

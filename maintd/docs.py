@@ -140,10 +140,13 @@ def schema() -> Iterator[tuple[str, str, str | None]]:
         fields = {f.name: f for f in dataclasses.fields(section_type)}
         for key in checks:
             derived = config.DERIVED.get(table, {}).get(key)
-            yield table, key, _toml(derived) if derived else _default(fields[key])
+            worked_out = key in config.WORKED_OUT.get(table, set())
+            yield table, key, None if worked_out else _toml(derived) if derived else _default(fields[key])
 
 
 def _default(field: dataclasses.Field[Any]) -> str | None:
+    if field.default == () and str(field.type).startswith("tuple[tuple[str, str]"):
+        return "{}"  # NAME = "value" pairs: a table in the file
     if field.default is not dataclasses.MISSING:
         return _toml(field.default)
     if field.default_factory is not dataclasses.MISSING:

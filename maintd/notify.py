@@ -7,6 +7,7 @@ OSError when NOTIFY_SOCKET names a socket that is gone, which must not take the 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -49,9 +50,13 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> None:
-        """The state's timeout (TimeoutStopSec while stopping) runs at least `seconds` from now."""
-        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+    async def hold_timeout(self, seconds: float) -> None:
+        """Until cancelled, keep the timeout of the unit's current state (TimeoutStopSec while stopping) from running
+        out: each EXTEND_TIMEOUT_USEC grants `seconds` from its arrival, and the next comes a third of that later,
+        so one late wake-up loses nothing; a process that hangs stops sending, and its timeout runs out."""
+        while True:
+            self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+            await asyncio.sleep(seconds / 3)
 
 
 def watchdog_interval() -> float | None:

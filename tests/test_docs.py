@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maintd import docs
+from maintd import config, docs
 from maintd.cli import maintctl_parser, maintd_parser
 from maintd.commands import COMMANDS
 from maintd.completion import bash_completion
@@ -68,6 +68,21 @@ def test_every_config_key_is_in_maintd_toml_5_with_its_default(built):
         shown = f"{key} = {default}" if default is not None else key
         assert f"\n       {shown}" in text, shown
     assert 'namespace_key = "APP:cache-version"' in text  # a default named after the app, as parse fills it in
+
+
+def test_every_default_the_page_shows_is_one_the_file_may_say(tmp_path):
+    """What maintd.toml(5) shows as `key = default`, written in a file, means the default: maintd takes it, and
+    it comes out as the value left unsaid does."""
+    required = {"": 'app = "shop"\nroot = "/srv/shop"\n', "cluster": 'members = ["app1"]\nmember = "app1"\n'}
+    plain = config.parse(required[""] + "[cluster]\n" + required["cluster"])
+    for table, key, default in docs.schema():
+        if default is None or (not table and key in ("app", "root")):
+            continue
+        head = required[""] + (f"[{table}]\n" + required.get(table, "") if table else "")
+        said = config.parse(head + f"{key} = {default.replace('APP', 'shop')}\n")  # the page's APP: the app's name
+        section = getattr(said, table) if table else said
+        unsaid = getattr(plain, table) if table else plain
+        assert getattr(section, key) == getattr(unsaid, key), f"{table}.{key} = {default}"
 
 
 def test_a_key_without_its_sentence_or_a_sentence_without_its_key_stops_the_build():

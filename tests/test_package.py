@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import readme_block
+
 TREE = Path(__file__).parent.parent
 CHECK = Path(__file__).parent / "nspawn"
 CACHE = Path(os.environ.get("MAINTD_TEST_CACHE", "/var/cache/maintd-test"))
@@ -98,15 +100,23 @@ def debs(tmp_path_factory) -> Path:
     return tmp
 
 
+def readme_lines() -> list[str]:
+    """The README's install section for the package, a command per line: the first, `make deb`, is what build()
+    runs; the container runs the rest as they are (tests/nspawn/package.sh)."""
+    return readme_block("sh", "make deb").splitlines()
+
+
 @pytest.fixture(scope="module")
 def booted(debian_root, debs, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     results = tmp_path_factory.mktemp("results")
+    (results / "readme-lines").write_text("\n".join(readme_lines()[1:]) + "\n")
     units = tmp_path_factory.mktemp("units")
     shutil.copy(CHECK / "package.service", units / "maintd-package.service")
     try:
         booted = subprocess.run(
             ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", str(debian_root), "--volatile=overlay",
-             "--private-network", f"--bind-ro={debs}:/debs", f"--bind-ro={CHECK}:/check", f"--bind={results}:/results",
+             "--private-network", f"--bind-ro={debs}:/debs",
+             f"--bind-ro={debs / 'old'}:/root/maintd/dist", f"--bind-ro={CHECK}:/check", f"--bind={results}:/results",
              f"--bind-ro={units / 'maintd-package.service'}:/etc/systemd/system/maintd-package.service",
              "-b", "systemd.firstboot=no", "systemd.unit=multi-user.target", "systemd.wants=maintd-package.service"],
             capture_output=True, text=True, timeout=900)
@@ -126,9 +136,19 @@ def read(path: Path) -> str:
         return ""
 
 
+def test_every_line_of_the_readmes_install_section_works(booted):
+    results, steps, context = booted
+    lines = readme_lines()
+    assert lines[0].startswith("make deb ") and lines[1].startswith("apt install ./dist/maintd_*.deb "), lines
+    for number, line in enumerate(lines[1:], start=1):
+        assert steps[f"readme:{number}"] == "0", f"{line}\n{read(results / f'readme-{number}.log')}" + context
+    manuals = read(results / f"readme-{next(n for n, line in enumerate(lines) if line.startswith('man '))}.log")
+    assert all(title in manuals for title in ("MAINTD(8)", "MAINTD.TOML(5)", "MAINTCTL(1)")), manuals[:500]
+    assert steps["edited"] == "2", context  # the test's $EDITOR uncommented the example's [hooks] and before_swap
+
+
 def test_install_lays_out_everything_and_starts_nothing(booted):
     results, steps, context = booted
-    assert steps["install"] == "0", read(results / "install.log") + context
     assert steps["version"] == steps["maintctl_version"] == f"maintd {VERSION}", context
     missing = [k for k, v in steps.items() if k.startswith("exists:") and v != "yes"]
     assert not missing, context
@@ -138,19 +158,32 @@ def test_install_lays_out_everything_and_starts_nothing(booted):
         assert steps[f"man:{page}.{section}"] == f"/usr/share/man/man{section}/{page}.{section}.gz", context
     assert int(read(results / "man_keep_releases")) == 1, context
     assert steps["completion"] == "complete -F _maintctl maintctl", context
+    assert steps["complete_sta"] == "status", context
+    assert set(steps["complete_maintenance"].split()) == {"on", "off"}, context
     assert steps["units_running"] == "0" and steps["units_enabled"] == "0", context
     assert steps["doc"].replace('"', "") == ("man:maintd(8) man:maintd.toml(5) man:maintctl(1) "
                                              "file:///usr/share/doc/maintd/README.md"), context
+    # the same build again is an upgrade with no instance to stop: nothing started, nothing said about it
+    upgrade = read(results / "reinstall.log")
+    assert steps["reinstall"] == "0" and "maintd:" not in upgrade, upgrade + context
+    assert steps["units_running_after_reinstall"] == "0", context
 
 
 def test_an_upload_goes_live_under_the_packaged_units(booted):
     results, steps, context = booted
-    assert steps["edited"] == "2", context  # the example's [hooks] and before_swap, uncommented
-    assert steps["check"] == "0" and steps["enable"] == "0", read(results / "check.txt") + context
     assert steps["live_r1"] == "0", context
     status = read(results / "status_r1.txt")
     assert steps["status_as_deploy"] == "0" and "current      r1" in status, status + context
     assert f"app          shop (maintd {VERSION})" in status, status + context
+
+
+def test_an_upgrade_dpkg_aborts_starts_the_instances_it_stopped_again(booted):
+    results, steps, context = booted
+    aborted = read(results / "aborted.log")
+    assert steps["aborted"] != "0" and "trying to overwrite '/usr/share/doc/bash/copyright'" in aborted, aborted
+    assert "maintd: stopping maintd@shop.service maintd@shop.socket" in aborted, aborted  # prerm stopped them
+    assert steps["active_after_abort"] == "active active", aborted + context  # postinst abort-upgrade
+    assert steps["version_after_abort"] == f"{VERSION} maintd {VERSION}" and steps["current_after_abort"] == "r1"
 
 
 def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted):
@@ -173,6 +206,8 @@ def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted)
     before, after = read(results / "state_before").split(), read(results / "state_after").split()
     assert {"history.jsonl", "state.json"} <= set(before) <= set(after), context
     assert steps.get("journal_during_hold") == "yes", context
+    history_before = read(results / "history_before.jsonl")
+    assert history_before and read(results / "history_after.jsonl").startswith(history_before), context
 
 
 def test_remove_keeps_config_state_and_trees_purge_removes_config_and_state_only(booted):

@@ -1,6 +1,7 @@
 """maintd as a systemd service: sd_notify over a real datagram socket, socket activation by systemd's own tool,
 a real journald read back with journalctl, the shipped units checked by systemd-analyze, and signals."""
 
+import asyncio
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, README, Daemon, readme_block, wait_until
-from maintd.notify import watchdog_interval
+from maintd.notify import Notifier, watchdog_interval
 
 UNITS = Path(__file__).parent.parent / "systemd"
 STEPS = ["validate", "link_shared", "maintenance_on", "hooks_before", "swap", "restart", "flush", "health",
@@ -87,6 +88,18 @@ def test_watchdog_interval_is_half_of_systemds_limit(monkeypatch, env, interval)
     assert watchdog_interval() == interval
 
 
+def test_hold_timeout_extends_again_before_each_extension_runs_out(tmp_path, monkeypatch):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+
+    async def hold_then_cancel() -> None:
+        holding = asyncio.ensure_future(Notifier().hold_timeout(0.3))
+        await asyncio.to_thread(lambda: [notify.until("EXTEND_TIMEOUT_USEC", "300000") for _ in range(3)])
+        holding.cancel()
+
+    asyncio.run(asyncio.wait_for(hold_then_cancel(), 30))  # three grants of 0.3 s, each while the last one held
+
+
 def test_reload_applies_a_good_config_and_refuses_a_bad_one(app, start_daemon):
     daemon = start_daemon()
     app.write_config(quiet_period=0.7)
@@ -126,16 +139,24 @@ def test_reload_applies_the_settings_of_the_next_deploy(app, start_daemon, tmp_p
     assert daemon.deployed("r1")["result"] == "ok" and witness.exists()
 
 
-def test_sigterm_mid_deploy_finishes_it_then_exits_0(app, start_daemon):
+def test_sigterm_mid_deploy_finishes_it_then_exits_0(app, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
     app.write_config(f'[hooks]\nbefore_swap = [{app.gate.hook()}]\n')
-    daemon = start_daemon()
-    app.make_release("r1")
-    app.gate.wait_entered()
-    daemon.proc.send_signal(signal.SIGTERM)
-    daemon.wait_for(event="stopping after the deploy in progress")
-    assert daemon.proc.poll() is None  # still there, with the deploy held at its hook
-    app.gate.open()
-    assert daemon.proc.wait(30) == 0
+    daemon = Daemon(app, env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        notify.until("READY", "1")
+        app.make_release("r1")
+        app.gate.wait_entered()
+        daemon.proc.send_signal(signal.SIGTERM)
+        notify.until("STOPPING", "1")
+        # the unit's TimeoutStopSec is held off while the deploy runs (its pace: the test below)
+        assert notify.until("EXTEND_TIMEOUT_USEC")["EXTEND_TIMEOUT_USEC"] == "30000000"
+        daemon.wait_for(event="stopping after the deploy in progress")
+        assert daemon.proc.poll() is None  # still there, with the deploy held at its hook
+        app.gate.open()
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
     assert app.live() == "r1" and not (app.current / "tmp" / "maintenance.txt").exists()
     assert [e["step"] for e in daemon.events if e.get("release") == "r1" and "step" in e] == STEPS
 

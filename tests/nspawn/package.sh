@@ -1,6 +1,7 @@
 #!/bin/bash
-# Runs inside a fresh Debian 12 booted with systemd (tests/test_package.py): installs maintd's package as an operator
-# would, deploys, upgrades it while a deploy is held in a hook, removes it, purges it; records what it saw in
+# Runs inside a fresh Debian 12 booted with systemd (tests/test_package.py): follows the README's install section line
+# by line (/results/readme-lines, handed over by the test; its `make deb` ran on the host and left the build in
+# /root/maintd/dist), deploys, upgrades while a deploy is held in a hook, removes, purges; records what it saw in
 # /results/steps (KEY=VALUE) for the test to assert on. /debs/old and /debs/new hold the two builds.
 set -u
 out=/results
@@ -12,38 +13,57 @@ field() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)" 2>/
 # how many `maintd run` daemons are alive (the root is minimal: no procps); the pattern does not match itself
 daemons() { for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done | grep -c '[/]maintd run'; }
 until_true() { for _ in $(seq 600); do eval "$1" && return 0; sleep 0.1; done; return 1; }  # 60 s at most
+complete_maintctl() {  # what bash-completion offers for the last word of "maintctl $1", as <TAB> would
+  bash -c "source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; COMP_WORDS=(maintctl $1);
+           COMP_CWORD=\${#COMP_WORDS[@]}-1; COMP_LINE='maintctl $1'; COMP_POINT=\${#COMP_LINE}; _maintctl;
+           echo \"\${COMPREPLY[*]}\""
+}
 
-# --- install: files in place, nothing running ---------------------------------------------------------------------
-apt install -y /debs/old/maintd_*.deb > "$out/install.log" 2>&1; step install $?  # the README's line
-step version "$(maintd --version)"
-step maintctl_version "$(maintctl --version)"
-exists /usr/bin/maintd /usr/bin/maintctl /lib/systemd/system/maintd@.service /lib/systemd/system/maintd@.socket \
-       /etc/maintd/example.toml /etc/maintd/web/nginx/maintd.conf /etc/maintd/web/apache2/maintd.conf \
-       /usr/share/maintd/maintenance.html /usr/share/maintd/capistrano/maintd.rake \
-       /usr/share/maintd/rails/maintd_cache.rb /usr/share/maintd/prometheus/maintd.rules.yml \
-       /usr/share/maintd/grafana/maintd.json /usr/share/bash-completion/completions/maintctl \
-       /usr/share/doc/maintd/README.md
-step conffiles "$(dpkg-query -W -f='${Conffiles}' maintd | awk '{print $1}' | tr '\n' ' ')"
-for page in maintd.8 maintctl.1 maintd.toml.5; do
-  step "man:$page" "$(man -w "${page%.*}" "${page##*.}" 2>/dev/null)"
-done
-MANWIDTH=80 man 5 maintd.toml 2>/dev/null | grep -c "keep_releases = 5" > "$out/man_keep_releases"
-step completion "$(bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; complete -p maintctl')"
-step units_running "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
-step units_enabled "$(find /etc/systemd/system -name 'maintd@*' | wc -l)"
-step doc "$(systemctl show -p Documentation --value maintd@shop.service)"
+installed() {  # right after the README's `apt install`: the files in place, nothing running
+  step version "$(maintd --version)"
+  step maintctl_version "$(maintctl --version)"
+  exists /usr/bin/maintd /usr/bin/maintctl /lib/systemd/system/maintd@.service /lib/systemd/system/maintd@.socket \
+         /etc/maintd/example.toml /etc/maintd/web/nginx/maintd.conf /etc/maintd/web/apache2/maintd.conf \
+         /usr/share/maintd/maintenance.html /usr/share/maintd/capistrano/maintd.rake \
+         /usr/share/maintd/rails/maintd_cache.rb /usr/share/maintd/prometheus/maintd.rules.yml \
+         /usr/share/maintd/grafana/maintd.json /usr/share/bash-completion/completions/maintctl \
+         /usr/share/doc/maintd/README.md
+  step conffiles "$(dpkg-query -W -f='${Conffiles}' maintd | awk '{print $1}' | tr '\n' ' ')"
+  for page in maintd.8 maintctl.1 maintd.toml.5; do
+    step "man:$page" "$(man -w "${page%.*}" "${page##*.}" 2>/dev/null)"
+  done
+  MANWIDTH=80 man 5 maintd.toml 2>/dev/null | grep -c "keep_releases = 5" > "$out/man_keep_releases"
+  step completion "$(bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; complete -p maintctl')"
+  step complete_sta "$(complete_maintctl sta)"
+  step complete_maintenance "$(complete_maintctl 'maintenance ')"
+  step units_running "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
+  step units_enabled "$(find /etc/systemd/system -name 'maintd@*' | wc -l)"
+  step doc "$(systemctl show -p Documentation --value maintd@shop.service)"
+  # an upgrade with no instance to stop (the same build again) starts nothing and complains of nothing
+  apt install --reinstall -y ./dist/maintd_*.deb > "$out/reinstall.log" 2>&1; step reinstall $?
+  step units_running_after_reinstall "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
+}
 
-# --- an app for deploy: an upload goes live -----------------------------------------------------------------------
-# the README's install section, line by line; the test's $EDITOR uncomments the example's [hooks] and sets a hook
-useradd --create-home --shell /bin/bash deploy
-install -d -o deploy -g deploy /srv/shop /srv/shop/releases /srv/shop/shared
-cp /etc/maintd/example.toml /etc/maintd/shop.toml
-# a release that holds a file `hold` waits in this hook until shared/go exists: a deploy in progress, on demand
+# --- the README's install section, line by line -------------------------------------------------------------------
+# the test's $EDITOR: uncomments the example's [hooks] and sets a hook; a release that holds a file `hold` waits in
+# it until shared/go exists: a deploy in progress, on demand
+cat > /usr/local/bin/edit-config <<'SH'
+#!/bin/sh
 hook='before_swap = [["sh", "-c", "if [ -e hold ]; then while [ ! -e ../../shared/go ]; do sleep 0.1; done; fi"]]'
-sed -i -e 's/^#\[hooks\]/[hooks]/' -e "s|^#before_swap = .*|$hook|" /etc/maintd/shop.toml
+sed -i -e 's/^#\[hooks\]/[hooks]/' -e "s|^#before_swap = .*|$hook|" "$1"
+SH
+chmod +x /usr/local/bin/edit-config
+export EDITOR=/usr/local/bin/edit-config
+cd /root/maintd
+n=0
+while IFS= read -r line; do
+  n=$((n + 1))
+  bash -c "$line" > "$out/readme-$n.log" 2>&1 < /dev/null; step "readme:$n" $?
+  case "$line" in "apt install"*) installed ;; esac
+done < "$out/readme-lines"
 step edited "$(grep -c -e '^\[hooks\]' -e '^before_swap = ' /etc/maintd/shop.toml)"
-maintd check --config /etc/maintd/shop.toml > "$out/check.txt" 2>&1; step check $?
-systemctl enable --now maintd@shop.socket maintd@shop.service > "$out/enable.log" 2>&1; step enable $?
+
+# --- an upload goes live ------------------------------------------------------------------------------------------
 upload() {  # as the deploy user: staged under a dot name, renamed, marker last
   as_deploy "mkdir /srv/shop/releases/.incoming-$1 && echo $1 > /srv/shop/releases/.incoming-$1/REVISION $2 &&
              mv /srv/shop/releases/.incoming-$1 /srv/shop/releases/$1 && touch /srv/shop/releases/$1/.maintd-ready"
@@ -52,8 +72,18 @@ upload r1 ""
 until_true '[ "$(status | field "d[\"current\"]")" = r1 ] && [ "$(status | field "d[\"deploying\"]")" = None ]'
 step live_r1 $?
 as_deploy "maintctl --config /etc/maintd/shop.toml status" > "$out/status_r1.txt" 2>&1; step status_as_deploy $?
-old_pid=$(systemctl show -p MainPID --value maintd@shop.service)
 ls /var/lib/maintd/shop > "$out/state_before"  # idle: every file here must outlive the upgrade
+cp /var/lib/maintd/shop/history.jsonl "$out/history_before.jsonl"  # and the history only grows
+
+# --- an upgrade dpkg must abort (the new build with a file of bash's in it): the instances run again -------------
+dpkg-deb -R /debs/new/maintd_*.deb /tmp/conflicting
+install -D /usr/share/doc/bash/copyright /tmp/conflicting/usr/share/doc/bash/copyright
+dpkg-deb -b /tmp/conflicting /tmp/conflicting.deb > /dev/null
+apt install -y /tmp/conflicting.deb > "$out/aborted.log" 2>&1; step aborted $?
+step active_after_abort "$(systemctl is-active maintd@shop.service) $(systemctl is-active maintd@shop.socket)"
+step version_after_abort "$(dpkg-query -W -f='${Version}' maintd) $(maintd --version)"
+step current_after_abort "$(status | field 'd["current"]')"
+old_pid=$(systemctl show -p MainPID --value maintd@shop.service)
 
 # --- upgrade while a deploy waits in its hook ---------------------------------------------------------------------
 # the deploy will hold the upgrade's stop past the unit's TimeoutStopSec, shortened to 3 s for the test: maintd must
@@ -80,6 +110,7 @@ step new_pid_differs "$([ "$(systemctl show -p MainPID --value maintd@shop.servi
 step active_after "$(systemctl is-active maintd@shop.service) $(systemctl is-active maintd@shop.socket)"
 maintctl --config /etc/maintd/shop.toml history --json > "$out/history.json" 2>&1
 ls /var/lib/maintd/shop > "$out/state_after"
+cp /var/lib/maintd/shop/history.jsonl "$out/history_after.jsonl"
 step version_after "$(maintd --version)"
 rm -r $dropin && systemctl daemon-reload
 
