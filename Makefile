@@ -46,12 +46,12 @@ define apt_missing
 	fi
 endef
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(call apt_missing,$(DEB_TEST),)
 	$(call apt_missing,$(DEB_RAILS) $(DEB_PACKAGING),--no-install-recommends)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 # The package test (two package builds, one boot of a Debian root, and the first time a debootstrap of it) waits
@@ -61,6 +61,7 @@ PACKAGE_TEST := tests/test_package.py
 test: deps lint $(ETCD) $(PROMETHEUS)
 	@mkdir -p build
 	@$(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
+	trap 'kill $$package 2>/dev/null; exit 130' INT TERM; \
 	$(BIN)/python -m pytest -q --ignore=$(PACKAGE_TEST); suite=$$?; \
 	wait $$package; packaged=$$?; \
 	echo "--- $(PACKAGE_TEST), run beside the rest (build/test-package.log):"; cat build/test-package.log; \
@@ -109,12 +110,14 @@ install:
 	$(call apt_missing,$(DEB_BUILD),)
 	$(if $(DESTDIR),,$(call apt_missing,$(DEB_SERVER),))
 	$(PYTHON) -m venv $(DESTDIR)$(VENVDIR)
-	$(DESTDIR)$(VENVDIR)/bin/pip install -q --no-compile .
+	$(DESTDIR)$(VENVDIR)/bin/pip install -q -c constraints.txt --no-compile .
+	rm -rf build/lib build/bdist.* maintd.egg-info  # what pip's build of . leaves in this tree
 	$(if $(DESTDIR),grep -rlI -F '$(DESTDIR)$(VENVDIR)' $(DESTDIR)$(VENVDIR) | \
 		xargs -r sed -i 's#$(DESTDIR)$(VENVDIR)#$(VENVDIR)#g')
 	$(DESTDIR)$(VENVDIR)/bin/python -m compileall -q $(if $(DESTDIR),-f -s $(DESTDIR) -p /) $(DESTDIR)$(VENVDIR)/lib
 	$(MAKE) --no-print-directory docs DOCS_PYTHON=$(DESTDIR)$(VENVDIR)/bin/python
 	$(MAKE) --no-print-directory files
+	rm -rf build/docs
 
 # Timings, side by side with the plain alternative; not part of `make test`. Writes bench/results.json.
 bench: deps
@@ -181,7 +184,7 @@ deb:
 wheels:
 	rm -rf build/wheel-venv build/lib $(WHEELS)
 	$(PYTHON) -m venv build/wheel-venv
-	build/wheel-venv/bin/pip wheel -q -w $(WHEELS) .
+	build/wheel-venv/bin/pip wheel -q -c constraints.txt -w $(WHEELS) .
 
 # The package's tree in $(DESTDIR), what debian/rules calls: a venv under $(LIBDIR) made with Debian's python3 from
 # the wheels alone, relocatable (the scripts' shebangs say $(LIBDIR)/bin/python3), without byte code (compiled by

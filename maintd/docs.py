@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ class DocError(Exception):
 
 
 def roff(text: str) -> str:
-    """One line of prose as roff: backslashes escaped, **bold** and *italic*, no line read as a request."""
+    """One line of prose as roff: backslashes escaped, **bold**, `code` (bold too) and *italic*, no line read as a
+    request."""
     text = text.replace("\\", "\\e")
+    text = re.sub(r"`(.+?)`", r"\\fB\1\\fR", text)
     text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text)
     text = re.sub(r"\*(.+?)\*", r"\\fI\1\\fR", text)
     return "\\&" + text if text.startswith((".", "'")) else text
@@ -131,6 +134,13 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
+def built_on() -> date:
+    """The pages' date: SOURCE_DATE_EPOCH's where the build sets it (dpkg-buildpackage does, from the changelog), so
+    two builds of one source give the same pages; else today."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return datetime.fromtimestamp(int(epoch), UTC).date() if epoch.isdigit() else date.today()
+
+
 def schema() -> Iterator[tuple[str, str, str | None]]:
     """Every key of the file in the schema's order: (table, key, its default as TOML, or None where there is none)."""
     for key in config.TOP_LEVEL:
@@ -190,7 +200,7 @@ class Page:
         title = re.fullmatch(r'# (\S+) (\d) "(.+)"', head.splitlines()[0])
         assert title, f"doc/{self.name}.md must start with: # name section \"title\""
         command, section, what = title.groups()
-        out = [f'.TH "{command.upper()}" "{section}" "{date.today():%Y-%m-%d}" "maintd {version()}"',
+        out = [f'.TH "{command.upper()}" "{section}" "{built_on():%Y-%m-%d}" "maintd {version()}"',
                ".SH NAME", f"{roff(command)} \\- {roff(what)}", *generated.get("synopsis", [])]
         heading = ""
         sentences: dict[str, str] = {}

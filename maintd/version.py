@@ -12,9 +12,15 @@ from typing import Any
 
 
 def version() -> str:
+    """The installed distribution's version; "unknown" for code run from a source tree that was never installed
+    (PYTHONPATH=...), which has no metadata to read and must still start."""
+    from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed
 
-    return installed("maintd")
+    try:
+        return installed("maintd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class VersionAction(argparse.Action):

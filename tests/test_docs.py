@@ -4,6 +4,7 @@ and config key is in them, `man` renders them without a warning, and bash comple
 import os
 import shutil
 import subprocess
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def rendered(page: Path) -> tuple[str, str]:
 def test_man_renders_each_page_without_a_warning(built, page):
     text, warnings = rendered(built / page)
     assert warnings == "" and "NAME" in text and "SEE ALSO" in text
+    assert "`" not in text  # markdown's code spans are bold, not backticks
 
 
 def every_option(parser) -> set[str]:
@@ -143,3 +145,8 @@ def test_the_units_document_themselves_with_pages_that_exist():
                 continue
             found = re.fullmatch(r"man:(\S+)\((\d)\)", page)
             assert found and f"{found[1]}.{found[2]}" in docs.PAGES, f"{unit.name}: {page}"
+
+
+def test_the_pages_date_is_the_builds_source_date_when_it_says_one(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")  # as dpkg-buildpackage sets it, from the changelog
+    assert docs.built_on() == date(1970, 1, 2)

@@ -1,5 +1,6 @@
 """One version from one place: pyproject.toml's, printed by both commands as `maintd <version>` (contract §10)."""
 
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -29,3 +30,13 @@ def test_status_says_which_version_the_daemon_runs(app, start_daemon):
     start_daemon()
     assert maintctl_json(app, "status")["version"] == project_version()
     assert f"shop (maintd {project_version()})" in maintctl(app, "status").stdout
+
+
+def test_code_never_installed_says_unknown_and_still_runs(tmp_path):
+    """From a bare copy of the code (PYTHONPATH, no distribution metadata) the version is unknown, not an
+    exception: the daemon reads it at start."""
+    shutil.copytree(PYPROJECT.parent / "maintd", tmp_path / "maintd")
+    done = subprocess.run(["/usr/bin/python3", "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "from maintd.version import version; print(version())", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, "unknown\n"), done.stderr
