@@ -193,7 +193,7 @@ def test_an_upgrade_waits_for_the_deploy_in_progress_and_keeps_the_state(booted)
     assert steps["apt_waits"] == "0" and steps["version_during_stop"] == f"maintd {VERSION}", context
     assert steps["during_stop"] == "deactivating releases/r1", context
     # twice the (shortened) TimeoutStopSec later the deploy still holds the stop: maintd extends it while it runs
-    assert steps["held_past_timeout"] == "deactivating", context
+    assert steps["stop_timeout"] == "3s" and steps["held_past_timeout"] == "deactivating", context
     assert steps["upgrade"] == "0", read(results / "upgrade.log") + context
     status = json.loads(read(results / "status_after.json"))
     assert status["version"] == NEWER and status["current"] == "r2", context

@@ -90,6 +90,7 @@ old_pid=$(systemctl show -p MainPID --value maintd@shop.service)
 # extend it for as long as the deploy runs, or systemd kills it mid-deploy
 dropin=/etc/systemd/system/maintd@shop.service.d
 mkdir -p $dropin && printf '[Service]\nTimeoutStopSec=3s\n' > $dropin/short-stop.conf && systemctl daemon-reload
+step stop_timeout "$(systemctl show -p TimeoutStopUSec --value maintd@shop.service)"
 upload r2 "&& touch /srv/shop/releases/.incoming-r2/hold"
 until_true '[ "$(status | field "(d[\"deploying\"] or {}).get(\"step\")")" = hooks_before ]'; step r2_held $?
 [ -e /var/lib/maintd/shop/deploy.json ] && step journal_during_hold yes  # the deploy journal of r2, in progress
