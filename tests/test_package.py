@@ -1,6 +1,7 @@
 """The Debian package (contract §10) in a fresh Debian 12 under a real systemd: `make deb` twice (this tree, and the
-same one version up), then one boot of a minimal debootstrapped root that installs, deploys, upgrades while a deploy
-waits in its hook, removes and purges (tests/nspawn/package.sh), and the assertions on what it recorded.
+same one version up), then one boot of a minimal debootstrapped root that follows the README's install section line
+by line, deploys, lives through an upgrade dpkg aborts, upgrades while a deploy waits in its hook (past the unit's
+stop timeout), removes and purges (tests/nspawn/package.sh), and the assertions on what it recorded.
 
 The root is made once by debootstrap and cached outside the clone (CACHE; rebuilt only when ROOT_PACKAGES change);
 each boot mounts it read-only under a tmpfs (--volatile=overlay), so the cache stays clean. It holds Debian's own
