@@ -78,8 +78,19 @@ def _help(action: argparse.Action) -> str:
 
 
 def _synopsis(parser: argparse.ArgumentParser) -> str:
-    parts = [f"[{_usage(a)}]" if a.option_strings and not a.required else _usage(a)
-             for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    """As argparse's usage line has it (options one may give only one of in one pair of brackets), without -h."""
+    exclusive = {id(a): group for group in parser._mutually_exclusive_groups for a in group._group_actions}
+    parts: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if group := exclusive.get(id(action)):
+            if action is group._group_actions[0]:
+                parts.append("[" + " | ".join(_usage(a) for a in group._group_actions) + "]")
+        elif action.option_strings and not action.required:
+            parts.append(f"[{_usage(action)}]")
+        else:
+            parts.append(_usage(action))
     return " ".join(parts)
 
 
