@@ -13,10 +13,10 @@ field() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)" 2>/
 # how many `maintd run` daemons are alive (the root is minimal: no procps); the pattern does not match itself
 daemons() { for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done | grep -c '[/]maintd run'; }
 until_true() { for _ in $(seq 600); do eval "$1" && return 0; sleep 0.1; done; return 1; }  # 60 s at most
-complete_maintctl() {  # what bash-completion offers for the last word of "maintctl $1", as <TAB> would
-  bash -c "source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; COMP_WORDS=(maintctl $1);
-           COMP_CWORD=\${#COMP_WORDS[@]}-1; COMP_LINE='maintctl $1'; COMP_POINT=\${#COMP_LINE}; _maintctl;
-           echo \"\${COMPREPLY[*]}\""
+complete_maintctl() {  # what bash-completion offers for the last of the words given after maintctl, as <TAB> would
+  bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl
+           COMP_WORDS=(maintctl "$@"); COMP_CWORD=$#; COMP_LINE="maintctl $*"; COMP_POINT=${#COMP_LINE}; _maintctl
+           echo "${COMPREPLY[*]}"' _ "$@"
 }
 
 installed() {  # right after the README's `apt install`: the files in place, nothing running
@@ -35,7 +35,7 @@ installed() {  # right after the README's `apt install`: the files in place, not
   MANWIDTH=80 man 5 maintd.toml 2>/dev/null | grep -c "keep_releases = 5" > "$out/man_keep_releases"
   step completion "$(bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; complete -p maintctl')"
   step complete_sta "$(complete_maintctl sta)"
-  step complete_maintenance "$(complete_maintctl 'maintenance ')"
+  step complete_maintenance "$(complete_maintctl maintenance '')"
   step units_running "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
   step units_enabled "$(find /etc/systemd/system -name 'maintd@*' | wc -l)"
   step doc "$(systemctl show -p Documentation --value maintd@shop.service)"
