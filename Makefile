@@ -62,7 +62,7 @@ test: deps lint $(ETCD) $(PROMETHEUS)
 	@mkdir -p build
 	@$(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
 	trap 'kill $$package 2>/dev/null; exit 130' INT TERM; \
-	$(BIN)/python -m pytest -q --ignore=$(PACKAGE_TEST); suite=$$?; \
+	$(BIN)/python -m pytest -q --durations=20 --ignore=$(PACKAGE_TEST); suite=$$?; \
 	wait $$package; packaged=$$?; \
 	echo "--- $(PACKAGE_TEST), run beside the rest (build/test-package.log):"; cat build/test-package.log; \
 	[ $$suite -eq 0 ] && [ $$packaged -eq 0 ]
