@@ -56,12 +56,14 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 # The package test (two package builds, one boot of a Debian root, and the first time a debootstrap of it) waits
 # mostly on dpkg, the network and a container, not on the suite: it runs beside the rest of the suite, which keeps
-# `make test` under 20 minutes on 2 cores; its report follows the suite's. Either failing fails the target.
+# `make test` under 20 minutes on 2 cores; its report follows the suite's. Either failing fails the target. It runs in
+# a process group of its own (setsid), which an interrupted `make test` ends whole: builds, debootstrap, container.
 PACKAGE_TEST := tests/test_package.py
 test: deps lint $(ETCD) $(PROMETHEUS)
 	@mkdir -p build
-	@$(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
-	trap 'kill $$package 2>/dev/null; exit 130' INT TERM; \
+	@setsid $(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
+	trap 'kill -TERM -- -$$package 2>/dev/null; exit 130' INT; \
+	trap 'kill -TERM -- -$$package 2>/dev/null; exit 143' TERM; \
 	$(BIN)/python -m pytest -q --durations=20 --ignore=$(PACKAGE_TEST); suite=$$?; \
 	wait $$package; packaged=$$?; \
 	echo "--- $(PACKAGE_TEST), run beside the rest (build/test-package.log):"; cat build/test-package.log; \
@@ -173,7 +175,8 @@ deb:
 		tar --null -T - --ignore-failed-read -c | tar -x -C build/deb/maintd-$(VERSION)
 	printf 'maintd (%s) unstable; urgency=medium\n\n  * Built from the maintd source tree (git %s).\n\n -- %s  %s\n' \
 		'$(VERSION)' "$$(git rev-parse --short HEAD 2>/dev/null || echo none)" \
-		'maintd developers <maintd@example.org>' "$$(date -R)" > build/deb/maintd-$(VERSION)/debian/changelog
+		'maintd developers <maintd@example.org>' "$$(git log -1 --format=%aD 2>/dev/null || date -R)" \
+		> build/deb/maintd-$(VERSION)/debian/changelog
 	cd build/deb/maintd-$(VERSION) && dpkg-buildpackage -b -us -uc
 	rm -f dist/maintd_$(VERSION)_*.deb && mv build/deb/maintd_$(VERSION)_*.deb dist/
 	lintian --fail-on error,warning --info dist/maintd_$(VERSION)_*.deb

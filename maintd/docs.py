@@ -38,11 +38,15 @@ class DocError(Exception):
 def roff(text: str) -> str:
     """One line of prose as roff: backslashes escaped, **bold**, `code` (bold too) and *italic*, no line read as a
     request."""
-    text = text.replace("\\", "\\e")
-    text = re.sub(r"`(.+?)`", r"\\fB\1\\fR", text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text)
-    text = re.sub(r"\*(.+?)\*", r"\\fI\1\\fR", text)
+    pieces = re.split(r"(`[^`]+`)", text.replace("\\", "\\e"))  # a code span is taken as it is: `maintd@*`
+    text = "".join(f"\\fB{piece[1:-1]}\\fR" if re.fullmatch(r"`[^`]+`", piece) else _emphasis(piece)
+                   for piece in pieces)
     return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def _emphasis(text: str) -> str:
+    text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text)
+    return re.sub(r"\*(.+?)\*", r"\\fI\1\\fR", text)
 
 
 def option(text: str) -> str:

@@ -151,3 +151,8 @@ def test_the_units_document_themselves_with_pages_that_exist():
 def test_the_pages_date_is_the_builds_source_date_when_it_says_one(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")  # as dpkg-buildpackage sets it, from the changelog
     assert docs.built_on() == date(1970, 1, 2)
+
+
+def test_roff_takes_a_code_span_as_it_is_and_emphasis_outside_it():
+    assert docs.roff("`maintd@*` and *this*, **that**, a ` alone") == (
+        "\\fBmaintd@*\\fR and \\fIthis\\fR, \\fBthat\\fR, a ` alone")

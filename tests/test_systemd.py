@@ -88,7 +88,33 @@ def test_watchdog_interval_is_half_of_systemds_limit(monkeypatch, env, interval)
     assert watchdog_interval() == interval
 
 
-def test_hold_timeout_extends_again_before_each_extension_runs_out(tmp_path, monkeypatch):
+def test_sigterm_while_an_operators_restart_runs_holds_the_stop_timeout_off_too(app, tmp_path):
+    """What holds the stop need not be a deploy: an operator's `maintctl restart` (the restart command bounded only by
+    hooks.timeout) holds the runner too, and systemd must not kill it halfway."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    hold = tmp_path / "hold-restart"
+    gate = app.gate.hook()[len('["sh", "-c", "'):-len('"]')]
+    app.write_config(f'[restart]\nmethod = "command"\ncommand = ["sh", "-c", "if [ -e {hold} ]; then {gate}; fi"]\n')
+    daemon = Daemon(app, env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        notify.until("READY", "1")
+        app.make_release("r1")
+        assert daemon.deployed("r1")["result"] == "ok"
+        hold.touch()
+        restart = subprocess.Popen([str(BIN / "maintctl"), "--socket", str(app.socket), "restart"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        app.gate.wait_entered()
+        daemon.proc.send_signal(signal.SIGTERM)
+        notify.until("STOPPING", "1")
+        assert notify.until("EXTEND_TIMEOUT_USEC")["EXTEND_TIMEOUT_USEC"] == "30000000"
+        app.gate.open()
+        assert restart.wait(30) == 0, restart.communicate()
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_hold_timeout_keeps_extending_until_cancelled(tmp_path, monkeypatch):
     notify = NotifySocket(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
 
@@ -97,7 +123,7 @@ def test_hold_timeout_extends_again_before_each_extension_runs_out(tmp_path, mon
         await asyncio.to_thread(lambda: [notify.until("EXTEND_TIMEOUT_USEC", "300000") for _ in range(3)])
         holding.cancel()
 
-    asyncio.run(asyncio.wait_for(hold_then_cancel(), 30))  # three grants of 0.3 s, each while the last one held
+    asyncio.run(asyncio.wait_for(hold_then_cancel(), 30))  # three grants of 0.3 s in a row, then cancelled
 
 
 def test_reload_applies_a_good_config_and_refuses_a_bad_one(app, start_daemon):
