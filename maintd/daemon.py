@@ -37,7 +37,7 @@ from .recovery import recover
 from .runner import DeployRunner
 from .state import Memory, Store
 from .tasks import Tasks
-from .tree import ReleaseError, name_key, name_problem
+from .tree import name_key
 from .upload import UploadTracker
 from .version import version
 from .webhooks import Webhooks
@@ -266,23 +266,6 @@ class Daemon:
         if not paused:
             self.runner.kick()
         return {"paused": paused}
-
-    async def measure(self) -> None:
-        """Sizes of releases not yet measured, walked in a thread; a release's files do not change once complete."""
-        sizes, tree = self.inventory.sizes, self.ctx.tree
-        names = [n for n in tree.entries() if n not in sizes and not name_problem(n)
-                 and n not in self.inventory.tracker]
-
-        def walk() -> dict[str, int]:
-            measured = {}
-            for name in names:
-                try:
-                    measured[name] = tree.probe(name).size
-                except (ReleaseError, OSError):
-                    continue
-            return measured
-
-        sizes.update(await asyncio.to_thread(walk))
 
 
 def acquire_lock(state_dir: Path) -> int:

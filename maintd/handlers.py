@@ -57,7 +57,7 @@ async def status(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -
 
 @handles("releases")
 async def releases(daemon: Daemon, args: dict[str, Any], peer: Peer, emit: Emit) -> Any:
-    await daemon.measure()
+    await daemon.inventory.measure()
     return [row.as_json() for row in daemon.inventory.rows()]
 
 

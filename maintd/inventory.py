@@ -9,6 +9,7 @@ by making directories and calling methods.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from .results import DeployKind, Refused
 from .state import Store
-from .tree import Tree, name_key, name_problem
+from .tree import ReleaseError, Tree, name_key, name_problem
 from .upload import UploadTracker
 
 
@@ -57,6 +58,22 @@ class Inventory:
         self.refused: dict[str, str] = {}  # -> why
         self.dormant: set[str] = set()  # unmarked releases found at start-up
         self.sizes: dict[str, int] = {}  # bytes, measured once: a complete release's files do not change
+
+    async def measure(self) -> None:
+        """Sizes of releases not yet measured, walked in a thread; a release's files do not change once complete."""
+        names = [n for n in self.tree.entries()
+                 if n not in self.sizes and not name_problem(n) and n not in self.tracker]
+
+        def walk() -> dict[str, int]:
+            measured = {}
+            for name in names:
+                try:
+                    measured[name] = self.tree.probe(name).size
+                except (ReleaseError, OSError):
+                    continue
+            return measured
+
+        self.sizes.update(await asyncio.to_thread(walk))
 
     # --- the state ------------------------------------------------------------------------------------------------
 

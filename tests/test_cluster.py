@@ -92,7 +92,9 @@ class Cluster:
             self.proxies[name] = EtcdProxy(self.etcd.client[self.etcd.names[0]])
         for member in self.members:
             endpoints = [self.proxies[member.name].url] if member.name in proxied else self.etcd.endpoints
-            member.app.write_config(extra + per_member.get(member.name, "") + """
+            # only the marker completes an upload: the tests write every release's files, then its marker, and a
+            # pause of quiet_period in between (a loaded machine) must not make a member take half of one
+            member.app.write_config(upload="require_marker = true", extra=extra + per_member.get(member.name, "") + """
 [restart]
 method = "command"
 command = ["true"]""" + f"""
