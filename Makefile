@@ -57,11 +57,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # The package test (two package builds, one boot of a Debian root, and the first time a debootstrap of it) waits
 # mostly on dpkg, the network and a container, not on the suite: it runs beside the rest of the suite, which keeps
 # `make test` under 20 minutes on 2 cores; its report follows the suite's. Either failing fails the target. It runs in
-# a process group of its own (setsid), which an interrupted `make test` ends whole: builds, debootstrap, container.
+# a process group of its own (setsid), which an interrupted `make test` ends whole: builds, debootstrap, container;
+# and at a lower priority (nice): its compilers and dpkg take the CPU the suite leaves, never a suite test's turn.
 PACKAGE_TEST := tests/test_package.py
 test: deps lint $(ETCD) $(PROMETHEUS)
 	@mkdir -p build
-	@setsid $(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
+	@setsid nice -n 10 $(BIN)/python -m pytest -q $(PACKAGE_TEST) > build/test-package.log 2>&1 & package=$$!; \
 	trap 'kill -TERM -- -$$package 2>/dev/null; exit 130' INT; \
 	trap 'kill -TERM -- -$$package 2>/dev/null; exit 143' TERM; \
 	$(BIN)/python -m pytest -q --durations=20 --ignore=$(PACKAGE_TEST); suite=$$?; \
