@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -226,10 +225,10 @@ def test_the_version_is_read_per_console_command_and_odd_values_are_zero(deploy_
     rails_tree(deploy_app, rails_source, deploy_user)
     client = memcached.client()
     client.set(KEY, b"not a number")
-    # between two console commands, maintd's flush (here: the same key set from outside)
-    setter = (f"from pymemcache.client.base import Client; Client(('127.0.0.1', {memcached.port}))"
-              f".set('{KEY}', b'7')")
-    bump = f"system({sys.executable!r}, '-c', {setter!r})"
+    # between two console commands, maintd's flush (here: the same key set from outside, in memcached's own words:
+    # the console runs as deploy, who may not reach this clone's venv under /root)
+    bump = (f'require "socket"; TCPSocket.open("127.0.0.1", {memcached.port}) '
+            f'{{ |s| s.write("set {KEY} 0 0 1\\r\\n7\\r\\n"); s.gets }}')
     key = 'puts Rails.cache.send(:normalize_key, "k", nil)'
     commands = f"{key}\n{bump}\n{key}\n"
     done = subprocess.run([*as_user(deploy_user), "bin/rails", "console"], input=commands, cwd=deploy_app.current,
