@@ -20,6 +20,7 @@ import http.client
 import json
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -189,8 +190,9 @@ def _tls() -> ssl.SSLContext:
 
 def post(url: str, body: bytes, timeout: float) -> None:
     """POST `body` as JSON; returns on 2xx. `timeout` bounds the whole exchange: it is what is left of it at each
-    step (connect, send, the answer's head), as http.client applies a socket's timeout to each call. Redirects are
-    not followed (a 3xx is a failure): urllib would follow one with a GET and no body."""
+    step (connect, send, the answer's head), and at the deadline a timer shuts the socket: http.client applies a
+    socket's timeout to each read, so an endpoint trickling its answer a byte at a time would hold it as long as
+    it liked. Redirects are not followed (a 3xx is a failure): urllib would follow one with a GET and no body."""
     parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout
     host, port = parts.hostname or "", parts.port
@@ -200,17 +202,35 @@ def post(url: str, body: bytes, timeout: float) -> None:
     if parts.username is not None:  # user:password@ is Basic authentication
         credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    cut: threading.Timer | None = None
     try:
         connection.connect()
-        assert connection.sock is not None
-        connection.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock = connection.sock
+        assert sock is not None
+        cut = threading.Timer(max(deadline - time.monotonic(), 0.0), functools.partial(_cut, sock))
+        cut.start()
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
-        connection.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         answer = connection.getresponse()
         if not 200 <= answer.status < 300:
             raise NotDelivered(f"answered {answer.status} {answer.reason[:80]}".rstrip())
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:  # the timer's shutdown, said in http.client's words: a closed connection
+            raise TimeoutError("no answer within the timeout") from exc
+        raise
     finally:
+        if cut is not None:
+            cut.cancel()
         connection.close()
+
+
+def _cut(sock: Any) -> None:
+    """The deadline of a POST: whatever read or write it is in returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
 
 
 def _why(exc: Exception) -> str:

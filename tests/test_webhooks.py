@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +23,7 @@ from test_cluster import Cluster, assert_abandoned, go_live
 from conftest import BIN, App, free_port, maintctl, maintctl_json, wait_until
 from maintd.config import Notify, Webhook
 from maintd.events import Event, Happening
-from maintd.webhooks import BACKOFF, QUEUE_SIZE, Endpoint, Webhooks
+from maintd.webhooks import BACKOFF, QUEUE_SIZE, Endpoint, Webhooks, post
 
 ATTEMPTS = 1 + len(BACKOFF)
 
@@ -336,3 +337,30 @@ def test_maintd_check_shows_the_webhooks_without_their_secrets(app: App):
     assert "notify: webhook 1 https://hooks.example/… (slack), timeout 2.5s\n" in done.stdout
     assert "notify: webhook 2 http://[::1]:8080/… (json), timeout 2.5s\n" in done.stdout
     assert "token" not in done.stdout and "u:p" not in done.stdout
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout():
+    """http.client's timeout bounds each read, not the answer: an endpoint sending its head a byte every 50 ms (4 s
+    in all) would hold a POST with a timeout of 0.5 s for the whole 4 s, and then count as delivered."""
+    server = socket.create_server(("127.0.0.1", 0))
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 60 + b"\r\nContent-Length: 0\r\n\r\n"
+
+    def trickle() -> None:
+        connection = server.accept()[0]
+        connection.recv(65536)
+        try:
+            for byte in head:
+                connection.send(bytes([byte]))
+                time.sleep(0.05)  # the fault is time itself: each byte well within the timeout
+        except OSError:
+            pass  # cut off
+        connection.close()
+
+    trickling = threading.Thread(target=trickle, daemon=True)
+    trickling.start()
+    try:
+        with pytest.raises(TimeoutError, match="no answer within the timeout"):
+            post(f"http://127.0.0.1:{server.getsockname()[1]}/hook", b"{}", 0.5)
+    finally:
+        trickling.join(10)
+        server.close()
