@@ -61,6 +61,14 @@ def maintd_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unprivileged_port_start() -> int:
+    """The lowest port a process without CAP_NET_BIND_SERVICE may listen on (1024 unless the kernel says less)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
 def check(config: Config) -> int:
     """What `ExecStartPre` runs: problems that would stop the daemon are errors, odd trees are warnings."""
     from . import boot
@@ -79,6 +87,10 @@ def check(config: Config) -> int:
     warnings += faults(config.state_dir)  # `run` carries on past these
     if (textfile := config.metrics.textfile) and not Path(textfile).parent.is_dir():  # `run` logs each failed write
         warnings.append(f"metrics.textfile {textfile}: its directory does not exist (is node_exporter installed?)")
+    if config.metrics.listen and (port := config.metrics.address[1]) < (lowest := unprivileged_port_start()):
+        warnings.append(f"metrics.listen {config.metrics.listen}: port {port} is below {lowest}, where only "
+                        "CAP_NET_BIND_SERVICE may listen, which the unit does not give maintd: under systemd it will "
+                        "serve no metrics there; take a port from 1024 up, as example.toml's 9464")
     if config.maintenance.template and not Path(config.maintenance.template).is_file():
         problems.append(f"maintenance.template {config.maintenance.template} is not a readable file")
     runas: RunAs | None = None

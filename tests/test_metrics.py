@@ -194,6 +194,17 @@ def test_config_errors_name_the_key_and_its_line(app: App, table: str, key: str,
     assert f"{app.config}:{line}: {key}" in done.stderr and problem in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(("port", "warned"), [(80, True), (1023, True), (9464, False)])
+def test_check_warns_of_a_port_the_unit_cannot_listen_on(app: App, port: int, warned: bool):
+    """Root may bind port 80 by hand, but the unit gives maintd no CAP_NET_BIND_SERVICE: under systemd the metrics
+    would never be served there, with only a log line at start to say so."""
+    app.write_config(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = f"maintd: warning: metrics.listen 127.0.0.1:{port}: port {port} is below 1024" in done.stderr
+    assert said == warned, done.stderr
+
+
 def test_reload_moves_the_listener_and_the_textfile_and_refuses_a_taken_port(app: App, start_daemon, tmp_path: Path):
     first, second = free_port(), free_port()
     old_file, new_file = tmp_path / "a.prom", tmp_path / "b.prom"
