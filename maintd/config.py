@@ -119,7 +119,8 @@ class Hooks:
     after_swap: tuple[tuple[str, ...], ...] = ()
     timeout: float = 600.0
     user: str = ""  # "": the owner of <root>/releases (see runas.py)
-    env: tuple[tuple[str, str], ...] = ()  # (name, value) pairs, in the file's order
+    # (name, value) pairs, in the file's order; written in a file as a table (`written`: how the man page shows it)
+    env: tuple[tuple[str, str], ...] = field(default=(), metadata={"written": "{}"})
 
 
 @dataclass(frozen=True)

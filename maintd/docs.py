@@ -170,8 +170,8 @@ def schema() -> Iterator[tuple[str, str, str | None]]:
 
 
 def _default(field: dataclasses.Field[Any]) -> str | None:
-    if field.default == () and str(field.type).startswith("tuple[tuple[str, str]"):
-        return "{}"  # NAME = "value" pairs: a table in the file
+    if "written" in field.metadata:  # a default held otherwise than the file says it (a table as pairs)
+        return str(field.metadata["written"])
     if field.default is not dataclasses.MISSING:
         return _toml(field.default)
     if field.default_factory is not dataclasses.MISSING:
