@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -104,7 +104,10 @@ def own_memcached() -> Iterator[Memcached]:
 class Gate:
     """A hook that holds a deploy open until the test says so: tests wait on events, never on a hook's `sleep`."""
 
+    made: ClassVar[list[Gate]] = []  # opened at the end of each test (open_every_gate), failed or not
+
     def __init__(self, base: Path) -> None:
+        Gate.made.append(self)
         directory = base / "gate"
         directory.mkdir(mode=0o777, parents=True, exist_ok=True)
         directory.chmod(0o777)  # the hook may run as the app's user
@@ -211,6 +214,17 @@ def make_source(path: Path, files: int, revision: str) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         (sub / f"f{i:05d}.rb").write_text(f"# {revision} file {i}\n" + "x" * (i % 300))
     return path
+
+
+@pytest.fixture(autouse=True)
+def open_every_gate() -> Iterator[None]:
+    """A hook still held at a gate when its test ends (a test that failed while it waited) would wait forever, an
+    orphan of the daemon killed at the end of the test: every gate made is opened once the test is over."""
+    yield
+    for gate in Gate.made:
+        if gate.opened.parent.is_dir():
+            gate.open()
+    Gate.made.clear()
 
 
 @pytest.fixture
