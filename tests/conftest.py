@@ -114,10 +114,13 @@ class Gate:
         self.opened = directory / "open"
         self.entered = directory / "entered"
 
+    def script(self) -> str:
+        """The shell commands: say it is in, then wait for the gate to open (a wait for a file)."""
+        return f"touch {self.entered}; while [ ! -e {self.opened} ]; do sleep 0.01; done; rm -f {self.entered}"
+
     def hook(self) -> str:
-        """The hook's argv as TOML: it says it is in, then waits for the gate to open."""
-        return (f'["sh", "-c", "touch {self.entered}; while [ ! -e {self.opened} ]; do sleep 0.01; done; '
-                f'rm -f {self.entered}"]')
+        """The hook's argv as TOML."""
+        return f'["sh", "-c", "{self.script()}"]'
 
     def wait_entered(self, timeout: float = 30.0) -> None:
         wait_until(self.entered.exists, timeout, "a deploy held at the gate")
@@ -349,6 +352,12 @@ def run_deploy(app: App, name: str, extra: str = "", actor: str = "alice", kind:
     with capture_logs() as events:
         outcome = Deploy(ctx, name, actor, kind).run()
     return outcome, events, ctx
+
+
+def maintd_check(app: App, *wrap: str) -> subprocess.CompletedProcess:
+    """`maintd check` on the app's file, as the unit's ExecStartPre runs it (under `wrap`: as another user)."""
+    return subprocess.run([*wrap, str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True,
+                          text=True, timeout=60)
 
 
 def maintctl(app: App, *args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_web import CONFIG_RU, ApachePassenger, get, go_live_by_hand, rack_release
 
-from conftest import BIN, App, Daemon, free_port, public_dir, wait_until
+from conftest import App, Daemon, free_port, maintd_check, public_dir, wait_until
 from maintd.config import load
 from maintd.context import Context
 from maintd.results import StepFailed
@@ -97,9 +97,9 @@ def restart_step(app: App, release: str, restart: str = 'method = "command"\ncom
     return Context.build(load(app.config), Store(app.state)).restart_app(release, before=before)
 
 
-def maintd_check(app: App, *wrap: str) -> str:
-    done = subprocess.run([*wrap, str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True,
-                          text=True)
+def checked(app: App, *wrap: str) -> str:
+    """What `maintd check` says of a good config."""
+    done = maintd_check(app, *wrap)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -129,7 +129,7 @@ def test_under_the_units_rights_the_apps_listener_is_found(deploy_app, deploy_us
     if proc == "ProtectProc=invisible":
         unit = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t proc -o hidepid=invisible proc /proc && exec "$@"', "-", *unit]
-    said = maintd_check(deploy_app, *unit)
+    said = checked(deploy_app, *unit)
     assert f"where it listens now: 127.0.0.1:{app.said} (pid {app.proc.pid}, release A)" in said, said
 
 
@@ -229,7 +229,7 @@ s.bind(("192.0.2.1", 0)); s.listen(); print(s.getsockname()[1], flush=True); sig
 """
     processes.append(Process(deploy_user, deploy_app.releases / "A", code))
     deploy_app.write_config(hooks_user=None, extra='[restart]\nmethod = "command"\ncommand = ["true"]')
-    said = maintd_check(deploy_app)
+    said = checked(deploy_app)
     assert f"127.0.0.1:{app.said} (pid {app.proc.pid}, release A)" in said and "192.0.2.1" not in said, said
 
 

@@ -19,7 +19,7 @@ import pytest
 from etcd_cluster import ETCD, EtcdCluster
 from etcd_proxy import EtcdProxy
 
-from conftest import BIN, App, Daemon, maintctl, maintctl_json, wait_until
+from conftest import App, Daemon, maintctl, maintctl_json, maintd_check, wait_until
 
 MEMBERS = ("m1", "m2", "m3")
 pytestmark = pytest.mark.skipif(not Path(ETCD).exists(),
@@ -411,14 +411,14 @@ def test_deploy_and_rollback_from_any_member_switch_every_member(cluster):
 def test_maintd_check_checks_the_cluster_table_and_etcd(cluster, etcd):
     cluster.configure()
     app = cluster.members[0].app
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0 and "cluster: member m1 of m1, m2, m3 (primary m1)" in done.stdout, done.stderr
     assert "etcd does not answer" not in done.stderr
     etcd.stop_all()
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0 and "warning: etcd does not answer" in done.stderr
     app.config.write_text(app.config.read_text().replace('member = "m1"', 'member = "m9"'))
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 1 and "cluster.member 'm9' is not one of members (m1, m2, m3)" in done.stderr
 
 

@@ -1,11 +1,10 @@
 """contract §3: every default as written, and errors that name the key and the line."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN
+from conftest import maintd_check
 from maintd.config import ConfigError, FlushMode, MaintenanceWhen, RestartMethod, Strategy, load, parse
 
 MINIMAL = 'app = "shop"\nroot = "/srv/shop"\n'
@@ -89,7 +88,7 @@ def test_a_copy_of_the_example_deploys_its_first_upload(app, start_daemon):
     app.config.write_text(EXAMPLE.read_text().replace('root = "/srv/shop"', f'root = "{app.root}"') +
                           f'[control]\nsocket = "{app.socket}"\n[state]\ndir = "{app.state}"\n'
                           f'[memcached]\nservers = ["{app.memcached}"]\n')
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
     daemon = start_daemon()
     release = app.releases / "r1"
@@ -221,7 +220,7 @@ def test_check_and_run_take_them_saying_so_once_and_doing_what_each_warning_says
     warnings = load(app.config).warnings
     assert [w.split(": ", 2)[1].split()[0] for w in warnings] == [
         "maintenance.template", "restart.command", "memcached.servers"]
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0, done.stderr  # warnings only
     assert [f"maintd: warning: {w}" for w in warnings] == done.stderr.splitlines()
     assert f"{app.config}: ok" in done.stdout
@@ -273,7 +272,7 @@ def test_maintd_check_says_how_a_cluster_switches(app):
     """Without an etcd: a warning, not a failure, and the way this member's switches go."""
     app.write_config('[cluster]\nmembers = ["a", "b", "c"]\nmember = "b"\netcd = ["http://127.0.0.1:9"]\n'
                      'strategy = "auto"\ncanary = "c"\nbatch = "50%"\nbatch_wait = 30.0\n')
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0 and "warning: etcd does not answer" in done.stderr, done.stderr
     assert ("cluster: member b of a, b, c (primary a), keys under /maintd/shop; switches together when db/migrate "
             "differs on any member, else rolling, without maintenance, in batches c | a, b (30s apart)") in done.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, App, make_source, public_maintctl
+from conftest import BIN, App, maintd_check, make_source, public_maintctl
 
 PROBE = """#!/bin/sh
 # What a hook sees: who it is, its environment, and whether it may write where the app's tooling writes.
@@ -75,8 +75,7 @@ def test_hooks_and_restart_command_run_as_the_owner_of_releases(deploy_app, depl
 
 def test_hooks_on_a_root_owned_tree_need_hooks_user_said(app, start_daemon):
     app.write_config('[hooks]\nbefore_swap = [["true"]]\n', hooks_user=None)
-    check = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True,
-                           text=True)
+    check = maintd_check(app)
     assert check.returncode == 1
     assert "hooks.user is not set and root owns" in check.stderr and 'hooks.user = "root"' in check.stderr
     run = subprocess.run([str(BIN / "maintd"), "run", "--config", str(app.config), "--log-format", "json"],
@@ -121,8 +120,7 @@ def test_a_release_whose_tmp_leads_out_of_the_tree_gets_nothing_written_there(de
 @pytest.mark.parametrize("user", ["nobody-such-user"])
 def test_hooks_user_that_does_not_exist_is_named(app, user):
     app.write_config('[hooks]\nbefore_swap = [["true"]]\n', hooks_user=user)
-    check = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True,
-                           text=True)
+    check = maintd_check(app)
     assert check.returncode == 1 and f"hooks.user names no user on this machine: '{user}'" in check.stderr
 
 
@@ -163,10 +161,6 @@ def test_the_quoted_output_is_bounded():
     said = Ran(("bin/noisy",), 2, "first\n" + "x" * 5000 + "\rlast\n").describe()
     assert said.startswith("bin/noisy exited with status 2: …x") and said.endswith("x | last")
     assert len(said) == len("bin/noisy exited with status 2: ") + TAIL_CHARS
-
-
-def maintd_check(app: App) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
 
 
 def test_maintd_check_says_what_a_deploy_would_trip_on(deploy_app, deploy_user):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus import PROMTOOL, Prometheus
 
-from conftest import BIN, App, free_port, maintctl, port_open, wait_until
+from conftest import App, free_port, maintctl, maintd_check, port_open, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "etc" / "prometheus" / "maintd.rules.yml"
@@ -189,7 +189,7 @@ def test_the_endpoint_answers_get_of_metrics_only(app: App, start_daemon):
 def test_config_errors_name_the_key_and_its_line(app: App, table: str, key: str, problem: str):
     app.write_config(f"[metrics]\n\n{table}\n")
     line = app.config.read_text().splitlines().index(table) + 1
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 1
     assert f"{app.config}:{line}: {key}" in done.stderr and problem in done.stderr, done.stderr
 
@@ -199,7 +199,7 @@ def test_check_warns_of_a_port_the_unit_cannot_listen_on(app: App, port: int, wa
     """Root may bind port 80 by hand, but the unit gives maintd no CAP_NET_BIND_SERVICE: under systemd the metrics
     would never be served there, with only a log line at start to say so."""
     app.write_config(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0, done.stderr
     said = f"maintd: warning: metrics.listen 127.0.0.1:{port}: port {port} is below 1024" in done.stderr
     assert said == warned, done.stderr

@@ -17,7 +17,7 @@ import pytest
 import rails_app
 from test_web import ApachePassenger, NginxPuma, get, went_live
 
-from conftest import BIN, App, Daemon, Memcached, deploy_owned_app, free_port, port_open, wait_until
+from conftest import App, Daemon, Memcached, deploy_owned_app, free_port, maintd_check, port_open, wait_until
 from maintd.tree import Tree
 
 pytestmark = pytest.mark.skipif(not rails_app.installed(),
@@ -305,8 +305,9 @@ def test_the_first_answer_after_maintenance_is_the_new_release_already_booted(re
     check = (f'health_url = "http://127.0.0.1:{stack.port}/"\nhealth_expect = "release {{release}}"'
              if health else "")
     daemon = daemon_on(deploy_app, f"{stack.restart}\n{check}", env, daemon_env=stack.env)
-    said = subprocess.run([str(BIN / "maintd"), "check", "--config", str(deploy_app.config)], capture_output=True,
-                          text=True, check=True).stdout
+    done = maintd_check(deploy_app)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout
     # `maintd check` says what the deploy will wait for, as it finds it
     waits = ("until Passenger lists a process of the new release" if server == "rails_passenger" else
              f"where it listens now: 127.0.0.1:{stack.puma_port} (pid ")

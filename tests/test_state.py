@@ -6,11 +6,10 @@ passed over and counted. Never a traceback.
 """
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import BIN, maintctl, maintctl_json, run_deploy
+from conftest import maintctl, maintctl_json, maintd_check, run_deploy
 from maintd.config import load
 from maintd.context import Context
 from maintd.maintenance import Notice
@@ -186,7 +185,7 @@ def test_check_warns_of_a_damaged_state_and_says_what_run_will_do(app):
     app.state.mkdir()
     (app.state / "state.json").write_text("{")
     (app.state / "deploy.json").write_text("")
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0, done.stderr
     assert f"warning: {app.state / 'state.json'} is not JSON" in done.stderr
     assert "maintd run will keep it aside and rebuild the state from history.jsonl and the tree" in done.stderr

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from container import boot as boot_container
+from container import read
 
 from conftest import BIN, README, Daemon, readme_block, wait_until
 from maintd.notify import Notifier, watchdog_interval
@@ -93,8 +95,8 @@ def test_sigterm_while_an_operators_restart_runs_holds_the_stop_timeout_off_too(
     hooks.timeout) holds the runner too, and systemd must not kill it halfway."""
     notify = NotifySocket(tmp_path / "notify.sock")
     hold = tmp_path / "hold-restart"
-    gate = app.gate.hook()[len('["sh", "-c", "'):-len('"]')]
-    app.write_config(f'[restart]\nmethod = "command"\ncommand = ["sh", "-c", "if [ -e {hold} ]; then {gate}; fi"]\n')
+    held = f'["sh", "-c", "if [ -e {hold} ]; then {app.gate.script()}; fi"]'
+    app.write_config(f'[restart]\nmethod = "command"\ncommand = {held}\n')
     daemon = Daemon(app, env={"NOTIFY_SOCKET": str(notify.path)})
     try:
         notify.until("READY", "1")
@@ -403,18 +405,7 @@ def boot(tmp_path: Path, bin_dir: Path, script: str, config: str,
     if dropin:
         (units / "dropin.conf").write_text(dropin)
         binds.append(f"--bind-ro={units / 'dropin.conf'}:/etc/systemd/system/maintd@demo.service.d/dropin.conf")
-    try:
-        booted = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", "/", "--volatile=yes",
-                                 *binds, "-b", "systemd.firstboot=no", "systemd.unit=multi-user.target",
-                                 "systemd.wants=maintd-check.service"],
-                                capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the container did not power off; check log:\n{_read(results / 'check.log')}")
-    refused = re.search(r"Operation not permitted|namespace", booted.stderr + booted.stdout)
-    if not (results / "steps").exists() and refused:
-        pytest.skip(f"this machine refuses the namespaces systemd-nspawn needs: {booted.stderr[-300:]}")
-    steps = dict(line.split("=", 1) for line in _read(results / "steps").splitlines())
-    context = f"steps: {steps}\njournal:\n{_read(results / 'journal.txt')[-4000:]}"
+    steps, context = boot_container("/", results, "maintd-check.service", ["--volatile=yes", *binds], timeout=240)
     return results, steps, context
 
 
@@ -425,13 +416,13 @@ def test_under_a_real_systemd(tmp_path, nspawn_install):
                                    '[memcached]\nflush = "none"\n')
     assert steps.get("done") == "yes", context
     assert steps["start"] == "0" and steps["active_after_start"] == "active", context
-    assert _read(results / "status_text_ready").startswith("idle; live none"), context
+    assert read(results / "status_text_ready").startswith("idle; live none"), context
     assert steps["current"] == "releases/r1", context
-    assert steps["maintctl"] == "0" and json.loads(_read(results / "status.json"))["current"] == "r1", context
+    assert steps["maintctl"] == "0" and json.loads(read(results / "status.json"))["current"] == "r1", context
     assert steps["reload"] == "0" and steps["active_after_reload"] == "active", context
-    assert _read(results / "status_text_reloaded").startswith("idle; live r1"), context
+    assert read(results / "status_text_reloaded").startswith("idle; live r1"), context
     assert steps["stop"] == "0" and steps["active_after_stop"] == "inactive" and steps["result"] == "success", context
-    journal = [json.loads(line) for line in _read(results / "journal.json").splitlines() if line.strip()]
+    journal = [json.loads(line) for line in read(results / "journal.json").splitlines() if line.strip()]
     deploy_steps = [e for e in journal if e.get("MAINTD_RELEASE") == "r1" and "MAINTD_STEP" in e]
     assert [e["MAINTD_STEP"] for e in deploy_steps] == STEPS, context
     assert all(e["MAINTD_APP"] == "demo" and e["MAINTD_ACTOR"] == "upload" and e["MAINTD_DEPLOY_ID"]
@@ -469,7 +460,7 @@ def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
     assert said == {steps["protect_home"]} == {"no"}, (said, context)
     assert steps["current"] == "releases/r1" and steps["maintenance_after"] == "off", context
     for run in ("before", "restart"):
-        seen = dict(line.split("=", 1) for line in _read(results / f"hook-{run}").splitlines() if "=" in line)
+        seen = dict(line.split("=", 1) for line in read(results / f"hook-{run}").splitlines() if "=" in line)
         context_run = f"{run}: {seen}\n{context}"
         assert seen.get("probe") == "done", context_run
         assert (seen["user"], seen["home"], seen["USER"], seen["LOGNAME"], seen["SHELL"], seen["greeting"]) == (
@@ -487,12 +478,5 @@ def test_hooks_under_a_real_systemd(tmp_path, nspawn_install):
     for path in ("/etc/written-by-hook", "/root/written-by-hook", "/srv/other/written-by-hook",
                  "/srv/escaped-systemd-run", "/srv/escaped-su"):
         assert steps[f"exists:{path}"] == "no", f"{path}\n{context}"
-    exposure = float(re.search(r"exposure level for \S+: ([0-9.]+)", _read(results / "security")).group(1))
-    assert exposure <= 4.0, _read(results / "security")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return ""
+    exposure = float(re.search(r"exposure level for \S+: ([0-9.]+)", read(results / "security")).group(1))
+    assert exposure <= 4.0, read(results / "security")

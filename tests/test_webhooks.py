@@ -7,7 +7,6 @@ import base64
 import json
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from etcd_cluster import ETCD, EtcdCluster
 from structlog.testing import capture_logs
 from test_cluster import Cluster, assert_abandoned, go_live
 
-from conftest import BIN, App, free_port, maintctl, maintctl_json, wait_until
+from conftest import App, free_port, maintctl, maintctl_json, maintd_check, wait_until
 from maintd.config import Notify, Webhook
 from maintd.events import Event, Happening
 from maintd.webhooks import BACKOFF, QUEUE_SIZE, Endpoint, Webhooks, post
@@ -266,7 +265,7 @@ def line_of(text: str, start: str) -> int:
 ])
 def test_maintd_check_names_the_key_and_line_of_a_bad_webhook(app: App, entries, key, problem):
     app.write_config(f"\n[notify]\ntimeout = 2.0\nwebhooks = {entries}\n")
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     text = app.config.read_text()
     assert done.returncode == 1
     assert done.stderr.strip() == f"maintd: {app.config}:{line_of(text, 'webhooks =')}: {key} {problem}"
@@ -275,7 +274,7 @@ def test_maintd_check_names_the_key_and_line_of_a_bad_webhook(app: App, entries,
 
 def test_maintd_check_refuses_a_timeout_that_is_not_positive(app: App):
     app.write_config('\n[notify]\nwebhooks = [{ url = "https://hooks.example/x" }]\ntimeout = -1.5\n')
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     line = line_of(app.config.read_text(), "timeout = -1.5")
     assert done.returncode == 1
     assert done.stderr.strip() == f"maintd: {app.config}:{line}: notify.timeout must be greater than 0, not -1.5"
@@ -332,7 +331,7 @@ def test_an_aborted_cluster_switch_is_said_once_across_the_members(cluster, rece
 def test_maintd_check_shows_the_webhooks_without_their_secrets(app: App):
     app.write_config(notify(("https://hooks.example/services/T0/B0/token", "slack"),
                             ("http://u:p@[::1]:8080/x", "json"), timeout=2.5))
-    done = subprocess.run([str(BIN / "maintd"), "check", "--config", str(app.config)], capture_output=True, text=True)
+    done = maintd_check(app)
     assert done.returncode == 0, done.stderr
     assert "notify: webhook 1 https://hooks.example/… (slack), timeout 2.5s\n" in done.stdout
     assert "notify: webhook 2 http://[::1]:8080/… (json), timeout 2.5s\n" in done.stdout

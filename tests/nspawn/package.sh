@@ -12,6 +12,7 @@ status() { maintctl --config /etc/maintd/shop.toml status --json 2>/dev/null; }
 field() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)" 2>/dev/null; }
 # how many `maintd run` daemons are alive (the root is minimal: no procps); the pattern does not match itself
 daemons() { for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done | grep -c '[/]maintd run'; }
+active_units() { systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active '; }
 until_true() { for _ in $(seq 600); do eval "$1" && return 0; sleep 0.1; done; return 1; }  # 60 s at most
 complete_maintctl() {  # what bash-completion offers for the last of the words given after maintctl, as <TAB> would
   bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl
@@ -33,15 +34,14 @@ installed() {  # right after the README's `apt install`: the files in place, not
     step "man:$page" "$(man -w "${page%.*}" "${page##*.}" 2>/dev/null)"
   done
   MANWIDTH=80 man 5 maintd.toml 2>/dev/null | grep -c "keep_releases = 5" > "$out/man_keep_releases"
-  step completion "$(bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader maintctl; complete -p maintctl')"
   step complete_sta "$(complete_maintctl sta)"
   step complete_maintenance "$(complete_maintctl maintenance '')"
-  step units_running "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
+  step units_running "$(active_units)"
   step units_enabled "$(find /etc/systemd/system -name 'maintd@*' | wc -l)"
   step doc "$(systemctl show -p Documentation --value maintd@shop.service)"
   # an upgrade with no instance to stop (the same build again) starts nothing and complains of nothing
   apt install --reinstall -y ./dist/maintd_*.deb > "$out/reinstall.log" 2>&1; step reinstall $?
-  step units_running_after_reinstall "$(systemctl list-units --no-legend --plain --all 'maintd@*' | grep -c ' active ')"
+  step units_running_after_reinstall "$(active_units)"
 }
 
 # --- the README's install section, line by line -------------------------------------------------------------------
