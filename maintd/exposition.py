@@ -16,6 +16,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .deadline import cut_off_after
+
 PATH = "/metrics"
 # The text format generate_latest writes, named as Prometheus 2 knows it (prometheus-client 0.22 and later call it
 # "version=1.0.0", the same bytes for names like ours, which Prometheus before 3.0 does not know by that name).
@@ -71,8 +73,7 @@ class Endpoint:
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         """One connection, answered (and closed) by http.server, and cut off at TIMEOUT if it is not done by then."""
-        cut = threading.Timer(self.TIMEOUT, _shut, (conn,))
-        cut.start()
+        cut = cut_off_after(conn, self.TIMEOUT)
         try:
             self.server.process_request_thread(conn, peer)
         finally:
@@ -88,14 +89,6 @@ class Endpoint:
             pass
         self.thread.join()
         self.server.server_close()
-
-
-def _shut(conn: socket.socket) -> None:
-    """Ends a connection's reads and writes (the thread blocked in them returns), whatever state it is in."""
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:  # closed meanwhile: answered after all
-        pass
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -20,7 +20,6 @@ import http.client
 import json
 import queue
 import re
-import socket
 import ssl
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from . import log
 from .config import Notify, Webhook, WebhookFormat
+from .deadline import cut_off_after
 from .events import NOTIFIED, Event, Happening, Listener
 
 QUEUE_SIZE = 100  # events waiting per endpoint; past it the newest are dropped (said once per burst)
@@ -189,10 +189,10 @@ def _tls() -> ssl.SSLContext:
 
 
 def post(url: str, body: bytes, timeout: float) -> None:
-    """POST `body` as JSON; returns on 2xx. `timeout` bounds the whole exchange: it is what is left of it at each
-    step (connect, send, the answer's head), and at the deadline a timer shuts the socket: http.client applies a
-    socket's timeout to each read, so an endpoint trickling its answer a byte at a time would hold it as long as
-    it liked. Redirects are not followed (a 3xx is a failure): urllib would follow one with a GET and no body."""
+    """POST `body` as JSON; returns on 2xx. `timeout` bounds the exchange: the connection (and a TLS handshake) as
+    each of its reads, then the request and the answer's head together, the socket shut at the deadline
+    (deadline.py: http.client's timeout bounds each read, not the answer). Redirects are not followed (a 3xx is a
+    failure): urllib would follow one with a GET and no body."""
     parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout
     host, port = parts.hostname or "", parts.port
@@ -205,13 +205,9 @@ def post(url: str, body: bytes, timeout: float) -> None:
     cut: threading.Timer | None = None
     try:
         connection.connect()
-        sock = connection.sock
-        assert sock is not None
-        cut = threading.Timer(max(deadline - time.monotonic(), 0.0), functools.partial(_cut, sock))
-        cut.start()
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        assert connection.sock is not None
+        cut = cut_off_after(connection.sock, deadline - time.monotonic())
         connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         answer = connection.getresponse()
         if not 200 <= answer.status < 300:
             raise NotDelivered(f"answered {answer.status} {answer.reason[:80]}".rstrip())
@@ -223,14 +219,6 @@ def post(url: str, body: bytes, timeout: float) -> None:
         if cut is not None:
             cut.cancel()
         connection.close()
-
-
-def _cut(sock: Any) -> None:
-    """The deadline of a POST: whatever read or write it is in returns at once."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # closed already
 
 
 def _why(exc: Exception) -> str:
