@@ -118,8 +118,10 @@ class Hooks:
     before_swap: tuple[tuple[str, ...], ...] = ()
     after_swap: tuple[tuple[str, ...], ...] = ()
     timeout: float = 600.0
-    user: str = ""  # "": the owner of <root>/releases (see runas.py)
-    # (name, value) pairs, in the file's order; written in a file as a table (`written`: how the man page shows it)
+    # "": the owner of <root>/releases (see runas.py), worked out where maintd runs: no value a file may say stands
+    # for it, so the man page shows none (metadata `written`: how a default is written in a file, None for none)
+    user: str = field(default="", metadata={"written": None})
+    # (name, value) pairs, in the file's order; written in a file as a table
     env: tuple[tuple[str, str], ...] = field(default=(), metadata={"written": "{}"})
 
 
@@ -206,7 +208,7 @@ class Cluster:
     member: str
     etcd: tuple[str, ...] = ("http://127.0.0.1:2379",)
     prefix: str = ""
-    primary: str = ""
+    primary: str = field(default="", metadata={"written": None})  # "": the first of members
     lease_ttl: float = 10.0
     prepare_timeout: float = 900.0
     switch_timeout: float = 300.0
@@ -628,9 +630,6 @@ DERIVED: dict[str, dict[str, str]] = {
     "state": {"dir": "/var/lib/maintd/{app}"},
     "cluster": {"prefix": "/maintd/{app}"},
 }
-# Keys whose default is worked out where maintd runs: the owner of <root>/releases, the first of members. No value
-# written in a file stands for it, so the man page shows none.
-WORKED_OUT: dict[str, set[str]] = {"hooks": {"user"}, "cluster": {"primary"}}
 
 
 # --- loading ------------------------------------------------------------------------------------------------------

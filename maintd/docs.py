@@ -165,13 +165,13 @@ def schema() -> Iterator[tuple[str, str, str | None]]:
         fields = {f.name: f for f in dataclasses.fields(section_type)}
         for key in checks:
             derived = config.DERIVED.get(table, {}).get(key)
-            worked_out = key in config.WORKED_OUT.get(table, set())
-            yield table, key, None if worked_out else _toml(derived) if derived else _default(fields[key])
+            yield table, key, _toml(derived) if derived else _default(fields[key])
 
 
 def _default(field: dataclasses.Field[Any]) -> str | None:
-    if "written" in field.metadata:  # a default held otherwise than the file says it (a table as pairs)
-        return str(field.metadata["written"])
+    if "written" in field.metadata:  # a default held otherwise than a file says it, or worked out at run time
+        written: str | None = field.metadata["written"]
+        return written
     if field.default is not dataclasses.MISSING:
         return _toml(field.default)
     if field.default_factory is not dataclasses.MISSING:
