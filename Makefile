@@ -3,22 +3,23 @@ PYTHON    ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo p
 VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-DEB_TEST  := memcached rsync openssh-server openssh-client libsystemd-dev pkg-config gcc python3-dev python3-venv \
-             systemd systemd-container e2fsprogs curl nginx-light puma ruby-rack apache2 libapache2-mod-passenger \
-             nodejs git default-jre-headless capistrano debootstrap man-db bash-completion
-# Rails 6.1 for the Rails tests, without recommends: `rails`'s pull node-jest-worker, which fails to install where
-# Node.js does not come from Debian; these three give the same Rails.
-DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli
 # What `make install` needs, in Debian's names: a venv of Debian's python3, and what systemd-python (the journal and
 # sd_notify) is built from (a C compiler, pkg-config, libsystemd's and Python's headers). `make` itself comes first,
 # by hand: `apt-get install make`.
 DEB_BUILD := python3 python3-venv pkg-config libsystemd-dev gcc python3-dev
+# What `make test` needs besides: the services the tests start, the tools they drive, systemd-nspawn and debootstrap.
+DEB_TEST  := $(DEB_BUILD) memcached rsync openssh-server openssh-client systemd systemd-container e2fsprogs curl \
+             nginx-light puma ruby-rack apache2 libapache2-mod-passenger nodejs git default-jre-headless capistrano \
+             debootstrap man-db bash-completion
+# Rails 6.1 for the Rails tests, without recommends: `rails`'s pull node-jest-worker, which fails to install where
+# Node.js does not come from Debian; these three give the same Rails.
+DEB_RAILS := ruby-rails ruby-sqlite3 ruby-dalli
 # What a server needs for the README's uploads (rsync over ssh into <root>/releases/); not for a staged install
 # (DESTDIR=...), which is for a package that declares its own dependencies.
 DEB_SERVER := rsync openssh-server
 # What `make deb` needs besides DEB_BUILD (installed without recommends); `make test` installs them too, since
 # tests/test_package.py builds the package.
-DEB_PACKAGING := debhelper lintian dpkg-dev python3-venv python3-dev libsystemd-dev pkg-config gcc git
+DEB_PACKAGING := debhelper lintian dpkg-dev git
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
@@ -170,7 +171,7 @@ WHEELS    := build/wheels
 deb:
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
 		{ echo "make deb packages the files git knows of: run it in a git clone of maintd"; exit 1; }
-	$(call apt_missing,$(DEB_PACKAGING),--no-install-recommends)
+	$(call apt_missing,$(DEB_BUILD) $(DEB_PACKAGING),--no-install-recommends)
 	rm -rf build/deb && mkdir -p build/deb/maintd-$(VERSION) dist
 	git ls-files -z --cached --others --exclude-standard | \
 		tar --null -T - --ignore-failed-read -c | tar -x -C build/deb/maintd-$(VERSION)

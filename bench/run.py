@@ -347,11 +347,11 @@ def dead_webhook() -> str:
 
 def metrics() -> dict:
     """The window of a real `maintd run` with metrics on (counted, the gauges shown, the textfile rewritten at each
-    change, a scraper asking every `SCRAPE_EVERY` seconds meanwhile) and a dead webhook (issue
-    23: both on against both off; section 9 has the webhook alone) against neither, each deploy
-    asked for with `maintctl deploy --wait` as an operator would, the window as the daemon measured it (its
-    `window_ms` in history.jsonl: its flags raised to lowered); the idle RSS with metrics on and off; the time to
-    scrape /metrics once the deploys filled the histograms."""
+    change, a scraper asking every `SCRAPE_EVERY` seconds meanwhile) and a dead webhook (issue 23: both on against
+    both off; section 9 has the webhook alone) against neither, each deploy asked for with `maintctl deploy --wait`
+    as an operator would, the window as the daemon measured it (its `window_ms` in history.jsonl: its flags raised
+    to lowered); the idle RSS with metrics on and off; the time to scrape /metrics once the deploys filled the
+    histograms."""
     windows, scrape_ms, size = {}, [], 0
     for mode in ("off", "on"):
         app = workdir()
